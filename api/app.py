@@ -1,0 +1,72 @@
+"""The Litestar application (`uvicorn api.app:create_app --factory`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar import Litestar, Request
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+
+from api.callbacks import simulator_callback
+from api.errors import http_error_response, refused_response, unexpected_response
+from api.health import live, ready
+from api.interact import generate_token, send_sms, send_sms_to_caller
+from api.placement import Placement
+from api.tracking import deflected_call_report, get_message
+from shared.db import Database
+from shared.errors import RequestRefused
+from shared.logging import configure_logging
+from shared.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the API for `settings` (the environment's by default)."""
+    settings = settings or get_settings()
+    configure_logging(settings)
+    # Imported here so the API process builds its Celery publisher from the same settings.
+    from worker.celery_app import create_celery
+
+    db = Database(settings)
+    placement = Placement(settings=settings, db=db, celery=create_celery(settings))
+
+    async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
+        structlog.contextvars.clear_contextvars()
+
+    async def shutdown() -> None:
+        db.dispose()
+
+    return Litestar(
+        route_handlers=[
+            send_sms,
+            send_sms_to_caller,
+            generate_token,
+            get_message,
+            deflected_call_report,
+            simulator_callback,
+            live,
+            ready,
+        ],
+        state=State({"placement": placement}),
+        before_request=clear_log_context,
+        on_shutdown=[shutdown],
+        exception_handlers={
+            RequestRefused: refused_response,
+            HTTPException: http_error_response,
+            Exception: unexpected_response,
+        },
+        openapi_config=OpenAPIConfig(
+            title="sms-dispatch",
+            version="1.0.0",
+            description=(
+                "The Interact Send SMS API (version 3), queued: every 200 is a message already "
+                "recorded in the database; workers send it through a provider shortly after."
+            ),
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin()],
+        ),
+        logging_config=None,
+    )

@@ -1,0 +1,52 @@
+"""Reading a JSON request body ourselves, so a bad field is named the way the seed names it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class JsonBody:
+    """A request body as a JSON object; the first unusable field is kept in `invalid`."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.invalid: str | None = None
+        self._data: dict[str, Any] = {}
+        if not raw.strip():
+            return  # an empty body is an empty object: the fields then say what is missing
+        try:
+            decoded = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            self.invalid = "body"
+            return
+        if isinstance(decoded, dict):
+            self._data = decoded
+        else:
+            self.invalid = "body"
+
+    def text(self, name: str, *, allow_number: bool = False) -> str | None:
+        """A string field, or None when absent or blank (an invalid type marks it invalid)."""
+        value = self._data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return value.strip() or None
+        # Some IVRs send phone numbers as JSON numbers; reading them is friendlier than a 400.
+        if allow_number and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        self._mark(name)
+        return None
+
+    def integer(self, name: str) -> int | None:
+        value = self._data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        self._mark(name)
+        return None
+
+    def _mark(self, name: str) -> None:
+        if self.invalid is None:
+            self.invalid = name

@@ -1,0 +1,55 @@
+"""How refusals look on the wire: the seed's texts, statuses and the 401 header and body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException
+
+from shared.errors import (
+    MORE_INFO_URL,
+    UNAUTHORIZED_CODE,
+    UNAUTHORIZED_MESSAGE,
+    RequestRefused,
+    Unauthenticated,
+)
+
+log = structlog.get_logger(__name__)
+
+UNAUTHORIZED_BODY = msgspec.json.encode(
+    {"code": UNAUTHORIZED_CODE, "message": UNAUTHORIZED_MESSAGE, "moreInfoUrl": MORE_INFO_URL}
+)
+
+
+def refused_response(_request: Request[Any, Any, Any], exc: RequestRefused) -> Response[bytes]:
+    """A documented refusal: plain text, except the 401 which is JSON plus its reason header."""
+    log.info("request.refused", status=exc.status_code, reason=getattr(exc, "why", exc.text))
+    if isinstance(exc, Unauthenticated):
+        return Response(
+            content=UNAUTHORIZED_BODY,
+            status_code=401,
+            media_type=MediaType.JSON,
+            headers={"Unauthenticated-Reason": exc.reason},
+        )
+    return Response(
+        content=exc.text.encode(), status_code=exc.status_code, media_type=MediaType.TEXT
+    )
+
+
+def http_error_response(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """Framework errors (unknown route, wrong method, body too large) as short plain text."""
+    return Response(
+        content=str(exc.detail).encode(),
+        status_code=exc.status_code,
+        media_type=MediaType.TEXT,
+        headers=exc.headers,
+    )
+
+
+def unexpected_response(_request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """The seed's 500 `exception`: the traceback goes to the log, never to the caller."""
+    log.error("request.failed", exc_info=exc)
+    return Response(content=b"exception", status_code=500, media_type=MediaType.TEXT)

@@ -1,0 +1,1 @@
+"""The domain both the HTTP edge (`api`) and the Celery workers (`worker`) use."""

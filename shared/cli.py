@@ -1,0 +1,401 @@
+"""`sms-dispatch`: one command for every process and for provisioning.
+
+Processes are started by module path (`api.app:create_app`, `worker.celery_app`) so this
+module, like all of `shared`, never imports the edges it launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import accounts
+from shared.db import Database
+from shared.models import ProviderAccount, utcnow
+from shared.phone import to_e164
+from shared.settings import VAR_DIR, Settings, get_settings
+from shared.tokens import issue_token
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+DEMO_TENANT = "12345678"
+DEMO_KEY = "53736e07e4b05772e6475c2d"  # the seed document's sample key, for the local demo only
+DEMO_SENDER = "+12121234567"
+
+
+@click.group()
+def main() -> None:
+    """sms-dispatch: the Interact Send SMS API, queued through Celery."""
+
+
+@contextmanager
+def _transaction() -> Iterator[Session]:
+    db = Database(get_settings())
+    try:
+        with db.transaction() as session:
+            yield session
+    finally:
+        db.dispose()
+
+
+# Processes
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default: SMSD_API_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default: SMSD_API_PORT).")
+@click.option("--workers", type=int, default=1, help="Server processes.")
+def api(host: str | None, port: int | None, workers: int) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=20,
+    )
+
+
+def _celery(*args: str) -> None:
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = ["celery", "-A", "worker.celery_app", *args]
+    celery_main()
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--concurrency", "-c", type=int, default=None, help="Sends in flight per process.")
+@click.option("--beat", is_flag=True, help="Also run the sweeper schedule (single-process setups).")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(concurrency: int | None, beat: bool, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker for sends and sweeps."""
+    settings = get_settings()
+    queues = f"{settings.send_queue},{settings.send_queue}.sweep"
+    args = ["worker", "-Q", queues, "-P", "threads", "-E", "--without-mingle", "--without-gossip"]
+    args += ["-c", str(concurrency or settings.worker_concurrency)]
+    if beat:
+        VAR_DIR.mkdir(exist_ok=True)
+        args += ["-B", "--schedule", str(VAR_DIR / "celerybeat-schedule")]
+    _celery(*args, *celery_args)
+
+
+@main.command()
+def beat() -> None:
+    """Run the periodic sweeper schedule (exactly one per deployment)."""
+    VAR_DIR.mkdir(exist_ok=True)
+    _celery("beat", "--schedule", str(VAR_DIR / "celerybeat-schedule"))
+
+
+@main.command()
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+def simulator(host: str | None, port: int | None) -> None:
+    """Serve the provider simulator."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "simulator.app:create_app",
+        factory=True,
+        host=host or settings.simulator_host,
+        port=port or settings.simulator_port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database schema to the latest migration."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    command.upgrade(config, "head")
+
+
+@main.command("seed-demo")
+def seed_demo() -> None:
+    """Create the demo account, campaign and simulator provider (safe to run again)."""
+    with _transaction() as session:
+        account = accounts.ensure_account(session, DEMO_TENANT, "Demo account")
+        accounts.add_application_key(session, account, DEMO_KEY)
+        environment = accounts.resolve_environment(session, account, None)
+        accounts.upsert_campaign(
+            session,
+            environment,
+            "campaign1",
+            name="Demo deflection",
+            message_text="Skip the queue: continue here <link>",
+            link_url="https://example.com/flow",
+        )
+        if not session.scalar(
+            select(ProviderAccount.id).where(ProviderAccount.account_id == account.id)
+        ):
+            accounts.set_provider(session, account, "simulator", sender_ids=[DEMO_SENDER])
+    click.echo(f"demo account {DEMO_TENANT} ready")
+
+
+@main.command()
+def dev() -> None:
+    """Everything on this machine: migrate, seed, then API, worker+sweeper and simulator."""
+    settings = get_settings()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    exe = [sys.executable, "-m", "shared.cli"]
+    subprocess.run([*exe, "migrate"], check=True, env=env)
+    subprocess.run([*exe, "seed-demo"], check=True, env=env)
+    children = [
+        subprocess.Popen([*exe, "simulator"], env=env),
+        subprocess.Popen([*exe, "worker", "--beat", "-c", "8"], env=env),
+        subprocess.Popen([*exe, "api"], env=env),
+    ]
+    _wait_for(f"http://{settings.api_host}:{settings.api_port}/health/ready")
+    click.echo(_demo_instructions(settings))
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    sys.exit(0)
+
+
+def _wait_for(url: str, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise click.ClickException(f"{url} did not become ready in {timeout:.0f}s")
+
+
+def _demo_instructions(settings: Settings) -> str:
+    base = (
+        f"{settings.public_base_url.rstrip('/')}/interact/version/3/account/{DEMO_TENANT}/resources"
+    )
+    headers = f"-H 'Tenant-Id: {DEMO_TENANT}' -H 'Application-Key: {DEMO_KEY}' -H 'Content-Type: application/json'"
+    return f"""
+sms-dispatch is running: API {settings.public_base_url}  (OpenAPI: {settings.public_base_url}/schema)
+Paste this to get a token for the call, then send its SMS:
+
+TOKEN=$(curl -s -X POST {base}/token {headers} \\
+  -d '{{"callerId": "+972 54 4696388"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["jpToken"])')
+curl -s -X POST {base}/campaign/sms/campaign1 {headers} \\
+  -d '{{"callerId": "+972 54 4696388", "jpToken": "'$TOKEN'", "additionalParams": "var1=value1&var2=value"}}'; echo
+
+Then look at the call in the Deflected Call Report (smsSent):
+curl -s {base}/reports/deflected-calls -H 'Tenant-Id: {DEMO_TENANT}' -H 'Application-Key: {DEMO_KEY}'; echo
+
+Ctrl-C stops everything.
+"""
+
+
+# Provisioning
+
+
+@main.group()
+def account() -> None:
+    """Accounts and their application keys."""
+
+
+@account.command("create")
+@click.argument("tenant_id")
+@click.option("--name", required=True)
+@click.option("--environment", "default_environment", default="PROD", show_default=True)
+def account_create(tenant_id: str, name: str, default_environment: str) -> None:
+    """Create an account (tenant id `system` makes the system account) and print its key."""
+    with _transaction() as session:
+        created = accounts.create_account(session, tenant_id, name, default_environment)
+        key = None if created.is_system else accounts.add_application_key(session, created)
+    click.echo(f"account {tenant_id} created")
+    if key:
+        click.echo(f"Application-Key: {key}  (shown once; only its hash is stored)")
+
+
+@account.command("rotate-key")
+@click.argument("tenant_id")
+@click.option("--revoke-old/--keep-old", default=False, help="Revoke existing keys now.")
+def account_rotate_key(tenant_id: str, revoke_old: bool) -> None:
+    """Issue a new application key; old keys stay valid unless --revoke-old."""
+    with _transaction() as session:
+        found = accounts.get_account(session, tenant_id)
+        key = accounts.add_application_key(session, found, revoke_others=revoke_old)
+    click.echo(f"Application-Key: {key}  (shown once; only its hash is stored)")
+
+
+@main.group()
+def environment() -> None:
+    """Environments of an account."""
+
+
+@environment.command("add")
+@click.argument("tenant_id")
+@click.argument("name")
+@click.option("--default", "make_default", is_flag=True, help="Make it the account's default.")
+def environment_add(tenant_id: str, name: str, make_default: bool) -> None:
+    with _transaction() as session:
+        found = accounts.get_account(session, tenant_id)
+        accounts.add_environment(session, found, name)
+        if make_default:
+            found.default_environment = name
+    click.echo(f"environment {name} on {tenant_id}")
+
+
+def _when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise click.BadParameter(f"{value!r} needs a timezone, e.g. {value}+00:00")
+    return parsed
+
+
+@main.group()
+def campaign() -> None:
+    """Campaigns of an account's environment."""
+
+
+@campaign.command("set")
+@click.argument("tenant_id")
+@click.argument("campaign_id")
+@click.option("--environment", "environment_name", default=None, help="Default: the account's.")
+@click.option("--name", required=True)
+@click.option("--text", "message_text", required=True, help="Message text with <link>.")
+@click.option("--link", "link_url", default=None)
+@click.option("--inactive", is_flag=True)
+@click.option("--valid-from", default=None, help="ISO 8601 with timezone.")
+@click.option("--valid-until", default=None, help="ISO 8601 with timezone.")
+def campaign_set(
+    tenant_id: str,
+    campaign_id: str,
+    environment_name: str | None,
+    name: str,
+    message_text: str,
+    link_url: str | None,
+    inactive: bool,
+    valid_from: str | None,
+    valid_until: str | None,
+) -> None:
+    """Create or update a campaign."""
+    with _transaction() as session:
+        found = accounts.get_account(session, tenant_id)
+        env = accounts.resolve_environment(session, found, environment_name)
+        accounts.upsert_campaign(
+            session,
+            env,
+            campaign_id,
+            name=name,
+            message_text=message_text,
+            link_url=link_url,
+            active=not inactive,
+            valid_from=_when(valid_from),
+            valid_until=_when(valid_until),
+        )
+    click.echo(f"campaign {campaign_id} saved")
+
+
+@main.group()
+def provider() -> None:
+    """Telephony provider settings."""
+
+
+@provider.command("set")
+@click.argument("tenant_id")
+@click.argument("provider_name")
+@click.option("--sender", "senders", multiple=True, required=True, help="Repeat for several.")
+@click.option("--credential", "credentials", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--expires-at", default=None, help="ISO 8601 with timezone.")
+@click.option("--priority", type=int, default=0, show_default=True)
+def provider_set(
+    tenant_id: str,
+    provider_name: str,
+    senders: tuple[str, ...],
+    credentials: tuple[str, ...],
+    expires_at: str | None,
+    priority: int,
+) -> None:
+    """Set an account's provider, its senders and credentials (never echoed back)."""
+    from shared.providers import provider_names
+
+    if provider_name not in provider_names():
+        raise click.BadParameter(f"choose one of {', '.join(provider_names())}")
+    pairs: dict[str, Any] = {}
+    for item in credentials:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        pairs[key] = value
+    with _transaction() as session:
+        found = accounts.get_account(session, tenant_id)
+        accounts.set_provider(
+            session,
+            found,
+            provider_name,
+            sender_ids=list(senders),
+            credentials=pairs,
+            expires_at=_when(expires_at),
+            priority=priority,
+        )
+    click.echo(f"provider {provider_name} set for {tenant_id} ({len(pairs)} credentials)")
+
+
+@main.group()
+def token() -> None:
+    """Interaction tokens."""
+
+
+@token.command("issue")
+@click.argument("tenant_id")
+@click.argument("caller_id")
+@click.option("--environment", "environment_name", default=None)
+@click.option("--lifetime", type=int, default=None, help="Seconds (default: SMSD_TOKEN_LIFETIME).")
+def token_issue(
+    tenant_id: str, caller_id: str, environment_name: str | None, lifetime: int | None
+) -> None:
+    """Issue a jpToken, as generateToken does."""
+    settings = get_settings()
+    caller = to_e164(caller_id, settings.default_region)
+    if caller is None:
+        raise click.BadParameter(f"{caller_id!r} is not a phone number")
+    with _transaction() as session:
+        found = accounts.get_account(session, tenant_id)
+        env = accounts.resolve_environment(session, found, environment_name)
+        span = timedelta(seconds=lifetime) if lifetime else settings.token_lifetime
+        issued = issue_token(session, found, env, caller, span, utcnow())
+    click.echo(json.dumps({"jpToken": issued.token, "expiresAt": issued.expires_at.isoformat()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Why a request is refused. Each class is one row of the seed's response table; the edges
+(REST and SOAP) turn them into their own wire format, so the wording lives here once."""
+
+from __future__ import annotations
+
+UNAUTHORIZED_CODE = "0x7000000"
+UNAUTHORIZED_MESSAGE = "Request is unauthorized, missing or wrong credentials"
+MORE_INFO_URL = "http://support.uniphore.com"
+PROVIDER_NOT_DEFINED = (
+    "Your Telephony provider is not defined, please contact Uniphore Support "
+    "and read the following +link+"
+)
+
+
+class RequestRefused(Exception):
+    """A request the service answers with a documented error, never with a stack trace."""
+
+    status_code: int = 500
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+
+class InvalidParameter(RequestRefused):
+    """400: a header, path or body field is missing or cannot be used."""
+
+    status_code = 400
+
+    def __init__(self, parameter: str) -> None:
+        self.parameter = parameter
+        super().__init__(f"missing or invalid parameter {parameter}")
+
+
+class Unauthenticated(RequestRefused):
+    """401: credentials missing or wrong. `reason` goes to the Unauthenticated-Reason header."""
+
+    status_code = 401
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(UNAUTHORIZED_MESSAGE)
+
+
+class TokenExpired(RequestRefused):
+    """403: the interaction token expired, or the campaign is inactive or outside its validity."""
+
+    status_code = 403
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        super().__init__("Token expired")
+
+
+class CampaignNotFound(RequestRefused):
+    """404: no campaign with that id in the account's environment."""
+
+    status_code = 404
+
+    def __init__(self, campaign_id: str) -> None:
+        self.campaign_id = campaign_id
+        super().__init__(f"Campaign {campaign_id} was not found")
+
+
+class ProviderNotDefined(RequestRefused):
+    """500: the account (and the system account) has no usable telephony provider settings."""
+
+    status_code = 500
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        super().__init__(PROVIDER_NOT_DEFINED)
+
+
+class IdempotencyConflict(RequestRefused):
+    """422: an Idempotency-Key was reused with a different request."""
+
+    status_code = 422
+
+    def __init__(self) -> None:
+        super().__init__("Idempotency-Key was already used with a different request")

@@ -1,0 +1,130 @@
+"""Status changes: the one place a message's status moves, always forwards.
+
+The worker (provider accepted, failed), the provider callbacks and the sweeper all come here,
+so "a final status is never moved backwards" is enforced once, by a conditional UPDATE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy.orm import Session
+
+from shared.models import DeflectedCall, DeliveryEvent, Message, MessageStatus
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """A status as some source saw it: the worker, a provider callback, the sweeper."""
+
+    status: MessageStatus
+    source: str
+    provider: str | None = None
+    provider_status: str | None = None
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    payload: dict[str, Any] | None = None
+
+
+def apply_status(session: Session, sid: str | None, report: StatusReport, now: datetime) -> bool:
+    """Move the message to `report.status` if that is forwards; record the event either way."""
+    current: str | None = None
+    applied = False
+    for _ in range(3):  # a concurrent writer may move the status between our read and write
+        current = session.scalar(select(Message.status).where(Message.sid == sid)) if sid else None
+        if current is None or not _is_forward(MessageStatus(current), report.status):
+            break
+        result = session.execute(
+            update(Message)
+            .where(Message.sid == sid, Message.status == current)
+            .values(**_status_columns(report, now))
+        )
+        assert isinstance(result, CursorResult)
+        if result.rowcount == 1:
+            applied = True
+            break
+    session.add(
+        DeliveryEvent(
+            message_sid=sid if current is not None else None,
+            source=report.source,
+            status=report.status.value,
+            provider=report.provider,
+            provider_message_id=report.provider_message_id,
+            provider_status=report.provider_status,
+            error_code=report.error_code,
+            applied=applied,
+            payload=report.payload,
+            created_at=now,
+        )
+    )
+    if current is None:
+        log.warning("message.status_unmatched", status=report.status.value, source=report.source)
+    elif applied:
+        log.info("message.status", status=report.status.value, source=report.source)
+        if sid and report.status in (MessageStatus.SENT, MessageStatus.DELIVERED):
+            _mark_deflected_call(session, sid, report.status, now)
+    else:
+        log.info("message.status_ignored", status=report.status.value, current=current)
+    return applied
+
+
+def _is_forward(old: MessageStatus, new: MessageStatus) -> bool:
+    return not old.is_final and new.rank > old.rank
+
+
+def _status_columns(report: StatusReport, now: datetime) -> dict[str, Any]:
+    values: dict[str, Any] = {"status": report.status.value, "updated_at": now}
+    if report.status.rank >= MessageStatus.SENT.rank:
+        values["lease_expires_at"] = None
+    if report.status in (MessageStatus.SENT, MessageStatus.DELIVERED):
+        # A delivery receipt can overtake the worker's own "sent": both imply the provider has it.
+        values["sent_at"] = func.coalesce(Message.sent_at, now)
+    if report.status is MessageStatus.DELIVERED:
+        values["delivered_at"] = now
+    if report.status.is_final:
+        values["final_at"] = now
+    if report.provider_message_id is not None:
+        values["provider_message_id"] = func.coalesce(
+            Message.provider_message_id, report.provider_message_id
+        )
+    if report.error_code is not None or report.error_message is not None:
+        values["error_code"] = report.error_code
+        values["error_message"] = report.error_message
+    return values
+
+
+def _mark_deflected_call(session: Session, sid: str, status: MessageStatus, now: datetime) -> None:
+    """smsSent for the Deflected Call Report: true once a provider has the message."""
+    message = session.execute(
+        select(Message.token_id, Message.campaign_id).where(Message.sid == sid)
+    ).one()
+    if message.token_id is None:
+        return
+    values: dict[str, Any] = {
+        "sms_sent": True,
+        "sms_sent_at": func.coalesce(DeflectedCall.sms_sent_at, now),
+        "campaign_id": message.campaign_id,
+        "last_message_sid": sid,
+    }
+    if status is MessageStatus.DELIVERED:
+        values["sms_delivered_at"] = func.coalesce(DeflectedCall.sms_delivered_at, now)
+    session.execute(
+        update(DeflectedCall).where(DeflectedCall.token_id == message.token_id).values(**values)
+    )
+
+
+def find_sid(session: Session, provider: str, provider_message_id: str | None) -> str | None:
+    """Our messageSid for a provider's message id, for callbacks that do not carry ours."""
+    if not provider_message_id:
+        return None
+    return session.scalar(
+        select(Message.sid).where(
+            Message.provider == provider, Message.provider_message_id == provider_message_id
+        )
+    )

@@ -1,0 +1,30 @@
+"""Phone numbers: everything we store or send is E.164."""
+
+from __future__ import annotations
+
+import phonenumbers
+
+
+def to_e164(raw: str, default_region: str) -> str | None:
+    """`+972 54 4696388` -> `+972544696388`; None when it is not a valid phone number."""
+    try:
+        parsed = phonenumbers.parse(raw, default_region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalise_sender(raw: str, default_region: str) -> str:
+    """A sender is a number (made E.164 when it parses) or an alphanumeric sender id (kept)."""
+    stripped = raw.strip()
+    if any(ch.isalpha() for ch in stripped):
+        return stripped
+    try:
+        parsed = phonenumbers.parse(stripped, default_region)
+    except phonenumbers.NumberParseException:
+        return stripped
+    # Sender numbers are often short codes or test ranges that strict validation rejects,
+    # so only the formatting is normalised here; the account's list decides what is allowed.
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)

@@ -1,0 +1,93 @@
+"""Provider adapters: one module per provider behind one small interface, registered by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from shared.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """Everything a provider needs for one SMS; `idempotency_key` is our messageSid."""
+
+    idempotency_key: str
+    to: str
+    sender: str
+    body: str
+    status_callback_url: str
+    validity_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The provider took the message: its id for it, and the status it reported."""
+
+    provider_message_id: str
+    provider_status: str
+    raw: Mapping[str, Any]
+
+
+class ProviderError(Exception):
+    """A send the provider did not take, with the provider's own code and text."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class TransientProviderError(ProviderError):
+    """Worth retrying: timeouts, throttling, the provider's 5xx."""
+
+
+class PermanentProviderError(ProviderError):
+    """Final at once: invalid number, opted out, rejected content."""
+
+
+class Provider(Protocol):
+    """What the worker needs from a provider."""
+
+    name: ClassVar[str]
+    # True when a repeated send with the same idempotency key cannot reach the handset twice;
+    # only then may a send that a dead worker left in doubt be tried again.
+    idempotent: ClassVar[bool]
+
+    def send(self, request: SendRequest) -> SendResult: ...
+
+    def close(self) -> None: ...
+
+
+ProviderFactory = Callable[[Mapping[str, Any], Settings], Provider]
+
+_REGISTRY: dict[str, ProviderFactory] = {}
+
+
+def register(name: str) -> Callable[[ProviderFactory], ProviderFactory]:
+    """Class decorator: make a provider available under `name` in provider settings."""
+
+    def decorate(factory: ProviderFactory) -> ProviderFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def provider_factory(name: str) -> ProviderFactory:
+    _load_builtin_providers()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PermanentProviderError("unknown-provider", f"no provider named {name!r}") from None
+
+
+def provider_names() -> list[str]:
+    _load_builtin_providers()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin_providers() -> None:
+    # Imported for their @register side effect; late so this module has no import cycle.
+    from shared.providers import simulator  # noqa: F401

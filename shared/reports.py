@@ -1,0 +1,123 @@
+"""Read side: one message with its history, and the Deflected Call Report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.models import Account, DeflectedCall, DeliveryEvent, InteractionToken, Message
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    at: datetime
+    source: str
+    status: str | None
+    applied: bool
+    providerStatus: str | None  # noqa: N815
+    errorCode: str | None  # noqa: N815
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    messageSid: str  # noqa: N815 - the API's own spelling
+    status: str
+    campaignId: str  # noqa: N815
+    to: str
+    sender: str
+    body: str
+    provider: str
+    providerMessageId: str | None  # noqa: N815
+    attempts: int
+    errorCode: str | None  # noqa: N815
+    errorMessage: str | None  # noqa: N815
+    createdAt: datetime  # noqa: N815
+    sentAt: datetime | None  # noqa: N815
+    deliveredAt: datetime | None  # noqa: N815
+    events: list[EventView]
+
+
+@dataclass(frozen=True, slots=True)
+class DeflectedCallView:
+    jpToken: str  # noqa: N815
+    callerId: str  # noqa: N815
+    campaignId: str | None  # noqa: N815
+    tokenIssuedAt: datetime  # noqa: N815
+    smsSent: bool  # noqa: N815
+    smsSentAt: datetime | None  # noqa: N815
+    smsDeliveredAt: datetime | None  # noqa: N815
+    messageSid: str | None  # noqa: N815
+
+
+def message_view(session: Session, account: Account, sid: str) -> MessageView | None:
+    """A message of this account with every event in order; None for another account's sid."""
+    message = session.scalar(
+        select(Message).where(Message.sid == sid, Message.account_id == account.id)
+    )
+    if message is None:
+        return None
+    events = session.scalars(
+        select(DeliveryEvent)
+        .where(DeliveryEvent.message_sid == sid)
+        .order_by(DeliveryEvent.created_at, DeliveryEvent.id)
+    )
+    return MessageView(
+        messageSid=message.sid,
+        status=message.status,
+        campaignId=message.campaign_id,
+        to=message.to_number,
+        sender=message.from_number,
+        body=message.body,
+        provider=message.provider,
+        providerMessageId=message.provider_message_id,
+        attempts=message.attempts,
+        errorCode=message.error_code,
+        errorMessage=message.error_message,
+        createdAt=message.created_at,
+        sentAt=message.sent_at,
+        deliveredAt=message.delivered_at,
+        events=[
+            EventView(
+                at=e.created_at,
+                source=e.source,
+                status=e.status,
+                applied=e.applied,
+                providerStatus=e.provider_status,
+                errorCode=e.error_code,
+            )
+            for e in events
+        ],
+    )
+
+
+def deflected_calls(
+    session: Session, account: Account, since: datetime, until: datetime, limit: int
+) -> list[DeflectedCallView]:
+    """Calls whose token was issued in [since, until), oldest first."""
+    rows = session.execute(
+        select(DeflectedCall, InteractionToken.token, InteractionToken.caller)
+        .join(InteractionToken, InteractionToken.id == DeflectedCall.token_id)
+        .where(
+            DeflectedCall.account_id == account.id,
+            DeflectedCall.token_issued_at >= since,
+            DeflectedCall.token_issued_at < until,
+        )
+        .order_by(DeflectedCall.token_issued_at, DeflectedCall.token_id)
+        .limit(limit)
+    )
+    return [
+        DeflectedCallView(
+            jpToken=token,
+            callerId=caller,
+            campaignId=call.campaign_id,
+            tokenIssuedAt=call.token_issued_at,
+            smsSent=call.sms_sent,
+            smsSentAt=call.sms_sent_at,
+            smsDeliveredAt=call.sms_delivered_at,
+            messageSid=call.last_message_sid,
+        )
+        for call, token, caller in rows
+    ]

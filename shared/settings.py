@@ -1,0 +1,93 @@
+"""One settings object, read once from `SMSD_*` environment variables."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The embedded default keeps its files here so `make run` needs no server at all.
+VAR_DIR = Path("var")
+
+
+def _seconds(value: Any) -> Any:
+    # Environment variables are text: "2.5" means seconds, as operators expect.
+    if isinstance(value, str):
+        try:
+            return timedelta(seconds=float(value))
+        except ValueError:
+            return value  # ISO 8601 ("PT5M") and "HH:MM:SS" are pydantic's to parse
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_seconds)]
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service. Durations are `timedelta` (seconds or ISO 8601 in the env)."""
+
+    model_config = SettingsConfigDict(env_prefix="SMSD_", extra="ignore")
+
+    # DATABASE_URL / BROKER_URL are honoured too because every PaaS and compose file speaks them.
+    database_url: str = Field(
+        default=f"sqlite:///{VAR_DIR}/sms-dispatch.sqlite3",
+        validation_alias=AliasChoices("SMSD_DATABASE_URL", "DATABASE_URL"),
+    )
+    broker_url: str = Field(
+        default=f"sqla+sqlite:///{VAR_DIR}/broker.sqlite3",
+        validation_alias=AliasChoices("SMSD_BROKER_URL", "BROKER_URL"),
+    )
+    database_pool_size: int = 10
+
+    # Where callers and providers reach us; callback URLs come from it, never from Host headers.
+    public_base_url: str = "http://127.0.0.1:8080"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+
+    log_level: str = "INFO"
+    # None = decide by whether stderr is a terminal (pretty) or not (JSON).
+    log_json: bool | None = None
+
+    token_lifetime: Duration = timedelta(hours=24)
+    token_max_lifetime: Duration = timedelta(days=7)
+    # Numbers written without a country code are read in this region.
+    default_region: str = "US"
+    # A message not handed to a provider within this time is expired, never sent late.
+    message_validity: Duration = timedelta(hours=4)
+
+    send_queue: str = "sms.send"
+    worker_concurrency: int = 32
+    worker_prefetch_multiplier: int = 4
+    # How long one claim on a message lasts; a worker that died mid-send loses it after this.
+    send_lease: Duration = timedelta(seconds=60)
+    provider_timeout: Duration = timedelta(seconds=15)
+    max_send_attempts: int = 5
+    retry_backoff_base: Duration = timedelta(seconds=2)
+    retry_backoff_max: Duration = timedelta(minutes=5)
+
+    sweep_interval: Duration = timedelta(seconds=10)
+    # A committed message still unpublished after this is published by the sweeper.
+    sweep_unpublished_after: Duration = timedelta(seconds=15)
+    # A published message nobody claimed after this is published again (the broker lost it).
+    sweep_unclaimed_after: Duration = timedelta(minutes=15)
+    sweep_batch_size: int = 500
+    broker_visibility_timeout: Duration = timedelta(hours=1)
+
+    simulator_url: str = "http://127.0.0.1:8090"
+    simulator_host: str = "127.0.0.1"
+    simulator_port: int = 8090
+    simulator_latency: Duration = timedelta(milliseconds=50)
+    simulator_failure_rate: float = 0.0
+    simulator_delivery_delay: Duration = timedelta(milliseconds=200)
+    # Shared by simulator and API to sign callbacks; the default is for local runs only.
+    simulator_signing_secret: SecretStr = SecretStr("local-simulator-secret")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built once."""
+    return Settings()

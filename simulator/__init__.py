@@ -1,0 +1,1 @@
+"""A stand-in SMS provider for local runs, tests and benchmarks (`sms-dispatch simulator`)."""

@@ -1,0 +1,281 @@
+"""Fixtures: a real PostgreSQL and Redis (throwaway, or TEST_DATABASE_URL / TEST_REDIS_URL),
+the schema built by Alembic, and real API, worker and simulator processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from litestar import Litestar
+from litestar.testing import TestClient
+from sqlalchemy import text
+
+from shared import accounts
+from shared.db import Database
+from shared.models import Base
+from shared.settings import Settings, get_settings
+from tests.services import free_port, postgres_server, redis_server
+
+ROOT = Path(__file__).resolve().parents[1]
+TENANT = "12345678"
+KEY = "53736e07e4b05772e6475c2d"
+OTHER_TENANT = "87654321"
+OTHER_KEY = "0123456789abcdef01234567"
+SENDER = "+12121234567"
+CALLER = "+972 54 4696388"
+CALLER_E164 = "+972544696388"
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def ports() -> dict[str, int]:
+    return {"api": free_port(), "simulator": free_port()}
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, ports: dict[str, int]) -> Iterator[Settings]:
+    """The suite's settings, also exported as SMSD_* so every child process shares them."""
+    env = {
+        "SMSD_DATABASE_URL": database_url,
+        "SMSD_BROKER_URL": redis_url,
+        "SMSD_PUBLIC_BASE_URL": f"http://127.0.0.1:{ports['api']}",
+        "SMSD_API_PORT": str(ports["api"]),
+        "SMSD_SIMULATOR_PORT": str(ports["simulator"]),
+        "SMSD_SIMULATOR_URL": f"http://127.0.0.1:{ports['simulator']}",
+        "SMSD_SIMULATOR_LATENCY": "0.01",
+        "SMSD_SIMULATOR_DELIVERY_DELAY": "0.05",
+        "SMSD_SIMULATOR_SIGNING_SECRET": os.urandom(16).hex(),
+        "SMSD_LOG_JSON": "true",
+        "SMSD_LOG_LEVEL": "INFO",
+        # Short bounds so crash-recovery tests run in seconds, not minutes.
+        "SMSD_SEND_LEASE": "3",
+        "SMSD_SWEEP_INTERVAL": "1",
+        "SMSD_SWEEP_UNPUBLISHED_AFTER": "1",
+        "SMSD_SWEEP_UNCLAIMED_AFTER": "5",
+        "SMSD_RETRY_BACKOFF_BASE": "0.2",
+        "SMSD_RETRY_BACKOFF_MAX": "1",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    yield get_settings()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def migrated(settings: Settings) -> Settings:
+    """The schema exactly as `alembic upgrade head` builds it (never create_all)."""
+    subprocess.run(
+        [sys.executable, "-m", "shared.cli", "migrate"], check=True, cwd=ROOT, env=os.environ.copy()
+    )
+    return settings
+
+
+@pytest.fixture
+def db(migrated: Settings, redis_url: str) -> Iterator[Database]:
+    """A database emptied after each test, and an empty broker."""
+    database = Database(migrated)
+    redis.Redis.from_url(redis_url).flushdb()
+    yield database
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with database.transaction() as session:
+        session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    database.dispose()
+
+
+@dataclass(frozen=True)
+class Demo:
+    tenant: str
+    key: str
+    account_id: int
+
+
+def headers(tenant: str = TENANT, key: str = KEY, **extra: str) -> dict[str, str]:
+    return {"Tenant-Id": tenant, "Application-Key": key, **extra}
+
+
+@pytest.fixture
+def demo(db: Database) -> Demo:
+    """The seed's account with campaign1 on the simulator, and a second account beside it."""
+    with db.transaction() as session:
+        account = accounts.create_account(session, TENANT, "Demo", "PROD")
+        accounts.add_application_key(session, account, KEY)
+        prod = accounts.resolve_environment(session, account, None)
+        accounts.add_environment(session, account, "DEV")
+        accounts.upsert_campaign(
+            session,
+            prod,
+            "campaign1",
+            name="Deflection",
+            message_text="Please click here <link>",
+            link_url="https://flows.example.com/start?lang=en",
+        )
+        accounts.set_provider(session, account, "simulator", sender_ids=[SENDER, "ACME"])
+        other = accounts.create_account(session, OTHER_TENANT, "Other", "PROD")
+        accounts.add_application_key(session, other, OTHER_KEY)
+        other_prod = accounts.resolve_environment(session, other, None)
+        accounts.upsert_campaign(
+            session, other_prod, "other-campaign", name="x", message_text="<link>", link_url=None
+        )
+        accounts.set_provider(session, other, "simulator", sender_ids=["+12025550143"])
+        return Demo(tenant=TENANT, key=KEY, account_id=account.id)
+
+
+@pytest.fixture
+def client(migrated: Settings, db: Database) -> Iterator[TestClient[Litestar]]:
+    """The API in-process, publishing to the real Redis."""
+    from api.app import create_app
+
+    with TestClient(app=create_app(migrated)) as test_client:
+        yield test_client
+
+
+def issue_token(client: TestClient[Litestar], caller: str = CALLER, **body: object) -> str:
+    response = client.post(
+        f"/interact/version/3/account/{TENANT}/resources/token",
+        headers=headers(),
+        json={"callerId": caller, **body},
+    )
+    assert response.status_code == 200, response.text
+    token: str = response.json()["jpToken"]
+    return token
+
+
+# Real processes for end-to-end tests
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def spawn(
+    migrated: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Process]]:
+    """Start `sms-dispatch <args>` as a child process; every one is stopped at the end."""
+    started: list[Process] = []
+    logs = tmp_path_factory.mktemp("logs")
+
+    def start(name: str, *args: str, env: dict[str, str] | None = None) -> Process:
+        log = logs / f"{name}-{len(started)}.log"
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        process = Process(name, popen, log)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop(signal.SIGKILL if process.popen.poll() is None else signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def simulator_url(migrated: Settings, spawn: Callable[..., Process]) -> str:
+    process = spawn("simulator", "simulator")
+    wait_until(lambda: _answers(f"{migrated.simulator_url}/health"), 30, "the simulator")
+    assert process.popen.poll() is None
+    return migrated.simulator_url
+
+
+@pytest.fixture
+def simulator(simulator_url: str) -> Iterator[httpx.Client]:
+    """The simulator, emptied and back to its defaults for each test."""
+    with httpx.Client(base_url=simulator_url) as sim:
+        sim.delete("/messages")
+        sim.post(
+            "/control", json={"latency_ms": 10, "failure_rate": 0, "permanent_failure_rate": 0}
+        )
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def api_url(migrated: Settings, spawn: Callable[..., Process]) -> str:
+    process = spawn("api", "api")
+    wait_until(lambda: _answers(f"{migrated.public_base_url}/health/ready"), 30, "the API")
+    assert process.popen.poll() is None
+    return migrated.public_base_url
+
+
+@pytest.fixture
+def start_worker(spawn: Callable[..., Process]) -> Iterator[Callable[..., Process]]:
+    """Start real Celery worker processes for one test; they are stopped after it."""
+    workers: list[Process] = []
+
+    def start(*extra: str, beat: bool = True, concurrency: int = 8) -> Process:
+        args = ["worker", "-c", str(concurrency), *(["--beat"] if beat else []), *extra]
+        process = spawn("worker", *args)
+        workers.append(process)
+        wait_until(
+            lambda: "ready" in process.output() or process.popen.poll() is not None, 30, "worker"
+        )
+        assert process.popen.poll() is None, process.output()
+        return process
+
+    yield start
+    for process in workers:
+        process.stop()
+
+
+SETTLE = timedelta(seconds=30)

@@ -1,0 +1,1 @@
+"""Celery: the send task, the sweeper, and the app that runs them."""

@@ -1,0 +1,79 @@
+"""The Celery application. Tasks carry only a messageSid, as JSON, so Flower can show them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Celery
+from celery.signals import setup_logging, task_postrun, task_prerun
+
+from shared.logging import configure_logging
+from shared.settings import Settings, get_settings
+
+SEND_TASK = "sms.send"
+SWEEP_TASK = "sms.sweep"
+
+
+def create_celery(settings: Settings) -> Celery:
+    """A Celery app for these settings (the worker, beat and the API's publisher share it)."""
+    app = Celery("sms_dispatch", broker=settings.broker_url, include=["worker.tasks"])
+    sweep_queue = f"{settings.send_queue}.sweep"
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        # Ack after the task ran, and hand a task back when its worker dies: a send is never
+        # dropped with a worker. Running twice is safe because the task claims the message.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
+        worker_concurrency=settings.worker_concurrency,
+        worker_pool="threads",
+        worker_hijack_root_logger=False,
+        # Flower needs events to see workers and tasks.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=settings.send_queue,
+        # The sweeper gets its own queue so a backlog of sends never holds it up.
+        task_routes={SEND_TASK: {"queue": settings.send_queue}, SWEEP_TASK: {"queue": sweep_queue}},
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=_transport_options(settings),
+        beat_schedule={
+            "sweep": {
+                "task": SWEEP_TASK,
+                "schedule": settings.sweep_interval.total_seconds(),
+                "options": {"expires": settings.sweep_interval.total_seconds()},
+            }
+        },
+    )
+    return app
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Unacked tasks come back after this; every countdown we use stays well below it.
+        return {"visibility_timeout": settings.broker_visibility_timeout.total_seconds()}
+    # The embedded SQL broker hands its options to create_engine, which takes none of these.
+    return {}
+
+
+app = create_celery(get_settings())
+
+
+@setup_logging.connect
+def _configure_logging(**_kwargs: Any) -> None:
+    configure_logging(get_settings())
+
+
+@task_prerun.connect
+def _bind_task_context(task_id: str | None = None, **_kwargs: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id=task_id)
+
+
+@task_postrun.connect
+def _clear_task_context(**_kwargs: Any) -> None:
+    structlog.contextvars.clear_contextvars()

@@ -1,0 +1,123 @@
+"""The Celery tasks: send one message, and sweep for messages the queue does not hold."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from shared.db import Database
+from shared.models import utcnow
+from shared.providers import (
+    PermanentProviderError,
+    Provider,
+    ProviderError,
+    SendRequest,
+    TransientProviderError,
+    provider_factory,
+)
+from shared.sending import (
+    Claim,
+    claim,
+    due_for_publish,
+    record_accepted,
+    record_failed,
+    schedule_retry,
+)
+from shared.settings import get_settings
+from worker.celery_app import SEND_TASK, SWEEP_TASK, app
+from worker.queue import publish_sends
+
+log = structlog.get_logger(__name__)
+
+_lock = threading.Lock()
+_db: Database | None = None
+# One client per provider account, shared by the pool's threads, so connections are reused.
+_providers: dict[tuple[int, str], Provider] = {}
+
+
+def database() -> Database:
+    global _db
+    with _lock:
+        if _db is None:
+            _db = Database(get_settings())
+        return _db
+
+
+def provider_for(claim_: Claim) -> Provider:
+    key = (claim_.provider_account_id, repr(sorted(claim_.credentials.items())))
+    with _lock:
+        provider = _providers.get(key)
+        if provider is None:
+            provider = provider_factory(claim_.provider)(claim_.credentials, get_settings())
+            _providers[key] = provider
+        return provider
+
+
+@app.task(name=SEND_TASK, ignore_result=True)
+def send_message(sid: str) -> None:
+    """Send one message through its provider; safe to run any number of times for one sid."""
+    structlog.contextvars.bind_contextvars(messageSid=sid)
+    settings = get_settings()
+    db = database()
+    with db.transaction() as session:
+        owned = claim(session, sid, settings, utcnow())
+    if owned is None:
+        return
+    try:
+        provider = provider_for(owned)
+        if owned.in_doubt and not provider.idempotent:
+            # The last worker died mid-call: the provider may have it, and it cannot dedupe.
+            # Never-twice wins over never-lost here; the event says why for the operator.
+            raise PermanentProviderError(
+                "in-doubt", "worker lost during the provider call; not resent to avoid a duplicate"
+            )
+        result = provider.send(_request(owned, settings.public_base_url))
+    except TransientProviderError as error:
+        with db.transaction() as session:
+            delay = schedule_retry(session, owned, error, settings, utcnow())
+        if delay is not None:
+            publish_sends(app, db, [sid], countdown=delay)
+        return
+    except ProviderError as error:
+        with db.transaction() as session:
+            record_failed(session, owned, error, utcnow())
+        return
+    with db.transaction() as session:
+        record_accepted(
+            session, owned, result.provider_message_id, result.provider_status, utcnow()
+        )
+
+
+def _request(owned: Claim, public_base_url: str) -> SendRequest:
+    validity = max(1, int((owned.expires_at - utcnow()).total_seconds()))
+    return SendRequest(
+        idempotency_key=owned.sid,
+        to=owned.to_number,
+        sender=owned.from_number,
+        body=owned.body,
+        # Our sid rides in the callback URL, so a receipt that overtakes the worker still matches.
+        status_callback_url=(
+            f"{public_base_url.rstrip('/')}/callbacks/{owned.provider}?messageSid={owned.sid}"
+        ),
+        validity_seconds=validity,
+    )
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep() -> int:
+    """Publish what is committed but not on the queue; returns how many it published."""
+    settings = get_settings()
+    db = database()
+    total = 0
+    while True:
+        with db.transaction() as session:
+            sids = due_for_publish(session, settings, utcnow())
+        if not sids:
+            return total
+        published = publish_sends(app, db, sids)
+        total += len(published)
+        log.info("sweep.published", count=len(published))
+        # A short batch is the last; a failed publish waits for the next sweep.
+        if len(sids) < settings.sweep_batch_size or len(published) < len(sids):
+            return total
