@@ -39,10 +39,14 @@ IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(
         name="Idempotency-Key",
-        description="Optional: a retried request with the same key gets the first answer again",
-        max_length=255,
+        description=(
+            "Optional (at most 255 characters): a retried request with the same key "
+            "gets the first answer again"
+        ),
     ),
 ]
+
+MAX_IDEMPOTENCY_KEY = 255  # the column's width
 
 SEND_RESPONSES = {
     400: ResponseSpec(
@@ -116,6 +120,8 @@ async def _send(
     body = JsonBody(await request.body())
     caller_id = body.text("callerId", allow_number=True)
     invalid = body.invalid
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        invalid = invalid or "Idempotency-Key"
     if (
         path_caller_id
         and caller_id
@@ -243,9 +249,10 @@ async def generate_token(
                 raise InvalidParameter("callerId")
             lifetime = settings.token_lifetime
             if lifetime_seconds is not None:
-                lifetime = timedelta(seconds=lifetime_seconds)
-                if not timedelta(0) < lifetime <= settings.token_max_lifetime:
+                # Checked as a number first: an absurd value must not overflow timedelta.
+                if not 0 < lifetime_seconds <= settings.token_max_lifetime.total_seconds():
                     raise InvalidParameter("lifetimeSeconds")
+                lifetime = timedelta(seconds=lifetime_seconds)
             return issue_token(session, account, environment, caller, lifetime, utcnow())
 
     issued = await anyio.to_thread.run_sync(issue)

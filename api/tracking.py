@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import anyio.to_thread
@@ -19,6 +19,9 @@ from shared.models import utcnow
 from shared.reports import DeflectedCallView, MessageView, deflected_calls, message_view
 
 MAX_REPORT_ROWS = 10_000
+DEFAULT_REPORT_ROWS = 1000
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+DEFAULT_SPAN = timedelta(hours=24)
 
 
 @get(
@@ -81,28 +84,43 @@ async def deflected_call_report(
     until: Annotated[
         str | None, QueryParameter(name="to", description="ISO 8601; default: now")
     ] = None,
-    limit: Annotated[int, QueryParameter(ge=1, le=MAX_REPORT_ROWS)] = 1000,
+    limit: Annotated[
+        str | None, QueryParameter(description=f"Rows, 1 to {MAX_REPORT_ROWS} (default 1000)")
+    ] = None,
 ) -> list[DeflectedCallView]:
     placement: Placement = request.app.state.placement
 
     def load() -> list[DeflectedCallView]:
         with placement.db.transaction() as session:
             account = authenticate(session, account_id, tenant_id, application_key)
-            now = utcnow()
-            end = _instant(until, "to") or now
-            start = _instant(since, "from") or end - timedelta(hours=24)
-            return deflected_calls(session, account, start, end, limit)
+            end = _instant(until, "to") or utcnow()
+            start = _instant(since, "from") or _day_before(end)
+            return deflected_calls(session, account, start, end, _limit(limit))
 
     return await anyio.to_thread.run_sync(load)
 
 
 def _instant(value: str | None, parameter: str) -> datetime | None:
+    """An ISO 8601 instant with a zone, in UTC; anything else is the caller's 400."""
     if value is None:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if parsed.tzinfo is None:
+            raise ValueError("a time without a zone is ambiguous")
+        # Instants at the calendar's very edge cannot be moved to UTC: those are bad input too.
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidParameter(parameter) from None
-    if parsed.tzinfo is None:
-        raise InvalidParameter(parameter)  # a time without a zone is ambiguous
-    return parsed
+
+
+def _day_before(end: datetime) -> datetime:
+    return end - DEFAULT_SPAN if end - EARLIEST > DEFAULT_SPAN else EARLIEST
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_REPORT_ROWS
+    if not value.isdigit() or not 1 <= int(value) <= MAX_REPORT_ROWS:
+        raise InvalidParameter("limit")
+    return int(value)

@@ -13,7 +13,7 @@ import structlog
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import DeflectedCall, DeliveryEvent, Message, MessageStatus
+from shared.models import Account, DeflectedCall, DeliveryEvent, Message, MessageStatus
 
 log = structlog.get_logger(__name__)
 
@@ -37,8 +37,23 @@ def apply_status(session: Session, sid: str | None, report: StatusReport, now: d
     current: str | None = None
     applied = False
     for _ in range(3):  # a concurrent writer may move the status between our read and write
-        current = session.scalar(select(Message.status).where(Message.sid == sid)) if sid else None
-        if current is None or not _is_forward(MessageStatus(current), report.status):
+        row = (
+            session.execute(
+                select(Message.status, Message.campaign_id, Account.tenant_id)
+                .join(Account, Account.id == Message.account_id)
+                .where(Message.sid == sid)
+            ).first()
+            if sid
+            else None
+        )
+        current = row.status if row else None
+        if row is None:
+            break
+        # Every log line about a message names it, its account and its campaign.
+        structlog.contextvars.bind_contextvars(
+            messageSid=sid, account=row.tenant_id, campaign=row.campaign_id
+        )
+        if not _is_forward(MessageStatus(row.status), report.status):
             break
         result = session.execute(
             update(Message)

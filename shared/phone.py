@@ -25,6 +25,9 @@ def normalise_sender(raw: str, default_region: str) -> str:
         parsed = phonenumbers.parse(stripped, default_region)
     except phonenumbers.NumberParseException:
         return stripped
-    # Sender numbers are often short codes or test ranges that strict validation rejects,
-    # so only the formatting is normalised here; the account's list decides what is allowed.
+    # Short codes ("33669") are senders too: prefixing a country code would invent a number.
+    if not stripped.startswith("+") and not phonenumbers.is_possible_number(parsed):
+        return stripped
+    # Long numbers are only formatted, not validated (test ranges fail strict validation);
+    # the account's list of senders decides what is allowed.
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)

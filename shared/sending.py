@@ -15,7 +15,7 @@ from sqlalchemy import CursorResult, and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.lifecycle import StatusReport, apply_status
-from shared.models import Message, MessageStatus, ProviderAccount
+from shared.models import Account, Message, MessageStatus, ProviderAccount
 from shared.providers import ProviderError
 from shared.settings import Settings
 
@@ -37,19 +37,23 @@ class Claim:
     expires_at: datetime
     # The previous owner's lease ran out mid-send: the provider may or may not have it.
     in_doubt: bool
+    tenant_id: str = ""
+    campaign_id: str = ""
 
 
 def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Claim | None:
     """Take the message for sending, or None when it is not ours to send (now or ever)."""
     row = session.execute(
-        select(Message, ProviderAccount.credentials)
+        select(Message, ProviderAccount.credentials, Account.tenant_id)
         .join(ProviderAccount, ProviderAccount.id == Message.provider_account_id)
+        .join(Account, Account.id == Message.account_id)
         .where(Message.sid == sid)
     ).first()
     if row is None:
         log.warning("send.unknown_message")
         return None
-    message, credentials = row
+    message, credentials, tenant_id = row
+    structlog.contextvars.bind_contextvars(account=tenant_id, campaign=message.campaign_id)
     status = MessageStatus(message.status)
     in_flight = (
         status is MessageStatus.SENDING
@@ -85,6 +89,8 @@ def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Clai
             lease_expires_at=now + settings.send_lease,
             updated_at=now,
         )
+        # Leave `message` as it was read: the Claim below is built from the pre-claim values.
+        .execution_options(synchronize_session=False)
     )
     assert isinstance(result, CursorResult)
     if result.rowcount != 1:
@@ -101,6 +107,8 @@ def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Clai
         attempts=message.attempts + 1,
         expires_at=message.expires_at,
         in_doubt=status is MessageStatus.SENDING,
+        tenant_id=tenant_id,
+        campaign_id=message.campaign_id,
     )
 
 

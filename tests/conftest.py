@@ -263,9 +263,11 @@ def start_worker(spawn: Callable[..., Process]) -> Iterator[Callable[..., Proces
     """Start real Celery worker processes for one test; they are stopped after it."""
     workers: list[Process] = []
 
-    def start(*extra: str, beat: bool = True, concurrency: int = 8) -> Process:
+    def start(
+        *extra: str, beat: bool = True, concurrency: int = 8, env: dict[str, str] | None = None
+    ) -> Process:
         args = ["worker", "-c", str(concurrency), *(["--beat"] if beat else []), *extra]
-        process = spawn("worker", *args)
+        process = spawn("worker", *args, env=env)
         workers.append(process)
         wait_until(
             lambda: "ready" in process.output() or process.popen.poll() is not None, 30, "worker"

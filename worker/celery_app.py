@@ -40,6 +40,15 @@ def create_celery(settings: Settings) -> Celery:
         # The sweeper gets its own queue so a backlog of sends never holds it up.
         task_routes={SEND_TASK: {"queue": settings.send_queue}, SWEEP_TASK: {"queue": sweep_queue}},
         broker_connection_retry_on_startup=True,
+        # A publish that cannot reach the broker gives up fast: the message is already committed
+        # and the sweeper publishes it later, so the caller should not wait on the outage.
+        broker_connection_timeout=2,
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
         broker_transport_options=_transport_options(settings),
         beat_schedule={
             "sweep": {

@@ -1,0 +1,83 @@
+"""`make run`'s embedded default: SQLite and a SQL broker, no server but our own processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import CALLER, KEY, ROOT, TENANT, wait_until
+from tests.services import free_port
+
+BASE = f"/interact/version/3/account/{TENANT}/resources"
+AUTH = {"Tenant-Id": TENANT, "Application-Key": KEY}
+
+
+def _start_dev(workdir: Path, api_port: int, simulator_port: int) -> subprocess.Popen[bytes]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("SMSD_") and name not in ("DATABASE_URL", "BROKER_URL")
+    }
+    env.update(
+        SMSD_API_PORT=str(api_port),
+        SMSD_PUBLIC_BASE_URL=f"http://127.0.0.1:{api_port}",
+        SMSD_SIMULATOR_PORT=str(simulator_port),
+        SMSD_SIMULATOR_URL=f"http://127.0.0.1:{simulator_port}",
+        PYTHONPATH=str(ROOT),
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "dev"],
+        cwd=workdir,
+        env=env,
+        stdout=(workdir / "dev.log").open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    return process.wait(timeout=40)
+
+
+def test_dev_runs_the_whole_service_on_sqlite_and_survives_a_restart(tmp_path: Path) -> None:
+    api_port, simulator_port = free_port(), free_port()
+    base_url = f"http://127.0.0.1:{api_port}"
+    dev = _start_dev(tmp_path, api_port, simulator_port)
+    try:
+        wait_until(
+            lambda: b"Ctrl-C stops everything" in (tmp_path / "dev.log").read_bytes(), 90, "dev"
+        )
+        api = httpx.Client(base_url=base_url, headers=AUTH, timeout=10)
+        token = api.post(f"{BASE}/token", json={"callerId": CALLER}).json()["jpToken"]
+        placed = api.post(
+            f"{BASE}/campaign/sms/campaign1", json={"callerId": CALLER, "jpToken": token}
+        )
+        assert placed.status_code == 200
+        assert placed.text.startswith("Placed campaign {campaign1} in SMS queue messageSid: SM")
+
+        def sms_sent() -> bool:
+            rows = api.get(f"{BASE}/reports/deflected-calls").json()
+            return bool(rows and rows[0]["smsSent"] and rows[0]["smsDeliveredAt"])
+
+        wait_until(sms_sent, 60, "smsSent in the report")
+    finally:
+        assert _stop(dev) == 0
+    assert (tmp_path / "var" / "sms-dispatch.sqlite3").exists()
+
+    # Running it again on the same files is safe: migrations and the demo seed are idempotent.
+    again = _start_dev(tmp_path, api_port, simulator_port)
+    try:
+        wait_until(
+            lambda: (tmp_path / "dev.log").read_bytes().count(b"Ctrl-C stops everything") == 2,
+            90,
+            "dev to start again",
+        )
+        rows = httpx.get(f"{base_url}{BASE}/reports/deflected-calls", headers=AUTH).json()
+        assert [row["jpToken"] for row in rows] == [token]
+    finally:
+        assert _stop(again) == 0
