@@ -63,6 +63,20 @@ def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Clai
     if status not in (MessageStatus.QUEUED, MessageStatus.SENDING) or in_flight:
         log.info("send.skipped", status=status.value, in_flight=in_flight)
         return None
+    if status is MessageStatus.SENDING and message.attempts >= settings.max_send_attempts:
+        # Workers keep dying on this one (a poison message?): stop instead of looping forever.
+        apply_status(
+            session,
+            sid,
+            StatusReport(
+                MessageStatus.FAILED,
+                source="worker",
+                error_code="attempts-exhausted",
+                error_message="the worker sending it was lost on every attempt",
+            ),
+            now,
+        )
+        return None
     if message.expires_at <= now:
         apply_status(
             session,

@@ -16,10 +16,17 @@ SWEEP_TASK = "sms.sweep"
 
 
 def create_celery(settings: Settings) -> Celery:
-    """A Celery app for these settings (the worker, beat and the API's publisher share it)."""
-    app = Celery("sms_dispatch", broker=settings.broker_url, include=["worker.tasks"])
+    """A Celery app for these settings (the API's publisher builds its own with this)."""
+    app = Celery("sms_dispatch", include=["worker.tasks"])
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting we rely on, derived from ours."""
     sweep_queue = f"{settings.send_queue}.sweep"
-    app.conf.update(
+    return dict(
+        broker_url=settings.broker_url,
         task_serializer="json",
         accept_content=["json"],
         result_backend=None,
@@ -58,7 +65,6 @@ def create_celery(settings: Settings) -> Celery:
             }
         },
     )
-    return app
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -69,7 +75,10 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     return {}
 
 
-app = create_celery(get_settings())
+# The app `celery -A worker.celery_app` loads. Its configuration is read on first use, not at
+# import, so whoever imports this module first cannot freeze settings that are not final yet.
+app = Celery("sms_dispatch", include=["worker.tasks"])
+app.add_defaults(lambda: celery_config(get_settings()))
 
 
 @setup_logging.connect

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.db import Database
 from shared.models import utcnow
@@ -54,7 +55,16 @@ def provider_for(claim_: Claim) -> Provider:
         return provider
 
 
-@app.task(name=SEND_TASK, ignore_result=True)
+@app.task(
+    name=SEND_TASK,
+    ignore_result=True,
+    # The database briefly unreachable: run the task again soon rather than wait for the
+    # sweeper. That is safe at any point: the claim decides whether anything is left to do.
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=1,
+    retry_backoff_max=60,
+    max_retries=30,
+)
 def send_message(sid: str) -> None:
     """Send one message through its provider; safe to run any number of times for one sid."""
     structlog.contextvars.bind_contextvars(messageSid=sid)
@@ -73,20 +83,33 @@ def send_message(sid: str) -> None:
                 "in-doubt", "worker lost during the provider call; not resent to avoid a duplicate"
             )
         result = provider.send(_request(owned, settings.public_base_url))
-    except TransientProviderError as error:
-        with db.transaction() as session:
-            delay = schedule_retry(session, owned, error, settings, utcnow())
-        if delay is not None:
-            publish_sends(app, db, [sid], countdown=delay)
-        return
-    except ProviderError as error:
-        with db.transaction() as session:
-            record_failed(session, owned, error, utcnow())
+    except Exception as exc:
+        error = exc if isinstance(exc, ProviderError) else _unexpected(exc)
+        _record_failure(db, owned, error)
         return
     with db.transaction() as session:
         record_accepted(
             session, owned, result.provider_message_id, result.provider_status, utcnow()
         )
+
+
+def _unexpected(exc: Exception) -> TransientProviderError:
+    # A bug in an adapter or an SDK surprise: retried like an outage, so attempts stay bounded
+    # and the message ends `failed` with the reason instead of sitting in `sending`.
+    log.exception("send.unexpected_error")
+    return TransientProviderError("error", f"{type(exc).__name__}: {exc}")
+
+
+def _record_failure(db: Database, owned: Claim, error: ProviderError) -> None:
+    settings = get_settings()
+    if isinstance(error, TransientProviderError):
+        with db.transaction() as session:
+            delay = schedule_retry(session, owned, error, settings, utcnow())
+        if delay is not None:
+            publish_sends(app, db, [owned.sid], countdown=delay)
+        return
+    with db.transaction() as session:
+        record_failed(session, owned, error, utcnow())
 
 
 def _request(owned: Claim, public_base_url: str) -> SendRequest:
