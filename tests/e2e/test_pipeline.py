@@ -13,11 +13,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from shared.accept import SendSmsCommand, accept_send
 from shared.db import Database
 from shared.models import DeflectedCall, Message, utcnow
 from shared.settings import Settings
-from tests.conftest import CALLER, CALLER_E164, KEY, TENANT, Demo, Process, headers, wait_until
+from tests.conftest import CALLER, CALLER_E164, TENANT, Demo, Process, headers, wait_until
+from tests.shared.support import accept_message
 
 BASE = f"/interact/version/3/account/{TENANT}/resources"
 
@@ -111,33 +111,19 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_sends_nothing_twice(
 
 
 def test_a_message_committed_but_never_published_is_sent_by_the_sweeper(
+    api_url: str,  # receives the delivery callback
     demo: Demo,
     db: Database,
     migrated: Settings,
-    redis_url: str,
     simulator: httpx.Client,
     start_worker: Callable[..., Process],
 ) -> None:
     # The API's process died between commit and publish: the row exists, the queue is empty.
-    with db.transaction() as session:
-        accepted = accept_send(
-            session,
-            SendSmsCommand(
-                account_in_url=TENANT,
-                tenant_id=TENANT,
-                application_key=KEY,
-                environment_name=None,
-                campaign_id="campaign1",
-                caller_id=CALLER,
-                require_token=False,
-            ),
-            migrated,
-            utcnow() - timedelta(seconds=5),
-        )
+    sid = accept_message(db, migrated, utcnow() - timedelta(seconds=5), with_token=False)
     start_worker()
     wait_until(lambda: _statuses(db)["delivered"] == 1, 30, "the sweeper to send it")
     [handset] = _handset_messages(simulator)
-    assert handset["idempotencyKey"] == accepted.sid
+    assert handset["idempotencyKey"] == sid
 
 
 def test_transient_provider_failures_are_retried_until_every_message_is_sent(
