@@ -14,8 +14,17 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from api.callbacks import simulator_callback
 from api.errors import http_error_response, refused_response, unexpected_response
 from api.health import live, ready
-from api.interact import generate_token, send_sms, send_sms_to_caller
+from api.interact import (
+    generate_token,
+    get_interaction_link,
+    notify_sms,
+    send_sms,
+    send_sms_to_caller,
+    send_sms_v2,
+)
+from api.links import follow_short_link
 from api.placement import Placement
+from api.soap import agent_wsdl, soap_endpoint
 from api.tracking import deflected_call_report, get_message
 from shared.db import Database
 from shared.errors import RequestRefused
@@ -43,6 +52,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             send_sms,
             send_sms_to_caller,
+            send_sms_v2,
+            notify_sms,
+            get_interaction_link,
+            follow_short_link,
+            agent_wsdl,
+            soap_endpoint,
             generate_token,
             get_message,
             deflected_call_report,

@@ -38,6 +38,18 @@ class JsonBody:
         self._mark(name)
         return None
 
+    def flag(self, name: str) -> bool:
+        """A boolean field; `"true"`/`"false"` strings are read too (absent means false)."""
+        value = self._data.get(name)
+        if value is None:
+            return False
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        self._mark(name)
+        return False
+
     def integer(self, name: str) -> int | None:
         value = self._data.get(name)
         if value is None:

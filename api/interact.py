@@ -1,80 +1,43 @@
-"""The Interact REST endpoints: Send SMS v3 and generateToken."""
+"""The Interact REST endpoints: Send SMS (v3 and v2), Notify SMS, Get Interaction Link and
+generateToken."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Annotated
 
 import anyio.to_thread
 import msgspec
 from litestar import MediaType, Request, Response, post
 from litestar.datastructures import State
-from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath, HeaderParameter
+from litestar.params import FromPath
 
 from api.body import JsonBody
-from api.openapi import GENERATE_TOKEN_BODY, SEND_SMS_BODY, operation_with_body
+from api.headers import (
+    MAX_IDEMPOTENCY_KEY,
+    SEND_RESPONSES,
+    V2,
+    V3,
+    ApplicationKey,
+    EnvironmentName,
+    IdempotencyKey,
+    TenantId,
+)
+from api.openapi import (
+    GENERATE_TOKEN_BODY,
+    LINK_BODY,
+    NOTIFY_BODY,
+    SEND_SMS_BODY,
+    SEND_SMS_V2_BODY,
+    operation_with_body,
+)
 from api.placement import Placement
-from shared.accept import AcceptedMessage, SendSmsCommand
+from shared.accept import AcceptedMessage, SendSmsCommand, notify_external_send
+from shared.accept import get_interaction_link as interaction_link_for
 from shared.accounts import authenticate, resolve_environment
 from shared.errors import InvalidParameter
 from shared.models import utcnow
 from shared.phone import to_e164
 from shared.tokens import IssuedToken, issue_token
-
-V3 = "/interact/version/3/account/{account_id:str}/resources"
-
-TenantId = Annotated[str | None, HeaderParameter(name="Tenant-Id", description="The account")]
-ApplicationKey = Annotated[
-    str | None,
-    HeaderParameter(name="Application-Key", description="Public API Service application key"),
-]
-EnvironmentName = Annotated[
-    str | None,
-    HeaderParameter(
-        name="Environment-Name", description="Environment; the account's default if absent"
-    ),
-]
-IdempotencyKey = Annotated[
-    str | None,
-    HeaderParameter(
-        name="Idempotency-Key",
-        description=(
-            "Optional (at most 255 characters): a retried request with the same key "
-            "gets the first answer again"
-        ),
-    ),
-]
-
-MAX_IDEMPOTENCY_KEY = 255  # the column's width
-
-SEND_RESPONSES = {
-    400: ResponseSpec(
-        str, description="missing or invalid parameter <parameter>", media_type=MediaType.TEXT
-    ),
-    401: ResponseSpec(
-        dict[str, str],
-        description="Missing or wrong credentials; the Unauthenticated-Reason header says which",
-    ),
-    403: ResponseSpec(
-        str,
-        description="Token expired (token, or campaign inactive/outdated)",
-        media_type=MediaType.TEXT,
-    ),
-    404: ResponseSpec(
-        str, description="Campaign <campaign id> was not found", media_type=MediaType.TEXT
-    ),
-    422: ResponseSpec(
-        str,
-        description="Idempotency-Key reused with a different request",
-        media_type=MediaType.TEXT,
-    ),
-    500: ResponseSpec(
-        str,
-        description="Telephony provider not defined or expired; or `exception`",
-        media_type=MediaType.TEXT,
-    ),
-}
 
 
 class SendSmsJson(msgspec.Struct):
@@ -105,32 +68,32 @@ def placed_response(
     return Response(text, status_code=200, media_type=MediaType.TEXT, headers=headers)
 
 
-async def _send(
-    request: Request[object, object, State],
-    account_id: FromPath[str],
-    campaign_id: FromPath[str],
-    path_caller_id: str | None,
+def send_command(
+    body: JsonBody,
+    account_id: str,
+    campaign_id: str,
     tenant_id: str | None,
     application_key: str | None,
     environment_name: str | None,
-    idempotency_key: str | None,
-) -> Response[object]:
-    placement: Placement = request.app.state.placement
-    region = placement.settings.default_region
-    body = JsonBody(await request.body())
+    *,
+    region: str,
+    path_caller_id: str | None = None,
+    idempotency_key: str | None = None,
+    version: int = 3,
+) -> SendSmsCommand:
+    """A REST body and headers as the accept service's command; nothing is judged yet."""
     caller_id = body.text("callerId", allow_number=True)
     invalid = body.invalid
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         invalid = invalid or "Idempotency-Key"
+    # Two different numbers for one message: refuse, never guess.
     if (
         path_caller_id
         and caller_id
         and to_e164(path_caller_id, region) != to_e164(caller_id, region)
     ):
-        invalid = (
-            invalid or "callerId"
-        )  # two different numbers for one message: refuse, never guess
-    command = SendSmsCommand(
+        invalid = invalid or "callerId"
+    return SendSmsCommand(
         account_in_url=account_id,
         tenant_id=tenant_id,
         application_key=application_key,
@@ -138,10 +101,38 @@ async def _send(
         campaign_id=campaign_id,
         caller_id=caller_id or path_caller_id,
         sender=body.text("from", allow_number=True),
-        jp_token=body.text("jpToken"),
+        # Version 2 has no jpToken: one in its body is ignored, not an error.
+        jp_token=body.text("jpToken") if version >= 3 else None,
         additional_params=body.text("additionalParams"),
         invalid_parameter=invalid or body.invalid,
+        require_token=version >= 3,
         idempotency_key=idempotency_key,
+    )
+
+
+async def _send(
+    request: Request[object, object, State],
+    account_id: str,
+    campaign_id: str,
+    path_caller_id: str | None,
+    tenant_id: str | None,
+    application_key: str | None,
+    environment_name: str | None,
+    idempotency_key: str | None,
+    version: int = 3,
+) -> Response[object]:
+    placement: Placement = request.app.state.placement
+    command = send_command(
+        JsonBody(await request.body()),
+        account_id,
+        campaign_id,
+        tenant_id,
+        application_key,
+        environment_name,
+        region=placement.settings.default_region,
+        path_caller_id=path_caller_id,
+        idempotency_key=idempotency_key,
+        version=version,
     )
     accepted = await anyio.to_thread.run_sync(placement.place, command)
     return placed_response(request, accepted)
@@ -262,3 +253,120 @@ async def generate_token(
         issuedAt=issued.issued_at,
         expiresAt=issued.expires_at,
     )
+
+
+@post(
+    f"{V2}/campaign/sms/{{campaign_id:str}}",
+    summary="Send SMS (version 2)",
+    description=(
+        "As version 3 without `jpToken`: the SMS is queued and tracked, but no call's "
+        "Deflected Call Report row is touched."
+    ),
+    tags=["Send SMS"],
+    operation_class=operation_with_body(SEND_SMS_V2_BODY),
+    responses=SEND_RESPONSES,
+    status_code=200,
+)
+async def send_sms_v2(
+    request: Request[object, object, State],
+    account_id: FromPath[str],
+    campaign_id: FromPath[str],
+    tenant_id: TenantId = None,
+    application_key: ApplicationKey = None,
+    environment_name: EnvironmentName = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[object]:
+    return await _send(
+        request,
+        account_id,
+        campaign_id,
+        None,
+        tenant_id,
+        application_key,
+        environment_name,
+        idempotency_key,
+        version=2,
+    )
+
+
+@post(
+    f"{V3}/campaign/sms/notify/{{campaign_id:str}}",
+    summary="Notify SMS",
+    description=(
+        "Sends nothing: records that the caller's own gateway sent the campaign's SMS for the "
+        "call, so the call's `smsSent` is true (`smsSentBy: external`) in the report."
+    ),
+    tags=["Send SMS"],
+    operation_class=operation_with_body(NOTIFY_BODY),
+    responses={k: v for k, v in SEND_RESPONSES.items() if k != 422},
+    status_code=200,
+    media_type=MediaType.TEXT,
+)
+async def notify_sms(
+    request: Request[object, object, State],
+    account_id: FromPath[str],
+    campaign_id: FromPath[str],
+    tenant_id: TenantId = None,
+    application_key: ApplicationKey = None,
+    environment_name: EnvironmentName = None,
+) -> str:
+    placement: Placement = request.app.state.placement
+    command = send_command(
+        JsonBody(await request.body()),
+        account_id,
+        campaign_id,
+        tenant_id,
+        application_key,
+        environment_name,
+        region=placement.settings.default_region,
+    )
+
+    def notify() -> str:
+        with placement.db.transaction() as session:
+            return notify_external_send(session, command, placement.settings, utcnow())
+
+    token = await anyio.to_thread.run_sync(notify)
+    return f"Recorded campaign {{{campaign_id}}} SMS as sent for jpToken: {token}"
+
+
+@post(
+    f"{V2}/campaign/url/{{campaign_id:str}}",
+    summary="Get Interaction Link",
+    description=(
+        "The campaign's link (with `additionalParams`) as text, for callers that send the SMS "
+        "through their own gateway. With `shortenUrl: true`, a short link served by this "
+        "service (`/l/<code>`) that redirects to it."
+    ),
+    tags=["Links"],
+    operation_class=operation_with_body(LINK_BODY),
+    responses={k: v for k, v in SEND_RESPONSES.items() if k in (400, 401, 403, 404)},
+    status_code=200,
+    media_type=MediaType.TEXT,
+)
+async def get_interaction_link(
+    request: Request[object, object, State],
+    account_id: FromPath[str],
+    campaign_id: FromPath[str],
+    tenant_id: TenantId = None,
+    application_key: ApplicationKey = None,
+    environment_name: EnvironmentName = None,
+) -> str:
+    placement: Placement = request.app.state.placement
+    body = JsonBody(await request.body())
+    shorten_it = body.flag("shortenUrl")
+    command = SendSmsCommand(
+        account_in_url=account_id,
+        tenant_id=tenant_id,
+        application_key=application_key,
+        environment_name=environment_name,
+        campaign_id=campaign_id,
+        caller_id=None,
+        additional_params=body.text("additionalParams"),
+        invalid_parameter=body.invalid,
+    )
+
+    def link() -> str:
+        with placement.db.transaction() as session:
+            return interaction_link_for(session, command, shorten_it, placement.settings, utcnow())
+
+    return await anyio.to_thread.run_sync(link)

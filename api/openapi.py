@@ -62,3 +62,26 @@ GENERATE_TOKEN_BODY = json_object(
     callerId=string("The caller's phone number", "+972 54 4696388"),
     lifetimeSeconds=integer("How long the token is valid (default: the service's setting)"),
 )
+
+SEND_SMS_V2_BODY = json_object(
+    [],
+    **{
+        "from": string(
+            "Sender number or id; one of the account's senders (optional)", "+12025550143"
+        ),
+        "callerId": string("Customer phone number", "+972 54 4696388"),
+        "additionalParams": string("Query string appended to the campaign link", "var1=value1"),
+    },
+)
+
+NOTIFY_BODY = json_object(
+    ["callerId", "jpToken"],
+    callerId=string("Customer phone number", "+972 54 4696388"),
+    jpToken=string("The call's token from generateToken", "Aejhib7"),
+)
+
+LINK_BODY = json_object(
+    [],
+    additionalParams=string("Query string appended to the campaign link", "var1=value1"),
+    shortenUrl=Schema(type=OpenAPIType.BOOLEAN, description="Answer a short link (default false)"),
+)

@@ -11,7 +11,7 @@ from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, QueryParameter
 
-from api.interact import V3, ApplicationKey, TenantId
+from api.headers import V3, ApplicationKey, TenantId
 from api.placement import Placement
 from shared.accounts import authenticate
 from shared.errors import InvalidParameter

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,16 @@ from shared.accounts import (
     resolve_provider_account,
 )
 from shared.errors import CampaignNotFound, IdempotencyConflict, InvalidParameter, TokenExpired
-from shared.models import Message, MessageStatus
+from shared.links import interaction_link, shorten
+from shared.models import (
+    SENT_BY_EXTERNAL,
+    Account,
+    Campaign,
+    DeflectedCall,
+    InteractionToken,
+    Message,
+    MessageStatus,
+)
 from shared.phone import normalise_sender, to_e164
 from shared.rendering import build_link, parse_additional_params, render_text
 from shared.settings import Settings
@@ -76,70 +85,29 @@ def accept_send(
     session: Session, command: SendSmsCommand, settings: Settings, now: datetime
 ) -> AcceptedMessage:
     """Check a send request in the seed's order of answers and add its message to the session."""
-    account = authenticate(
-        session, command.account_in_url, command.tenant_id, command.application_key
-    )
-    structlog.contextvars.bind_contextvars(account=account.tenant_id, campaign=command.campaign_id)
-    if command.invalid_parameter:
-        raise InvalidParameter(command.invalid_parameter)
-
+    account = authenticated_account(session, command)
     if command.idempotency_key:
         earlier = _find_replay(session, account.id, command)
         if earlier is not None:
             return earlier
-
-    environment = resolve_environment(session, account, command.environment_name)
-    campaign = find_campaign(session, environment, command.campaign_id)
-    if campaign is None:
-        raise CampaignNotFound(command.campaign_id)
-    if not campaign.active:
-        raise TokenExpired("campaign inactive")
-    if (campaign.valid_from and campaign.valid_from > now) or (
-        campaign.valid_until and campaign.valid_until <= now
-    ):
-        raise TokenExpired("campaign outside its validity")
-
-    if not command.caller_id:
-        raise InvalidParameter("callerId")
-    to_number = to_e164(command.caller_id, settings.default_region)
-    if to_number is None:
-        raise InvalidParameter("callerId")
-
-    token = None
-    if command.jp_token:
-        token = find_token(session, account, command.jp_token)
-        if token is None:
-            raise InvalidParameter("jpToken")
-        if token.expires_at <= now:
-            raise TokenExpired("interaction token expired")
-    elif command.require_token:
-        raise InvalidParameter("jpToken")
-
-    params: list[tuple[str, str]] = []
-    if command.additional_params:
-        parsed = parse_additional_params(command.additional_params)
-        if parsed is None:
-            raise InvalidParameter("additionalParams")
-        params = parsed
+    campaign = usable_campaign(session, account, command.environment_name, command.campaign_id, now)
+    to_number = _caller(command.caller_id, settings)
+    token = _token(session, account, command.jp_token, now, required=command.require_token)
+    params = additional_params(command.additional_params)
 
     provider_account = resolve_provider_account(
         session, account, now, from_system=command.from_system_account
     )
-    senders = [normalise_sender(s, settings.default_region) for s in provider_account.sender_ids]
-    if command.sender:
-        sender = normalise_sender(command.sender, settings.default_region)
-        if sender not in senders:
-            raise InvalidParameter("from")
-    elif senders:
-        sender = senders[0]
-    else:
-        raise InvalidParameter("from")
-
-    link = build_link(campaign.link_url, params, command.jp_token) if campaign.link_url else None
+    sender = _sender(command.sender, provider_account.sender_ids, settings)
+    link = None
+    if campaign.link_url:
+        link = build_link(campaign.link_url, params, token.token if token else None)
+        if campaign.shorten_links:
+            link = shorten(session, account.id, link, token.id if token else None, settings, now)
     message = Message(
         sid=new_message_sid(),
         account_id=account.id,
-        environment_id=environment.id,
+        environment_id=campaign.environment_id,
         campaign_pk=campaign.id,
         campaign_id=campaign.campaign_id,
         token_id=token.id if token else None,
@@ -170,6 +138,122 @@ def accept_send(
     structlog.contextvars.bind_contextvars(messageSid=message.sid)
     log.info("message.accepted", to=to_number, provider=provider_account.provider)
     return AcceptedMessage(sid=message.sid, campaign_id=campaign.campaign_id)
+
+
+def notify_external_send(
+    session: Session, command: SendSmsCommand, settings: Settings, now: datetime
+) -> str:
+    """Notify SMS: the caller's own gateway sent the campaign; record `smsSent` for the call.
+
+    Same checks and answers as a send, but nothing is queued and no provider is needed.
+    Returns the jpToken whose call was marked."""
+    account = authenticated_account(session, command)
+    campaign = usable_campaign(session, account, command.environment_name, command.campaign_id, now)
+    _caller(command.caller_id, settings)
+    token = _token(session, account, command.jp_token, now, required=True)
+    assert token is not None  # required=True never returns None
+    session.execute(
+        update(DeflectedCall)
+        .where(DeflectedCall.token_id == token.id)
+        .values(
+            sms_sent=True,
+            sms_sent_at=func.coalesce(DeflectedCall.sms_sent_at, now),
+            sms_sent_by=func.coalesce(DeflectedCall.sms_sent_by, SENT_BY_EXTERNAL),
+            campaign_id=campaign.campaign_id,
+        )
+    )
+    log.info("call.notified", jpToken=token.token)
+    return token.token
+
+
+def get_interaction_link(
+    session: Session, command: SendSmsCommand, shorten_it: bool, settings: Settings, now: datetime
+) -> str:
+    """Get Interaction Link: the campaign's link with `additionalParams`, maybe shortened."""
+    account = authenticated_account(session, command)
+    campaign = usable_campaign(session, account, command.environment_name, command.campaign_id, now)
+    params = additional_params(command.additional_params)
+    return interaction_link(
+        session, account.id, campaign.link_url, params, shorten_it, settings, now
+    )
+
+
+# The checks every request of the family makes, in the seed's order of answers.
+
+
+def authenticated_account(session: Session, command: SendSmsCommand) -> Account:
+    """The caller's account; a body the edge could not read is reported only after this."""
+    account = authenticate(
+        session, command.account_in_url, command.tenant_id, command.application_key
+    )
+    structlog.contextvars.bind_contextvars(account=account.tenant_id, campaign=command.campaign_id)
+    if command.invalid_parameter:
+        raise InvalidParameter(command.invalid_parameter)
+    return account
+
+
+def usable_campaign(
+    session: Session,
+    account: Account,
+    environment_name: str | None,
+    campaign_id: str,
+    now: datetime,
+) -> Campaign:
+    """The campaign, if it exists in the environment (404) and is active and current (403)."""
+    environment = resolve_environment(session, account, environment_name)
+    campaign = find_campaign(session, environment, campaign_id)
+    if campaign is None:
+        raise CampaignNotFound(campaign_id)
+    if not campaign.active:
+        raise TokenExpired("campaign inactive")
+    if (campaign.valid_from and campaign.valid_from > now) or (
+        campaign.valid_until and campaign.valid_until <= now
+    ):
+        raise TokenExpired("campaign outside its validity")
+    return campaign
+
+
+def additional_params(raw: str | None) -> list[tuple[str, str]]:
+    if not raw:
+        return []
+    parsed = parse_additional_params(raw)
+    if parsed is None:
+        raise InvalidParameter("additionalParams")
+    return parsed
+
+
+def _caller(caller_id: str | None, settings: Settings) -> str:
+    to_number = to_e164(caller_id, settings.default_region) if caller_id else None
+    if to_number is None:
+        raise InvalidParameter("callerId")
+    return to_number
+
+
+def _token(
+    session: Session, account: Account, jp_token: str | None, now: datetime, *, required: bool
+) -> InteractionToken | None:
+    if not jp_token:
+        if required:
+            raise InvalidParameter("jpToken")
+        return None
+    token = find_token(session, account, jp_token)
+    if token is None:
+        raise InvalidParameter("jpToken")
+    if token.expires_at <= now:
+        raise TokenExpired("interaction token expired")
+    return token
+
+
+def _sender(requested: str | None, sender_ids: list[str], settings: Settings) -> str:
+    senders = [normalise_sender(s, settings.default_region) for s in sender_ids]
+    if requested:
+        sender = normalise_sender(requested, settings.default_region)
+        if sender not in senders:
+            raise InvalidParameter("from")
+        return sender
+    if not senders:
+        raise InvalidParameter("from")
+    return senders[0]
 
 
 def _find_replay(

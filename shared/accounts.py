@@ -177,6 +177,7 @@ def upsert_campaign(
     message_text: str,
     link_url: str | None,
     active: bool = True,
+    shorten_links: bool = False,
     valid_from: datetime | None = None,
     valid_until: datetime | None = None,
 ) -> Campaign:
@@ -192,6 +193,7 @@ def upsert_campaign(
     campaign.message_text = message_text
     campaign.link_url = link_url
     campaign.active = active
+    campaign.shorten_links = shorten_links
     campaign.valid_from = valid_from
     campaign.valid_until = valid_until
     session.flush()

@@ -295,6 +295,7 @@ def campaign() -> None:
 @click.option("--text", "message_text", required=True, help="Message text with <link>.")
 @click.option("--link", "link_url", default=None)
 @click.option("--inactive", is_flag=True)
+@click.option("--shorten", is_flag=True, help="Send /l/<code> short links (counts clicks).")
 @click.option("--valid-from", default=None, help="ISO 8601 with timezone.")
 @click.option("--valid-until", default=None, help="ISO 8601 with timezone.")
 def campaign_set(
@@ -305,6 +306,7 @@ def campaign_set(
     message_text: str,
     link_url: str | None,
     inactive: bool,
+    shorten: bool,
     valid_from: str | None,
     valid_until: str | None,
 ) -> None:
@@ -320,6 +322,7 @@ def campaign_set(
             message_text=message_text,
             link_url=link_url,
             active=not inactive,
+            shorten_links=shorten,
             valid_from=_when(valid_from),
             valid_until=_when(valid_until),
         )

@@ -13,7 +13,14 @@ import structlog
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import Account, DeflectedCall, DeliveryEvent, Message, MessageStatus
+from shared.models import (
+    SENT_BY_SERVICE,
+    Account,
+    DeflectedCall,
+    DeliveryEvent,
+    Message,
+    MessageStatus,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +131,7 @@ def _mark_deflected_call(session: Session, sid: str, status: MessageStatus, now:
     values: dict[str, Any] = {
         "sms_sent": True,
         "sms_sent_at": func.coalesce(DeflectedCall.sms_sent_at, now),
+        "sms_sent_by": func.coalesce(DeflectedCall.sms_sent_by, SENT_BY_SERVICE),
         "campaign_id": message.campaign_id,
         "last_message_sid": sid,
     }

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -149,6 +150,8 @@ class Campaign(Base):
     message_text: Mapped[str] = mapped_column(Text)
     link_url: Mapped[str | None] = mapped_column(String(2048))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Send `/l/<code>` instead of the full link, so long links fit an SMS and clicks are counted.
+    shorten_links: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     valid_from: Mapped[datetime | None] = mapped_column(UTCDateTime())
     valid_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -190,6 +193,10 @@ class InteractionToken(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+SENT_BY_SERVICE = "service"
+SENT_BY_EXTERNAL = "external"
+
+
 class DeflectedCall(Base):
     """One row per call in the Deflected Call Report: created with its token, `smsSent` later."""
 
@@ -203,8 +210,31 @@ class DeflectedCall(Base):
     campaign_id: Mapped[str | None] = mapped_column(String(128))
     sms_sent: Mapped[bool] = mapped_column(Boolean, default=False)
     sms_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # `service` when we sent it, `external` when Notify SMS said the caller's gateway did.
+    sms_sent_by: Mapped[str | None] = mapped_column(String(16))
     sms_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_message_sid: Mapped[str | None] = mapped_column(String(34))
+    link_first_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    link_clicks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class ShortLink(Base):
+    """`/l/<code>`: a short link that redirects to a campaign link and counts its clicks."""
+
+    __tablename__ = "short_links"
+
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    target_url: Mapped[str] = mapped_column(Text)
+    # The call the link was made for, so a click lands on its deflection record.
+    token_id: Mapped[int | None] = mapped_column(
+        ForeignKey("interaction_tokens.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    clicks: Mapped[int] = mapped_column(Integer, default=0)
+    first_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Message(Base):

@@ -48,8 +48,11 @@ class DeflectedCallView:
     tokenIssuedAt: datetime  # noqa: N815
     smsSent: bool  # noqa: N815
     smsSentAt: datetime | None  # noqa: N815
+    smsSentBy: str | None  # noqa: N815 - `service`, or `external` after Notify SMS
     smsDeliveredAt: datetime | None  # noqa: N815
     messageSid: str | None  # noqa: N815
+    linkClicks: int  # noqa: N815
+    linkFirstClickedAt: datetime | None  # noqa: N815
 
 
 def message_view(session: Session, account: Account, sid: str) -> MessageView | None:
@@ -116,8 +119,11 @@ def deflected_calls(
             tokenIssuedAt=call.token_issued_at,
             smsSent=call.sms_sent,
             smsSentAt=call.sms_sent_at,
+            smsSentBy=call.sms_sent_by,
             smsDeliveredAt=call.sms_delivered_at,
             messageSid=call.last_message_sid,
+            linkClicks=call.link_clicks,
+            linkFirstClickedAt=call.link_first_clicked_at,
         )
         for call, token, caller in rows
     ]

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
 
     token_lifetime: Duration = timedelta(hours=24)
     token_max_lifetime: Duration = timedelta(days=7)
+    # How long a short link (`/l/<code>`) keeps redirecting after it was made.
+    short_link_lifetime: Duration = timedelta(days=30)
     # Numbers written without a country code are read in this region.
     default_region: str = "US"
     # A message not handed to a provider within this time is expired, never sent late.

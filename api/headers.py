@@ -1,0 +1,64 @@
+"""What every Interact endpoint shares: paths, headers and the documented answers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import MediaType
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import HeaderParameter
+
+V2 = "/interact/version/2/account/{account_id:str}/resources"
+V3 = "/interact/version/3/account/{account_id:str}/resources"
+
+TenantId = Annotated[str | None, HeaderParameter(name="Tenant-Id", description="The account")]
+ApplicationKey = Annotated[
+    str | None,
+    HeaderParameter(name="Application-Key", description="Public API Service application key"),
+]
+EnvironmentName = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Environment-Name", description="Environment; the account's default if absent"
+    ),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        description=(
+            "Optional (at most 255 characters): a retried request with the same key "
+            "gets the first answer again"
+        ),
+    ),
+]
+
+MAX_IDEMPOTENCY_KEY = 255  # the column's width
+
+SEND_RESPONSES = {
+    400: ResponseSpec(
+        str, description="missing or invalid parameter <parameter>", media_type=MediaType.TEXT
+    ),
+    401: ResponseSpec(
+        dict[str, str],
+        description="Missing or wrong credentials; the Unauthenticated-Reason header says which",
+    ),
+    403: ResponseSpec(
+        str,
+        description="Token expired (token, or campaign inactive/outdated)",
+        media_type=MediaType.TEXT,
+    ),
+    404: ResponseSpec(
+        str, description="Campaign <campaign id> was not found", media_type=MediaType.TEXT
+    ),
+    422: ResponseSpec(
+        str,
+        description="Idempotency-Key reused with a different request",
+        media_type=MediaType.TEXT,
+    ),
+    500: ResponseSpec(
+        str,
+        description="Telephony provider not defined or expired; or `exception`",
+        media_type=MediaType.TEXT,
+    ),
+}

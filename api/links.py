@@ -1,0 +1,40 @@
+"""`/l/<code>`: short links in SMS texts, redirecting to the campaign link and counting clicks."""
+
+from __future__ import annotations
+
+import anyio.to_thread
+from litestar import MediaType, Request, Response, get
+from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath
+from litestar.response import Redirect
+
+from api.placement import Placement
+from shared.links import follow
+from shared.models import utcnow
+
+
+@get(
+    "/l/{code:str}",
+    summary="Follow a short link",
+    description="Redirects (302) to the full link and records the click on the call's row.",
+    tags=["Links"],
+    responses={
+        302: ResponseSpec(None, description="Redirect to the full link"),
+        404: ResponseSpec(str, description="Unknown or expired link", media_type=MediaType.TEXT),
+    },
+    include_in_schema=True,
+)
+async def follow_short_link(
+    request: Request[object, object, State], code: FromPath[str]
+) -> Response[str] | Redirect:
+    placement: Placement = request.app.state.placement
+
+    def click() -> str | None:
+        with placement.db.transaction() as session:
+            return follow(session, code, utcnow())
+
+    target = await anyio.to_thread.run_sync(click)
+    if target is None:
+        return Response("Link not found", status_code=404, media_type=MediaType.TEXT)
+    return Redirect(target, status_code=302)

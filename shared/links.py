@@ -1,0 +1,91 @@
+"""Campaign links: Get Interaction Link, short links (`/l/<code>`) and the clicks on them."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from datetime import datetime
+
+from sqlalchemy import func, update
+from sqlalchemy.orm import Session
+
+from shared.errors import InvalidParameter
+from shared.models import DeflectedCall, ShortLink
+from shared.rendering import build_link
+from shared.settings import Settings
+
+SHORT_PATH = "/l/"
+CODE_ALPHABET = string.ascii_letters + string.digits
+CODE_LENGTH = 8  # 62**8 ≈ 2e14: unguessable enough for links that only redirect
+
+
+def short_url(settings: Settings, code: str) -> str:
+    return f"{settings.public_base_url.rstrip('/')}{SHORT_PATH}{code}"
+
+
+def shorten(
+    session: Session,
+    account_id: int,
+    target_url: str,
+    token_id: int | None,
+    settings: Settings,
+    now: datetime,
+) -> str:
+    """A new short link to `target_url` (tied to the call when there is one); its public URL."""
+    while True:
+        code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+        if session.get(ShortLink, code) is None:
+            break
+    session.add(
+        ShortLink(
+            code=code,
+            account_id=account_id,
+            target_url=target_url,
+            token_id=token_id,
+            created_at=now,
+            expires_at=now + settings.short_link_lifetime,
+        )
+    )
+    return short_url(settings, code)
+
+
+def interaction_link(
+    session: Session,
+    account_id: int,
+    link_url: str | None,
+    params: list[tuple[str, str]],
+    shorten_it: bool,
+    settings: Settings,
+    now: datetime,
+) -> str:
+    """The link a caller's own gateway should send: no call token, since none was given."""
+    if not link_url:
+        raise InvalidParameter("campaignId")  # a campaign without a link has none to give
+    link = build_link(link_url, params, None)
+    return shorten(session, account_id, link, None, settings, now) if shorten_it else link
+
+
+def follow(session: Session, code: str, now: datetime) -> str | None:
+    """Where `/l/<code>` leads, counting the click (and on the call's record); None if unknown."""
+    link = session.get(ShortLink, code)
+    if link is None or link.expires_at <= now:
+        return None
+    session.execute(
+        update(ShortLink)
+        .where(ShortLink.code == code)
+        .values(
+            clicks=ShortLink.clicks + 1,
+            first_clicked_at=func.coalesce(ShortLink.first_clicked_at, now),
+            last_clicked_at=now,
+        )
+    )
+    if link.token_id is not None:
+        session.execute(
+            update(DeflectedCall)
+            .where(DeflectedCall.token_id == link.token_id)
+            .values(
+                link_clicks=DeflectedCall.link_clicks + 1,
+                link_first_clicked_at=func.coalesce(DeflectedCall.link_first_clicked_at, now),
+            )
+        )
+    return link.target_url
