@@ -31,6 +31,9 @@ class JsonBody:
         if value is None:
             return None
         if isinstance(value, str):
+            if "\x00" in value:  # no database stores it, and no caller means it
+                self._mark(name)
+                return None
             return value.strip() or None
         # Some IVRs send phone numbers as JSON numbers; reading them is friendlier than a 400.
         if allow_number and isinstance(value, int) and not isinstance(value, bool):

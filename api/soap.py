@@ -79,7 +79,8 @@ def parse_request(raw: bytes) -> dict[str, str]:
     """The CampaignSMSRequest fields by local name; MalformedEnvelope for anything else."""
     try:
         root = fromstring(raw, forbid_dtd=True, forbid_entities=True, forbid_external=True)
-    except (ParseError, DefusedXmlException) as exc:
+    # LookupError and ValueError: an unknown or multi-byte encoding in the XML declaration.
+    except (ParseError, DefusedXmlException, LookupError, ValueError) as exc:
         raise MalformedEnvelope(f"Malformed or forbidden XML: {type(exc).__name__}") from None
     if root.tag != f"{{{ENVELOPE_NS}}}Envelope":
         raise MalformedEnvelope("Not a SOAP 1.1 Envelope")

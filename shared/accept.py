@@ -201,7 +201,8 @@ def usable_campaign(
 ) -> Campaign:
     """The campaign, if it exists in the environment (404) and is active and current (403)."""
     environment = resolve_environment(session, account, environment_name)
-    campaign = find_campaign(session, environment, campaign_id)
+    # A NUL byte cannot be in any stored id (PostgreSQL refuses it), so no such campaign.
+    campaign = None if "\x00" in campaign_id else find_campaign(session, environment, campaign_id)
     if campaign is None:
         raise CampaignNotFound(campaign_id)
     if not campaign.active:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,18 +75,19 @@ def api(host: str | None, port: int | None, workers: int) -> None:
     )
 
 
-def _celery(*args: str) -> None:
+def _celery(*args: str, quiet: bool = False) -> None:
     from celery.bin.celery import main as celery_main
 
-    sys.argv = ["celery", "-A", "worker.celery_app", *args]
+    sys.argv = ["celery", "-A", "worker.celery_app", *(["--quiet"] if quiet else []), *args]
     celery_main()
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--concurrency", "-c", type=int, default=None, help="Sends in flight per process.")
 @click.option("--beat", is_flag=True, help="Also run the sweeper schedule (single-process setups).")
+@click.option("--quiet", is_flag=True, help="No start-up banner.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(concurrency: int | None, beat: bool, celery_args: tuple[str, ...]) -> None:
+def worker(concurrency: int | None, beat: bool, quiet: bool, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker for sends and sweeps."""
     settings = get_settings()
     queues = f"{settings.send_queue},{settings.send_queue}.sweep"
@@ -94,7 +96,7 @@ def worker(concurrency: int | None, beat: bool, celery_args: tuple[str, ...]) ->
     if beat:
         VAR_DIR.mkdir(exist_ok=True)
         args += ["-B", "--schedule", str(VAR_DIR / "celerybeat-schedule")]
-    _celery(*args, *celery_args)
+    _celery(*args, *celery_args, quiet=quiet)
 
 
 @main.command()
@@ -159,46 +161,81 @@ def seed_demo() -> None:
 def dev() -> None:
     """Everything on this machine: migrate, seed, then API, worker+sweeper and simulator."""
     settings = get_settings()
+    for host, port, setting in (
+        (settings.api_host, settings.api_port, "SMSD_API_PORT"),
+        (settings.simulator_host, settings.simulator_port, "SMSD_SIMULATOR_PORT"),
+    ):
+        _require_free_port(host, port, setting)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     exe = [sys.executable, "-m", "shared.cli"]
     subprocess.run([*exe, "migrate"], check=True, env=env)
     subprocess.run([*exe, "seed-demo"], check=True, env=env)
-    children = [
-        subprocess.Popen([*exe, "simulator"], env=env),
-        subprocess.Popen([*exe, "worker", "--beat", "-c", "8"], env=env),
-        subprocess.Popen([*exe, "api"], env=env),
-    ]
-    _wait_for(f"http://{settings.api_host}:{settings.api_port}/health/ready")
-    click.echo(_demo_instructions(settings))
+    # SIGTERM (systemd, docker, an IDE's stop button) must tidy up exactly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    children: list[subprocess.Popen[bytes]] = []
     try:
+        for args in (["simulator"], ["worker", "--beat", "-c", "8", "--quiet"], ["api"]):
+            # Each child leads its own process group, so stopping it also stops what it
+            # started (the worker's embedded beat), even if it has to be killed.
+            children.append(subprocess.Popen([*exe, *args], env=env, start_new_session=True))
+        _wait_until_ready(settings, children)
+        click.echo(_demo_instructions(settings))
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
+        raise click.ClickException("a process of the service stopped; see its output above")
     except KeyboardInterrupt:
         pass
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-    sys.exit(0)
+        _stop_all(children)
 
 
-def _wait_for(url: str, timeout: float = 60) -> None:
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _require_free_port(host: str, port: int, setting: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: a port only in TIME_WAIT after a restart is free, a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise click.ClickException(
+                f"{host}:{port} is already in use; stop what listens there or set {setting} "
+                "to another port"
+            ) from None
+
+
+def _wait_until_ready(settings: Settings, children: list[subprocess.Popen[bytes]]) -> None:
     import httpx
 
-    deadline = time.monotonic() + timeout
+    url = f"http://{settings.api_host}:{settings.api_port}/health/ready"
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise click.ClickException("a process of the service failed to start; see above")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise click.ClickException(f"{url} did not become ready in {timeout:.0f}s")
+    raise click.ClickException(f"{url} did not become ready within 60 s")
+
+
+def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        _signal_group(child, signal.SIGTERM)
+    for child in children:
+        with suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=20)
+        _signal_group(child, signal.SIGKILL)  # whatever is left of its group
+
+
+def _signal_group(child: subprocess.Popen[bytes], signum: int) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(child.pid, signum)
 
 
 def _demo_instructions(settings: Settings) -> str:

@@ -16,6 +16,7 @@ from shared.settings import Settings
 
 SHORT_PATH = "/l/"
 CODE_ALPHABET = string.ascii_letters + string.digits
+_CODE_CHARACTERS = frozenset(CODE_ALPHABET)
 CODE_LENGTH = 8  # 62**8 ≈ 2e14: unguessable enough for links that only redirect
 
 
@@ -67,6 +68,8 @@ def interaction_link(
 
 def follow(session: Session, code: str, now: datetime) -> str | None:
     """Where `/l/<code>` leads, counting the click (and on the call's record); None if unknown."""
+    if len(code) != CODE_LENGTH or not set(code) <= _CODE_CHARACTERS:
+        return None  # not a code we could have made: no need to ask the database
     link = session.get(ShortLink, code)
     if link is None or link.expires_at <= now:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -9,6 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.models import Account, DeflectedCall, DeliveryEvent, InteractionToken, Message
+
+SID_SHAPE = re.compile(r"SM[0-9a-f]{32}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,8 @@ class DeflectedCallView:
 
 def message_view(session: Session, account: Account, sid: str) -> MessageView | None:
     """A message of this account with every event in order; None for another account's sid."""
+    if not SID_SHAPE.fullmatch(sid):
+        return None  # not a messageSid at all (and nothing PostgreSQL should be asked about)
     message = session.scalar(
         select(Message).where(Message.sid == sid, Message.account_id == account.id)
     )

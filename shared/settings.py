@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The embedded default keeps its files here so `make run` needs no server at all.
@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     database_pool_size: int = 10
 
     # Where callers and providers reach us; callback URLs come from it, never from Host headers.
-    public_base_url: str = "http://127.0.0.1:8080"
+    # Default: http://{api_host}:{api_port}.
+    public_base_url: str = ""
     api_host: str = "127.0.0.1"
     api_port: int = 8080
 
@@ -79,7 +80,8 @@ class Settings(BaseSettings):
     sweep_batch_size: int = 500
     broker_visibility_timeout: Duration = timedelta(hours=1)
 
-    simulator_url: str = "http://127.0.0.1:8090"
+    # Default: http://{simulator_host}:{simulator_port}.
+    simulator_url: str = ""
     simulator_host: str = "127.0.0.1"
     simulator_port: int = 8090
     simulator_latency: Duration = timedelta(milliseconds=50)
@@ -87,6 +89,15 @@ class Settings(BaseSettings):
     simulator_delivery_delay: Duration = timedelta(milliseconds=200)
     # Shared by simulator and API to sign callbacks; the default is for local runs only.
     simulator_signing_secret: SecretStr = SecretStr("local-simulator-secret")
+
+    @model_validator(mode="after")
+    def _derive_urls(self) -> Settings:
+        # Moving a port with SMSD_API_PORT alone must move the URLs built from it too.
+        if not self.public_base_url:
+            self.public_base_url = f"http://{self.api_host}:{self.api_port}"
+        if not self.simulator_url:
+            self.simulator_url = f"http://{self.simulator_host}:{self.simulator_port}"
+        return self
 
 
 @lru_cache(maxsize=1)

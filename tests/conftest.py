@@ -3,6 +3,7 @@ the schema built by Alembic, and real API, worker and simulator processes for en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -177,13 +178,16 @@ class Process:
     log: Path
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        """Signal the process and everything it started (a worker's embedded beat, say)."""
+        self._signal_group(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+        self._signal_group(signal.SIGKILL)
+        self.popen.wait()
+
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -221,6 +225,7 @@ def spawn(
             env={**os.environ, **(env or {})},
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, stopped as a whole
         )
         process = Process(name, popen, log)
         started.append(process)
@@ -228,7 +233,7 @@ def spawn(
 
     yield start
     for process in started:
-        process.stop(signal.SIGKILL if process.popen.poll() is None else signal.SIGTERM)
+        process.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,9 @@ def _start_dev(workdir: Path, api_port: int, simulator_port: int) -> subprocess.
         for name, value in os.environ.items()
         if not name.startswith("SMSD_") and name not in ("DATABASE_URL", "BROKER_URL")
     }
+    # Only the ports move: the public and simulator URLs follow them.
     env.update(
-        SMSD_API_PORT=str(api_port),
-        SMSD_PUBLIC_BASE_URL=f"http://127.0.0.1:{api_port}",
-        SMSD_SIMULATOR_PORT=str(simulator_port),
-        SMSD_SIMULATOR_URL=f"http://127.0.0.1:{simulator_port}",
-        PYTHONPATH=str(ROOT),
+        SMSD_API_PORT=str(api_port), SMSD_SIMULATOR_PORT=str(simulator_port), PYTHONPATH=str(ROOT)
     )
     return subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "dev"],
@@ -39,9 +37,21 @@ def _start_dev(workdir: Path, api_port: int, simulator_port: int) -> subprocess.
     )
 
 
-def _stop(process: subprocess.Popen[bytes]) -> int:
-    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+def _stop(process: subprocess.Popen[bytes], signum: int = signal.SIGINT) -> int:
+    process.send_signal(signum)  # SIGINT is what Ctrl-C sends; SIGTERM what service managers do
     return process.wait(timeout=40)
+
+
+def _running_in(workdir: Path) -> list[int]:
+    """Processes whose working directory is `workdir`: everything `dev` started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cwd").resolve() == workdir.resolve():
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # gone already, or not ours to look at
+    return pids
 
 
 def test_dev_runs_the_whole_service_on_sqlite_and_survives_a_restart(tmp_path: Path) -> None:
@@ -80,4 +90,15 @@ def test_dev_runs_the_whole_service_on_sqlite_and_survives_a_restart(tmp_path: P
         rows = httpx.get(f"{base_url}{BASE}/reports/deflected-calls", headers=AUTH).json()
         assert [row["jpToken"] for row in rows] == [token]
     finally:
-        assert _stop(again) == 0
+        assert _stop(again, signal.SIGTERM) == 0
+    wait_until(lambda: not _running_in(tmp_path), 10, "every process of dev to stop")
+
+
+def test_dev_refuses_a_busy_port_and_leaves_nothing_running(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        dev = _start_dev(tmp_path, busy.getsockname()[1], free_port())
+        assert dev.wait(timeout=30) != 0
+    assert b"is already in use" in (tmp_path / "dev.log").read_bytes()
+    assert not _running_in(tmp_path)
