@@ -24,9 +24,19 @@ UNAUTHORIZED_BODY = msgspec.json.encode(
 )
 
 
-def refused_response(_request: Request[Any, Any, Any], exc: RequestRefused) -> Response[bytes]:
+def log_refusal(request: Request[Any, Any, Any], exc: RequestRefused) -> None:
+    log.info(
+        "request.refused",
+        status=exc.status_code,
+        reason=exc.detail,
+        path=request.url.path,
+        tenant=request.headers.get("tenant-id"),
+    )
+
+
+def refused_response(request: Request[Any, Any, Any], exc: RequestRefused) -> Response[bytes]:
     """A documented refusal: plain text, except the 401 which is JSON plus its reason header."""
-    log.info("request.refused", status=exc.status_code, reason=getattr(exc, "why", exc.text))
+    log_refusal(request, exc)
     if isinstance(exc, Unauthenticated):
         return Response(
             content=UNAUTHORIZED_BODY,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import MediaType
-from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter
 
 V2 = "/interact/version/2/account/{account_id:str}/resources"
@@ -34,31 +32,3 @@ IdempotencyKey = Annotated[
 ]
 
 MAX_IDEMPOTENCY_KEY = 255  # the column's width
-
-SEND_RESPONSES = {
-    400: ResponseSpec(
-        str, description="missing or invalid parameter <parameter>", media_type=MediaType.TEXT
-    ),
-    401: ResponseSpec(
-        dict[str, str],
-        description="Missing or wrong credentials; the Unauthenticated-Reason header says which",
-    ),
-    403: ResponseSpec(
-        str,
-        description="Token expired (token, or campaign inactive/outdated)",
-        media_type=MediaType.TEXT,
-    ),
-    404: ResponseSpec(
-        str, description="Campaign <campaign id> was not found", media_type=MediaType.TEXT
-    ),
-    422: ResponseSpec(
-        str,
-        description="Idempotency-Key reused with a different request",
-        media_type=MediaType.TEXT,
-    ),
-    500: ResponseSpec(
-        str,
-        description="Telephony provider not defined or expired; or `exception`",
-        media_type=MediaType.TEXT,
-    ),
-}

@@ -14,7 +14,6 @@ from litestar.params import FromPath
 from api.body import JsonBody
 from api.headers import (
     MAX_IDEMPOTENCY_KEY,
-    SEND_RESPONSES,
     V2,
     V3,
     ApplicationKey,
@@ -23,12 +22,20 @@ from api.headers import (
     TenantId,
 )
 from api.openapi import (
+    BAD_PARAMETER,
     GENERATE_TOKEN_BODY,
     LINK_BODY,
+    NOT_FOUND,
     NOTIFY_BODY,
+    PLACED,
+    SEND_ERRORS,
     SEND_SMS_BODY,
     SEND_SMS_V2_BODY,
-    operation_with_body,
+    TOKEN_EXPIRED,
+    UNAUTHORIZED,
+    UNEXPECTED,
+    documented,
+    text,
 )
 from api.placement import Placement
 from shared.accept import AcceptedMessage, SendSmsCommand, notify_external_send
@@ -147,8 +154,7 @@ async def _send(
         "the call's `smsSent` becomes true in the Deflected Call Report once a provider took it."
     ),
     tags=["Send SMS"],
-    operation_class=operation_with_body(SEND_SMS_BODY),
-    responses=SEND_RESPONSES,
+    operation_class=documented(body=SEND_SMS_BODY, success=PLACED, errors=SEND_ERRORS),
     status_code=200,
 )
 async def send_sms(
@@ -177,8 +183,7 @@ async def send_sms(
     summary="Send SMS (version 3), caller in the path",
     description="The seed's sample form: the same as Send SMS with `callerId` taken from the path.",
     tags=["Send SMS"],
-    operation_class=operation_with_body(SEND_SMS_BODY),
-    responses=SEND_RESPONSES,
+    operation_class=documented(body=SEND_SMS_BODY, success=PLACED, errors=SEND_ERRORS),
     status_code=200,
 )
 async def send_sms_to_caller(
@@ -212,8 +217,10 @@ async def send_sms_to_caller(
         "answers 403 `Token expired`."
     ),
     tags=["Interaction tokens"],
-    operation_class=operation_with_body(GENERATE_TOKEN_BODY),
-    responses={k: v for k, v in SEND_RESPONSES.items() if k in (400, 401, 500)},
+    operation_class=documented(
+        body=GENERATE_TOKEN_BODY,
+        errors={400: BAD_PARAMETER, 401: UNAUTHORIZED, 500: UNEXPECTED},
+    ),
     status_code=200,
 )
 async def generate_token(
@@ -263,8 +270,7 @@ async def generate_token(
         "Deflected Call Report row is touched."
     ),
     tags=["Send SMS"],
-    operation_class=operation_with_body(SEND_SMS_V2_BODY),
-    responses=SEND_RESPONSES,
+    operation_class=documented(body=SEND_SMS_V2_BODY, success=PLACED, errors=SEND_ERRORS),
     status_code=200,
 )
 async def send_sms_v2(
@@ -297,8 +303,20 @@ async def send_sms_v2(
         "call, so the call's `smsSent` is true (`smsSentBy: external`) in the report."
     ),
     tags=["Send SMS"],
-    operation_class=operation_with_body(NOTIFY_BODY),
-    responses={k: v for k, v in SEND_RESPONSES.items() if k != 422},
+    operation_class=documented(
+        body=NOTIFY_BODY,
+        success=text(
+            "The call is recorded as sent by an external gateway",
+            "Recorded campaign {campaign1} SMS as sent for jpToken: Aejhib7",
+        ),
+        errors={
+            400: BAD_PARAMETER,
+            401: UNAUTHORIZED,
+            403: TOKEN_EXPIRED,
+            404: NOT_FOUND,
+            500: UNEXPECTED,
+        },
+    ),
     status_code=200,
     media_type=MediaType.TEXT,
 )
@@ -338,8 +356,17 @@ async def notify_sms(
         "service (`/l/<code>`) that redirects to it."
     ),
     tags=["Links"],
-    operation_class=operation_with_body(LINK_BODY),
-    responses={k: v for k, v in SEND_RESPONSES.items() if k in (400, 401, 403, 404)},
+    operation_class=documented(
+        body=LINK_BODY,
+        success=text("The link (or a short link)", "https://flows.example.com/start?var1=value1"),
+        errors={
+            400: BAD_PARAMETER,
+            401: UNAUTHORIZED,
+            403: TOKEN_EXPIRED,
+            404: NOT_FOUND,
+            500: UNEXPECTED,
+        },
+    ),
     status_code=200,
     media_type=MediaType.TEXT,
 )

@@ -1,4 +1,5 @@
-"""OpenAPI pieces for handlers that read their own body (so that 401 is checked before 400)."""
+"""OpenAPI for handlers that read their own body (so that 401 is checked before 400) and whose
+answers are fixed texts: the documented responses are written out here, with the seed's words."""
 
 from __future__ import annotations
 
@@ -6,12 +7,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from litestar.openapi.spec import (
+    OpenAPIHeader,
     OpenAPIMediaType,
+    OpenAPIResponse,
     OpenAPIType,
     Operation,
+    Parameter,
     RequestBody,
     Schema,
 )
+
+from shared.errors import (
+    MORE_INFO_URL,
+    PROVIDER_NOT_DEFINED,
+    UNAUTHORIZED_CODE,
+    UNAUTHORIZED_MESSAGE,
+)
+
+STRING = Schema(type=OpenAPIType.STRING)
+SID_EXAMPLE = "SM3ae49ea884e3494e903b13b2681aba3e"
 
 
 def json_object(required: list[str], **properties: Schema) -> Schema:
@@ -28,24 +42,120 @@ def integer(description: str) -> Schema:
     return Schema(type=OpenAPIType.INTEGER, description=description)
 
 
-def operation_with_body(schema: Schema) -> type[Operation]:
-    """An Operation class that documents `schema` as the JSON request body."""
+def text(description: str, example: str) -> OpenAPIResponse:
+    return OpenAPIResponse(
+        description=description,
+        content={"text/plain": OpenAPIMediaType(schema=STRING, example=example)},
+    )
+
+
+UNAUTHORIZED = OpenAPIResponse(
+    description="Missing or wrong credentials (also a Tenant-Id that is not the URL's account)",
+    headers={
+        "Unauthenticated-Reason": OpenAPIHeader(
+            schema=STRING,
+            description="Why: a missing header, a Tenant-Id not matching the URL, a wrong key",
+        )
+    },
+    content={
+        "application/json": OpenAPIMediaType(
+            schema=json_object(
+                ["code", "message", "moreInfoUrl"],
+                code=STRING,
+                message=STRING,
+                moreInfoUrl=STRING,
+            ),
+            example={
+                "code": UNAUTHORIZED_CODE,
+                "message": UNAUTHORIZED_MESSAGE,
+                "moreInfoUrl": MORE_INFO_URL,
+            },
+        )
+    },
+)
+BAD_PARAMETER = text("A missing or unusable field, named", "missing or invalid parameter callerId")
+TOKEN_EXPIRED = text("The token expired, or the campaign is inactive or outdated", "Token expired")
+NOT_FOUND = text("No such campaign in the environment", "Campaign campaign1 was not found")
+FAILED = text(
+    "Telephony provider settings missing or expired; `exception` for anything unexpected",
+    PROVIDER_NOT_DEFINED,
+)
+UNEXPECTED = text("Anything unexpected (logged, never shown)", "exception")
+IDEMPOTENCY_CONFLICT = text(
+    "Idempotency-Key reused with a different request",
+    "Idempotency-Key was already used with a different request",
+)
+
+SEND_ERRORS = {
+    400: BAD_PARAMETER,
+    401: UNAUTHORIZED,
+    403: TOKEN_EXPIRED,
+    404: NOT_FOUND,
+    422: IDEMPOTENCY_CONFLICT,
+    500: FAILED,
+}
+PLACED = OpenAPIResponse(
+    description="Recorded (committed) and queued; sent by a worker shortly after",
+    content={
+        "text/plain": OpenAPIMediaType(
+            schema=STRING,
+            example=f"Placed campaign {{campaign1}} in SMS queue messageSid: {SID_EXAMPLE}",
+        ),
+        "application/json": OpenAPIMediaType(
+            schema=json_object(["messageSid", "message"], messageSid=STRING, message=STRING),
+            example={
+                "messageSid": SID_EXAMPLE,
+                "message": f"Placed campaign {{campaign1}} in SMS queue messageSid: {SID_EXAMPLE}",
+            },
+        ),
+    },
+    headers={
+        "Idempotency-Replay": OpenAPIHeader(
+            schema=STRING, description="`true` when an Idempotency-Key replayed an earlier answer"
+        )
+    },
+)
+AUTH_HEADERS = ("Tenant-Id", "Application-Key")
+
+
+def documented(
+    *,
+    errors: dict[int, OpenAPIResponse],
+    body: Schema | None = None,
+    success: OpenAPIResponse | None = None,
+) -> type[Operation]:
+    """An Operation class that documents these exact answers (and `body` as the JSON body)."""
 
     @dataclass
-    class _WithBody(Operation):
+    class _Documented(Operation):
         def __post_init__(self) -> None:
-            self.request_body = RequestBody(
-                content={"application/json": OpenAPIMediaType(schema=schema)}, required=False
-            )
+            if body is not None:
+                self.request_body = RequestBody(
+                    content={"application/json": OpenAPIMediaType(schema=body)}, required=False
+                )
+            # Litestar's generic validation 400 is never what we answer: ours replace it.
+            responses = {
+                code: response
+                for code, response in (self.responses or {}).items()
+                if not code.startswith(("4", "5"))
+            }
+            if success is not None:
+                responses["200"] = success
+            responses.update({str(code): response for code, response in errors.items()})
+            self.responses = responses
+            for parameter in self.parameters or []:
+                # Optional to the framework so that their absence is our 401, not its 400.
+                if isinstance(parameter, Parameter) and parameter.name in AUTH_HEADERS:
+                    parameter.required = True
 
-    return _WithBody
+    return _Documented
 
 
 SEND_SMS_BODY = json_object(
     [],
     **{
         "from": string(
-            "Sender number or id; one of the account's senders (optional)", "+12025550143"
+            "Sender number or id; one of the account's senders (optional)", "+12121234567"
         ),
         "callerId": string(
             "Customer phone number; any format phonenumbers reads", "+972 54 4696388"
@@ -67,7 +177,7 @@ SEND_SMS_V2_BODY = json_object(
     [],
     **{
         "from": string(
-            "Sender number or id; one of the account's senders (optional)", "+12025550143"
+            "Sender number or id; one of the account's senders (optional)", "+12121234567"
         ),
         "callerId": string("Customer phone number", "+972 54 4696388"),
         "additionalParams": string("Query string appended to the campaign link", "var1=value1"),

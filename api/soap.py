@@ -18,6 +18,7 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import HeaderParameter
 
+from api.errors import log_refusal
 from api.headers import ApplicationKey, EnvironmentName, TenantId
 from api.placement import Placement
 from shared.accept import SendSmsCommand
@@ -183,7 +184,7 @@ async def soap_endpoint(
     try:
         accepted = await anyio.to_thread.run_sync(placement.place, command)
     except RequestRefused as exc:
-        log.info("request.refused", status=exc.status_code, reason=getattr(exc, "why", exc.text))
+        log_refusal(request, exc)
         return refused_envelope(exc)
     except Exception:
         log.exception("request.failed")

@@ -6,15 +6,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import anyio.to_thread
-from litestar import MediaType, Request, Response, get
+from litestar import Request, get
 from litestar.datastructures import State
-from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, QueryParameter
 
 from api.headers import V3, ApplicationKey, TenantId
+from api.openapi import BAD_PARAMETER, SID_EXAMPLE, UNAUTHORIZED, UNEXPECTED, documented, text
 from api.placement import Placement
 from shared.accounts import authenticate
-from shared.errors import InvalidParameter
+from shared.errors import InvalidParameter, MessageNotFound
 from shared.models import utcnow
 from shared.reports import DeflectedCallView, MessageView, deflected_calls, message_view
 
@@ -29,12 +29,13 @@ DEFAULT_SPAN = timedelta(hours=24)
     summary="Message status",
     description="A message's status, provider ids and every status event, by messageSid.",
     tags=["Tracking"],
-    responses={
-        401: ResponseSpec(dict[str, str], description="Missing or wrong credentials"),
-        404: ResponseSpec(
-            str, description="Message <messageSid> was not found", media_type=MediaType.TEXT
-        ),
-    },
+    operation_class=documented(
+        errors={
+            401: UNAUTHORIZED,
+            404: text("No such message in this account", f"Message {SID_EXAMPLE} was not found"),
+            500: UNEXPECTED,
+        }
+    ),
 )
 async def get_message(
     request: Request[object, object, State],
@@ -42,20 +43,18 @@ async def get_message(
     message_sid: FromPath[str],
     tenant_id: TenantId = None,
     application_key: ApplicationKey = None,
-) -> Response[MessageView | str]:
+) -> MessageView:
     placement: Placement = request.app.state.placement
 
-    def load() -> MessageView | None:
+    def load() -> MessageView:
         with placement.db.transaction() as session:
             account = authenticate(session, account_id, tenant_id, application_key)
-            return message_view(session, account, message_sid)
+            view = message_view(session, account, message_sid)
+        if view is None:
+            raise MessageNotFound(message_sid)
+        return view
 
-    view = await anyio.to_thread.run_sync(load)
-    if view is None:
-        return Response(
-            f"Message {message_sid} was not found", status_code=404, media_type=MediaType.TEXT
-        )
-    return Response(view, media_type=MediaType.JSON)
+    return await anyio.to_thread.run_sync(load)
 
 
 @get(
@@ -66,12 +65,7 @@ async def get_message(
         "an SMS was sent for it (`smsSent`) and when, and when it was delivered."
     ),
     tags=["Reports"],
-    responses={
-        400: ResponseSpec(
-            str, description="missing or invalid parameter <parameter>", media_type=MediaType.TEXT
-        ),
-        401: ResponseSpec(dict[str, str], description="Missing or wrong credentials"),
-    },
+    operation_class=documented(errors={400: BAD_PARAMETER, 401: UNAUTHORIZED, 500: UNEXPECTED}),
 )
 async def deflected_call_report(
     request: Request[object, object, State],
@@ -85,7 +79,17 @@ async def deflected_call_report(
         str | None, QueryParameter(name="to", description="ISO 8601; default: now")
     ] = None,
     limit: Annotated[
-        str | None, QueryParameter(description=f"Rows, 1 to {MAX_REPORT_ROWS} (default 1000)")
+        str | None,
+        QueryParameter(
+            description=f"Rows, 1 to {MAX_REPORT_ROWS} (default {DEFAULT_REPORT_ROWS})",
+            # Read as text so a bad value is our 400 naming `limit`, documented as what it is.
+            schema_extra={
+                "type": "integer",
+                "one_of": None,
+                "minimum": 1,
+                "maximum": MAX_REPORT_ROWS,
+            },
+        ),
     ] = None,
 ) -> list[DeflectedCallView]:
     placement: Placement = request.app.state.placement

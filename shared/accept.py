@@ -92,18 +92,18 @@ def accept_send(
             return earlier
     campaign = usable_campaign(session, account, command.environment_name, command.campaign_id, now)
     to_number = _caller(command.caller_id, settings)
-    token = _token(session, account, command.jp_token, now, required=command.require_token)
+    token = _token(session, campaign, command.jp_token, now, required=command.require_token)
     params = additional_params(command.additional_params)
 
     provider_account = resolve_provider_account(
         session, account, now, from_system=command.from_system_account
     )
     sender = _sender(command.sender, provider_account.sender_ids, settings)
-    link = None
-    if campaign.link_url:
-        link = build_link(campaign.link_url, params, token.token if token else None)
-        if campaign.shorten_links:
-            link = shorten(session, account.id, link, token.id if token else None, settings, now)
+    link = (
+        build_link(campaign.link_url, params, token.token if token else None)
+        if campaign.link_url
+        else None
+    )
     message = Message(
         sid=new_message_sid(),
         account_id=account.id,
@@ -113,7 +113,7 @@ def accept_send(
         token_id=token.id if token else None,
         to_number=to_number,
         from_number=sender,
-        body=render_text(campaign.message_text, link),
+        body="",  # rendered below, once its short link (if any) exists
         status=MessageStatus.QUEUED.value,
         provider=provider_account.provider,
         provider_account_id=provider_account.id,
@@ -123,18 +123,28 @@ def accept_send(
         updated_at=now,
         expires_at=now + settings.message_validity,
     )
+
+    def record() -> None:
+        shown = link
+        if shown and campaign.shorten_links:
+            shown = shorten(session, account.id, shown, token.id if token else None, settings, now)
+        message.body = render_text(campaign.message_text, shown)
+        session.add(message)
+
     if command.idempotency_key:
-        # A concurrent twin with the same key may win the insert: answer with its message.
+        # A concurrent twin with the same key may win the insert: answer with its message,
+        # and keep nothing of ours (its short link included).
         try:
             with session.begin_nested():
-                session.add(message)
+                record()
+                session.flush()
         except IntegrityError:
             replay = _find_replay(session, account.id, command)
             if replay is None:
                 raise
             return replay
     else:
-        session.add(message)
+        record()
     structlog.contextvars.bind_contextvars(messageSid=message.sid)
     log.info("message.accepted", to=to_number, provider=provider_account.provider)
     return AcceptedMessage(sid=message.sid, campaign_id=campaign.campaign_id)
@@ -150,7 +160,7 @@ def notify_external_send(
     account = authenticated_account(session, command)
     campaign = usable_campaign(session, account, command.environment_name, command.campaign_id, now)
     _caller(command.caller_id, settings)
-    token = _token(session, account, command.jp_token, now, required=True)
+    token = _token(session, campaign, command.jp_token, now, required=True)
     assert token is not None  # required=True never returns None
     session.execute(
         update(DeflectedCall)
@@ -231,13 +241,13 @@ def _caller(caller_id: str | None, settings: Settings) -> str:
 
 
 def _token(
-    session: Session, account: Account, jp_token: str | None, now: datetime, *, required: bool
+    session: Session, campaign: Campaign, jp_token: str | None, now: datetime, *, required: bool
 ) -> InteractionToken | None:
     if not jp_token:
         if required:
             raise InvalidParameter("jpToken")
         return None
-    token = find_token(session, account, jp_token)
+    token = find_token(session, campaign.account_id, campaign.environment_id, jp_token)
     if token is None:
         raise InvalidParameter("jpToken")
     if token.expires_at <= now:

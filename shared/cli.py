@@ -20,10 +20,12 @@ from typing import Any
 
 import click
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared import accounts
 from shared.db import Database
+from shared.errors import InvalidParameter, RequestRefused
 from shared.models import ProviderAccount, utcnow
 from shared.phone import to_e164
 from shared.settings import VAR_DIR, Settings, get_settings
@@ -43,10 +45,20 @@ def main() -> None:
 
 @contextmanager
 def _transaction() -> Iterator[Session]:
+    """A provisioning transaction whose ordinary mistakes read as one line, not a traceback."""
     db = Database(get_settings())
     try:
         with db.transaction() as session:
             yield session
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    except IntegrityError as exc:
+        raise click.ClickException(
+            f"that would duplicate an existing record ({exc.orig})"
+        ) from None
+    except RequestRefused as exc:
+        what = f"unknown {exc.parameter}" if isinstance(exc, InvalidParameter) else exc.text
+        raise click.ClickException(what) from None
     finally:
         db.dispose()
 
@@ -252,6 +264,9 @@ TOKEN=$(curl -s -X POST {base}/token {headers} \\
 curl -s -X POST {base}/campaign/sms/campaign1 {headers} \\
   -d '{{"callerId": "+972 54 4696388", "jpToken": "'$TOKEN'", "additionalParams": "var1=value1&var2=value"}}'; echo
 
+Look a message up by its messageSid:
+curl -s {base}/messages/SM... -H 'Tenant-Id: {DEMO_TENANT}' -H 'Application-Key: {DEMO_KEY}'; echo
+
 Then look at the call in the Deflected Call Report (smsSent):
 curl -s {base}/reports/deflected-calls -H 'Tenant-Id: {DEMO_TENANT}' -H 'Application-Key: {DEMO_KEY}'; echo
 
@@ -313,7 +328,10 @@ def environment_add(tenant_id: str, name: str, make_default: bool) -> None:
 def _when(value: str | None) -> datetime | None:
     if value is None:
         return None
-    parsed = datetime.fromisoformat(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
     if parsed.tzinfo is None:
         raise click.BadParameter(f"{value!r} needs a timezone, e.g. {value}+00:00")
     return parsed

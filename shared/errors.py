@@ -19,7 +19,13 @@ class RequestRefused(Exception):
 
     @property
     def text(self) -> str:
+        """What the caller is told (the seed's wording)."""
         return str(self)
+
+    @property
+    def detail(self) -> str:
+        """Why, for the log: more specific than what the caller is told."""
+        return self.text
 
 
 class InvalidParameter(RequestRefused):
@@ -41,6 +47,10 @@ class Unauthenticated(RequestRefused):
         self.reason = reason
         super().__init__(UNAUTHORIZED_MESSAGE)
 
+    @property
+    def detail(self) -> str:
+        return self.reason
+
 
 class TokenExpired(RequestRefused):
     """403: the interaction token expired, or the campaign is inactive or outside its validity."""
@@ -50,6 +60,10 @@ class TokenExpired(RequestRefused):
     def __init__(self, why: str) -> None:
         self.why = why
         super().__init__("Token expired")
+
+    @property
+    def detail(self) -> str:
+        return self.why
 
 
 class CampaignNotFound(RequestRefused):
@@ -62,6 +76,15 @@ class CampaignNotFound(RequestRefused):
         super().__init__(f"Campaign {campaign_id} was not found")
 
 
+class MessageNotFound(RequestRefused):
+    """404: no message with that sid in the caller's account."""
+
+    status_code = 404
+
+    def __init__(self, sid: str) -> None:
+        super().__init__(f"Message {sid} was not found")
+
+
 class ProviderNotDefined(RequestRefused):
     """500: the account (and the system account) has no usable telephony provider settings."""
 
@@ -70,6 +93,10 @@ class ProviderNotDefined(RequestRefused):
     def __init__(self, why: str) -> None:
         self.why = why
         super().__init__(PROVIDER_NOT_DEFINED)
+
+    @property
+    def detail(self) -> str:
+        return self.why
 
 
 class IdempotencyConflict(RequestRefused):

@@ -90,7 +90,8 @@ def apply_status(session: Session, sid: str | None, report: StatusReport, now: d
     elif applied:
         log.info("message.status", status=report.status.value, source=report.source)
         if sid and report.status in (MessageStatus.SENT, MessageStatus.DELIVERED):
-            _mark_deflected_call(session, sid, report.status, now)
+            first_acceptance = MessageStatus(current).rank < MessageStatus.SENT.rank
+            _mark_deflected_call(session, sid, report.status, now, first_acceptance)
     else:
         log.info("message.status_ignored", status=report.status.value, current=current)
     return applied
@@ -121,8 +122,13 @@ def _status_columns(report: StatusReport, now: datetime) -> dict[str, Any]:
     return values
 
 
-def _mark_deflected_call(session: Session, sid: str, status: MessageStatus, now: datetime) -> None:
-    """smsSent for the Deflected Call Report: true once a provider has the message."""
+def _mark_deflected_call(
+    session: Session, sid: str, status: MessageStatus, now: datetime, first_acceptance: bool
+) -> None:
+    """smsSent for the Deflected Call Report: true once a provider has a message for the call.
+
+    A call may get several SMS (the IVR asked again): the times are the call's firsts, the
+    messageSid and campaign its latest SMS, and smsCount how many a provider took."""
     message = session.execute(
         select(Message.token_id, Message.campaign_id).where(Message.sid == sid)
     ).one()
@@ -135,6 +141,8 @@ def _mark_deflected_call(session: Session, sid: str, status: MessageStatus, now:
         "campaign_id": message.campaign_id,
         "last_message_sid": sid,
     }
+    if first_acceptance:
+        values["sms_count"] = DeflectedCall.sms_count + 1
     if status is MessageStatus.DELIVERED:
         values["sms_delivered_at"] = func.coalesce(DeflectedCall.sms_delivered_at, now)
     session.execute(

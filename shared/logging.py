@@ -48,7 +48,9 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    for noisy in ("httpx", "httpcore"):
+    # Our own message.* lines say what happened to each message; Celery's per-task
+    # received/succeeded lines and beat's every-tick line only repeat it (errors still show).
+    for noisy in ("httpx", "httpcore", "celery.app.trace", "celery.worker.strategy", "celery.beat"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -214,6 +214,7 @@ class DeflectedCall(Base):
     sms_sent_by: Mapped[str | None] = mapped_column(String(16))
     sms_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_message_sid: Mapped[str | None] = mapped_column(String(34))
+    sms_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     link_first_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     link_clicks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 

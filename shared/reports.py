@@ -53,7 +53,8 @@ class DeflectedCallView:
     smsSentAt: datetime | None  # noqa: N815
     smsSentBy: str | None  # noqa: N815 - `service`, or `external` after Notify SMS
     smsDeliveredAt: datetime | None  # noqa: N815
-    messageSid: str | None  # noqa: N815
+    messageSid: str | None  # noqa: N815 - the call's latest SMS
+    smsCount: int  # noqa: N815
     linkClicks: int  # noqa: N815
     linkFirstClickedAt: datetime | None  # noqa: N815
 
@@ -127,6 +128,7 @@ def deflected_calls(
             smsSentBy=call.sms_sent_by,
             smsDeliveredAt=call.sms_delivered_at,
             messageSid=call.last_message_sid,
+            smsCount=call.sms_count,
             linkClicks=call.link_clicks,
             linkFirstClickedAt=call.link_first_clicked_at,
         )

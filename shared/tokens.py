@@ -58,9 +58,14 @@ def issue_token(
     return IssuedToken(token=token, caller=caller, issued_at=now, expires_at=row.expires_at)
 
 
-def find_token(session: Session, account: Account, token: str) -> InteractionToken | None:
+def find_token(
+    session: Session, account_id: int, environment_id: int, token: str
+) -> InteractionToken | None:
+    """A token of this account and environment: a DEV call's token never reaches PROD."""
     return session.scalar(
         select(InteractionToken).where(
-            InteractionToken.account_id == account.id, InteractionToken.token == token
+            InteractionToken.account_id == account_id,
+            InteractionToken.environment_id == environment_id,
+            InteractionToken.token == token,
         )
     )

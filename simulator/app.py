@@ -111,19 +111,24 @@ async def _report(store: Store, message: dict[str, Any], url: str) -> None:
     for status in ("sent", store.behaviour.final_status):
         message["status"] = status
         body = msgspec.json.encode({"id": message["id"], "status": status, "to": message["to"]})
-        assert store.client is not None
-        try:
-            await store.client.post(
-                url,
-                content=body,
-                headers={
-                    "Content-Type": "application/json",
-                    SIGNATURE_HEADER: sign(store.secret, url, body),
-                },
-            )
-        except httpx.HTTPError as exc:
-            log.warning("simulator.callback_failed", url=url, error=str(exc))
+        await _post_callback(store, url, body)
         await asyncio.sleep(store.behaviour.delivery_delay_ms / 2000)
+
+
+async def _post_callback(store: Store, url: str, body: bytes, attempts: int = 4) -> None:
+    """POST one callback, retrying a few times with backoff as real providers do."""
+    assert store.client is not None
+    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(store.secret, url, body)}
+    for attempt in range(attempts):
+        try:
+            response = await store.client.post(url, content=body, headers=headers)
+            if response.status_code < 500:
+                return
+            error = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = str(exc) or type(exc).__name__
+        log.warning("simulator.callback_failed", url=url, error=error, attempt=attempt + 1)
+        await asyncio.sleep(0.5 * 2**attempt)
 
 
 @get("/messages")

@@ -157,10 +157,17 @@ def client(migrated: Settings, db: Database) -> Iterator[TestClient[Litestar]]:
         yield test_client
 
 
-def issue_token(client: TestClient[Litestar], caller: str = CALLER, **body: object) -> str:
+def issue_token(
+    client: TestClient[Litestar],
+    caller: str = CALLER,
+    environment: str | None = None,
+    **body: object,
+) -> str:
+    """A jpToken for a call in `environment` (the account's default when None)."""
+    extra = {"Environment-Name": environment} if environment else {}
     response = client.post(
         f"/interact/version/3/account/{TENANT}/resources/token",
-        headers=headers(),
+        headers=headers(**extra),
         json={"callerId": caller, **body},
     )
     assert response.status_code == 200, response.text

@@ -96,3 +96,20 @@ def test_rotating_without_revoke_keeps_both_keys_valid(
             f"{BASE}/reports/deflected-calls", headers={"Tenant-Id": "555", "Application-Key": key}
         )
         assert response.status_code == 200
+
+
+def fails(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    return result.output
+
+
+def test_ordinary_mistakes_are_one_line_errors_not_tracebacks(db: Database) -> None:
+    provision()
+    assert "duplicate" in fails("account", "create", "555", "--name", "Again")
+    assert "no account '999'" in fails("account", "rotate-key", "999")
+    assert "unknown Environment-Name" in fails(
+        "token", "issue", "555", "+12025550143", "--environment", "NOPE"
+    )

@@ -56,11 +56,15 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("link_clicks", sa.Integer(), server_default="0", nullable=False)
         )
+        batch_op.add_column(
+            sa.Column("sms_count", sa.Integer(), server_default="0", nullable=False)
+        )
 
 
 def downgrade() -> None:
 
     with op.batch_alter_table("deflected_calls", schema=None) as batch_op:
+        batch_op.drop_column("sms_count")
         batch_op.drop_column("link_clicks")
         batch_op.drop_column("link_first_clicked_at")
         batch_op.drop_column("sms_sent_by")

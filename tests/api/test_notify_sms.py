@@ -175,7 +175,7 @@ def test_campaign_in_dev_is_recorded_with_environment_name_dev(
     client: TestClient[Litestar], demo: Demo, db: Database
 ) -> None:
     put_campaign(db, "dev-only", environment="DEV")
-    token = issue_token(client)
+    token = issue_token(client, environment="DEV")
 
     response = notify_sms(
         client,
@@ -186,6 +186,22 @@ def test_campaign_in_dev_is_recorded_with_environment_name_dev(
 
     assert (response.status_code, response.text) == (200, recorded_text(token, "dev-only"))
     assert the_call(db).campaign_id == "dev-only"
+
+
+def test_a_token_of_another_environment_is_400(
+    client: TestClient[Litestar], demo: Demo, db: Database
+) -> None:
+    put_campaign(db, "dev-only", environment="DEV")
+    prod_token = issue_token(client)
+
+    response = notify_sms(
+        client,
+        {"callerId": CALLER, "jpToken": prod_token},
+        campaign="dev-only",
+        request_headers=headers(**{"Environment-Name": "DEV"}),
+    )
+
+    assert (response.status_code, response.text) == (400, "missing or invalid parameter jpToken")
 
 
 # 400: missing or invalid parameter

@@ -483,7 +483,7 @@ def test_campaign_only_in_dev_is_sent_with_environment_name_dev(
     client: TestClient[Litestar], demo: Demo, db: Database, redis_url: str
 ) -> None:
     put_campaign(db, "dev-only", environment="DEV")
-    token = issue_token(client)
+    token = issue_token(client, environment="DEV")
 
     response = send_sms(
         client,

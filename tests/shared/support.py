@@ -17,12 +17,18 @@ from tests.conftest import CALLER, KEY, TENANT
 
 
 def accept_message(
-    db: Database, settings: Settings, now: datetime, *, with_token: bool = True
+    db: Database,
+    settings: Settings,
+    now: datetime,
+    *,
+    with_token: bool = True,
+    jp_token: str | None = None,
 ) -> str:
-    """A message for the demo account's campaign1, accepted at `now`; returns its sid."""
+    """A message for the demo account's campaign1, accepted at `now`; returns its sid.
+
+    With `jp_token` the message belongs to that call; otherwise a new call's token is issued."""
     with db.transaction() as session:
-        jp_token: str | None = None
-        if with_token:
+        if with_token and jp_token is None:
             account = accounts.get_account(session, TENANT)
             environment = accounts.resolve_environment(session, account, None)
             jp_token = issue_token(

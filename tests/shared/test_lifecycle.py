@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from shared.db import Database
 from shared.lifecycle import StatusReport, apply_status
-from shared.models import MessageStatus
+from shared.models import InteractionToken, Message, MessageStatus
 from shared.settings import Settings
 from tests.conftest import Demo
 from tests.shared.support import (
@@ -288,3 +289,26 @@ def test_message_without_token_touches_no_deflected_call(
     assert load_message(db, tokenless).token_id is None
     assert apply(db, tokenless, S.DELIVERED, t0 + SECOND) is True
     assert load_deflected_call(db, sid).sms_sent is False
+
+
+def test_a_call_with_several_sms_keeps_its_firsts_its_latest_sid_and_a_count(
+    db: Database, sid: str, settings: Settings, t0: datetime
+) -> None:
+    token = load_deflected_call_token(db, sid)
+    second = accept_message(db, settings, t0, jp_token=token)
+    apply(db, sid, S.SENT, t0 + SECOND)
+    apply(db, sid, S.DELIVERED, t0 + 2 * SECOND)
+    apply(db, second, S.DELIVERED, t0 + 3 * SECOND)  # its receipt overtook its "sent"
+    apply(db, second, S.SENT, t0 + 4 * SECOND)  # late, ignored, and not counted again
+    call = load_deflected_call(db, sid)
+    assert (call.sms_count, call.last_message_sid) == (2, second)
+    assert (call.sms_sent_at, call.sms_delivered_at) == (t0 + SECOND, t0 + 2 * SECOND)
+
+
+def load_deflected_call_token(db: Database, sid: str) -> str:
+    with db.transaction() as session:
+        return session.execute(
+            select(InteractionToken.token)
+            .join(Message, Message.token_id == InteractionToken.id)
+            .where(Message.sid == sid)
+        ).scalar_one()
