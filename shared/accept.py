@@ -35,6 +35,7 @@ from shared.models import (
 )
 from shared.phone import normalise_sender, to_e164
 from shared.rendering import build_link, parse_additional_params, render_text
+from shared.segments import measure
 from shared.settings import Settings
 from shared.tokens import find_token
 
@@ -129,6 +130,25 @@ def accept_send(
         if shown and campaign.shorten_links:
             shown = shorten(session, account.id, shown, token.id if token else None, settings, now)
         message.body = render_text(campaign.message_text, shown)
+        size = measure(message.body)
+        if size.segments > campaign.max_segments:
+            # Blame the caller's parameters only if the text fits without them; otherwise the
+            # campaign is over its own limit. Nothing is added, and the caller's transaction
+            # (with any short link) rolls back.
+            log.info(
+                "message.too_long",
+                segments=size.segments,
+                max_segments=campaign.max_segments,
+                encoding=size.encoding,
+                units=size.units,
+            )
+            raise InvalidParameter(
+                "additionalParams"
+                if _params_made_it_long(campaign, token, params)
+                else "campaignId"
+            )
+        message.segments = size.segments
+        message.encoding = size.encoding
         session.add(message)
 
     if command.idempotency_key:
@@ -186,6 +206,15 @@ def get_interaction_link(
     return interaction_link(
         session, account.id, campaign.link_url, params, shorten_it, settings, now
     )
+
+
+def _params_made_it_long(
+    campaign: Campaign, token: InteractionToken | None, params: list[tuple[str, str]]
+) -> bool:
+    if not params or not campaign.link_url or campaign.shorten_links:
+        return False  # the parameters are absent, or do not reach the text
+    bare = build_link(campaign.link_url, [], token.token if token else None)
+    return measure(render_text(campaign.message_text, bare)).segments <= campaign.max_segments
 
 
 # The checks every request of the family makes, in the seed's order of answers.

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -104,6 +105,8 @@ class Account(Base):
     default_environment: Mapped[str] = mapped_column(String(64))
     # The system (master) account lends its provider settings to accounts that have none.
     is_system: Mapped[bool] = mapped_column(Boolean, default=False)
+    # How many provider attempts a message gets before it fails (None: SMSD_MAX_SEND_ATTEMPTS).
+    max_send_attempts: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     environments: Mapped[list[Environment]] = relationship(back_populates="account")
@@ -152,6 +155,8 @@ class Campaign(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     # Send `/l/<code>` instead of the full link, so long links fit an SMS and clicks are counted.
     shorten_links: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The longest rendered SMS accepted, in segments (153 GSM-7 / 67 UCS-2 characters each).
+    max_segments: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
     valid_from: Mapped[datetime | None] = mapped_column(UTCDateTime())
     valid_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -171,6 +176,9 @@ class ProviderAccount(Base):
     sender_ids: Mapped[list[str]] = mapped_column(JSONDocument, default=list)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Carrier throughput: segments per second for each sender, and for the whole account.
+    sender_rate: Mapped[float | None] = mapped_column(Float)
+    account_rate: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     def __repr__(self) -> str:
@@ -219,6 +227,20 @@ class DeflectedCall(Base):
     link_clicks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
+class OptOut(Base):
+    """A recipient who texted STOP to one of an account's senders: never sent to again from it."""
+
+    __tablename__ = "opt_outs"
+    __table_args__ = (UniqueConstraint("account_id", "sender", "recipient"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    sender: Mapped[str] = mapped_column(String(32))
+    recipient: Mapped[str] = mapped_column(String(32))
+    keyword: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class ShortLink(Base):
     """`/l/<code>`: a short link that redirects to a campaign link and counts its clicks."""
 
@@ -262,6 +284,8 @@ class Message(Base):
     to_number: Mapped[str] = mapped_column(String(32))
     from_number: Mapped[str] = mapped_column(String(32))
     body: Mapped[str] = mapped_column(Text)
+    segments: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    encoding: Mapped[str] = mapped_column(String(8), default="gsm7", server_default="gsm7")
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.QUEUED.value)
     provider: Mapped[str] = mapped_column(String(32))
     provider_account_id: Mapped[int] = mapped_column(
@@ -271,6 +295,8 @@ class Message(Base):
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Transient failures in a row on the current provider; past a bound the next one takes over.
+    provider_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

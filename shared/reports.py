@@ -32,6 +32,8 @@ class MessageView:
     to: str
     sender: str
     body: str
+    segments: int
+    encoding: str  # `gsm7` or `ucs2`: what `segments` is counted in
     provider: str
     providerMessageId: str | None  # noqa: N815
     attempts: int
@@ -80,6 +82,8 @@ def message_view(session: Session, account: Account, sid: str) -> MessageView | 
         to=message.to_number,
         sender=message.from_number,
         body=message.body,
+        segments=message.segments,
+        encoding=message.encoding,
         provider=message.provider,
         providerMessageId=message.provider_message_id,
         attempts=message.attempts,

@@ -6,6 +6,7 @@ sweeper re-publish, a retried publish) exactly one wins it, so none sends twice.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,8 +17,11 @@ from sqlalchemy.orm import Session
 
 from shared.lifecycle import StatusReport, apply_status
 from shared.models import Account, Message, MessageStatus, ProviderAccount
+from shared.optout import is_opted_out
+from shared.phone import normalise_sender
 from shared.providers import ProviderError
 from shared.settings import Settings
+from shared.throttle import Rate
 
 log = structlog.get_logger(__name__)
 
@@ -39,12 +43,28 @@ class Claim:
     in_doubt: bool
     tenant_id: str = ""
     campaign_id: str = ""
+    segments: int = 1
+    max_attempts: int = 5
+    provider_failures: int = 0
+    # The account whose provider settings these are (the system account's, if borrowed).
+    owner_id: int = 0
+    sender_rate: float | None = None
+    account_rate: float | None = None
+
+    def rates(self) -> list[Rate]:
+        """The throughput limits this send counts against (in segments per second)."""
+        limits = []
+        if self.sender_rate:
+            limits.append(Rate(f"{self.provider_account_id}:{self.from_number}", self.sender_rate))
+        if self.account_rate:
+            limits.append(Rate(f"{self.provider_account_id}", self.account_rate))
+        return limits
 
 
 def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Claim | None:
     """Take the message for sending, or None when it is not ours to send (now or ever)."""
     row = session.execute(
-        select(Message, ProviderAccount.credentials, Account.tenant_id)
+        select(Message, ProviderAccount, Account.tenant_id, Account.max_send_attempts)
         .join(ProviderAccount, ProviderAccount.id == Message.provider_account_id)
         .join(Account, Account.id == Message.account_id)
         .where(Message.sid == sid)
@@ -52,8 +72,9 @@ def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Clai
     if row is None:
         log.warning("send.unknown_message")
         return None
-    message, credentials, tenant_id = row
+    message, provider_account, tenant_id, account_max_attempts = row
     structlog.contextvars.bind_contextvars(account=tenant_id, campaign=message.campaign_id)
+    max_attempts = account_max_attempts or settings.max_send_attempts
     status = MessageStatus(message.status)
     in_flight = (
         status is MessageStatus.SENDING
@@ -63,30 +84,30 @@ def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Clai
     if status not in (MessageStatus.QUEUED, MessageStatus.SENDING) or in_flight:
         log.info("send.skipped", status=status.value, in_flight=in_flight)
         return None
-    if status is MessageStatus.SENDING and message.attempts >= settings.max_send_attempts:
+    if status is MessageStatus.SENDING and message.attempts >= max_attempts:
         # Workers keep dying on this one (a poison message?): stop instead of looping forever.
-        apply_status(
+        _finish(
             session,
             sid,
-            StatusReport(
-                MessageStatus.FAILED,
-                source="worker",
-                error_code="attempts-exhausted",
-                error_message="the worker sending it was lost on every attempt",
-            ),
+            MessageStatus.FAILED,
             now,
+            "attempts-exhausted",
+            "the worker sending it was lost on every attempt",
         )
         return None
     if message.expires_at <= now:
-        apply_status(
+        _finish(
+            session, sid, MessageStatus.EXPIRED, now, None, "not sent within its validity period"
+        )
+        return None
+    if is_opted_out(session, provider_account.account_id, message.from_number, message.to_number):
+        _finish(
             session,
             sid,
-            StatusReport(
-                MessageStatus.EXPIRED,
-                source="worker",
-                error_message="not sent within its validity period",
-            ),
+            MessageStatus.OPTED_OUT,
             now,
+            "opted-out",
+            "the recipient opted out of this sender",
         )
         return None
     result = session.execute(
@@ -110,19 +131,147 @@ def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Clai
     if result.rowcount != 1:
         log.info("send.claim_lost")
         return None
-    return Claim(
-        sid=sid,
-        to_number=message.to_number,
-        from_number=message.from_number,
-        body=message.body,
-        provider=message.provider,
-        provider_account_id=message.provider_account_id,
-        credentials=dict(credentials or {}),
+    return _claim_of(
+        message,
+        provider_account,
+        tenant_id=tenant_id,
         attempts=message.attempts + 1,
-        expires_at=message.expires_at,
+        max_attempts=max_attempts,
         in_doubt=status is MessageStatus.SENDING,
+    )
+
+
+def _claim_of(
+    message: Message,
+    provider_account: ProviderAccount,
+    *,
+    tenant_id: str,
+    attempts: int,
+    max_attempts: int,
+    in_doubt: bool,
+    from_number: str | None = None,
+    provider_failures: int | None = None,
+) -> Claim:
+    return Claim(
+        sid=message.sid,
+        to_number=message.to_number,
+        from_number=from_number or message.from_number,
+        body=message.body,
+        provider=provider_account.provider,
+        provider_account_id=provider_account.id,
+        credentials=dict(provider_account.credentials or {}),
+        attempts=attempts,
+        expires_at=message.expires_at,
+        in_doubt=in_doubt,
         tenant_id=tenant_id,
         campaign_id=message.campaign_id,
+        segments=message.segments,
+        max_attempts=max_attempts,
+        provider_failures=(
+            message.provider_failures if provider_failures is None else provider_failures
+        ),
+        owner_id=provider_account.account_id,
+        sender_rate=provider_account.sender_rate,
+        account_rate=provider_account.account_rate,
+    )
+
+
+def _finish(
+    session: Session,
+    sid: str,
+    status: MessageStatus,
+    now: datetime,
+    code: str | None,
+    text_: str,
+) -> None:
+    apply_status(
+        session,
+        sid,
+        StatusReport(status, source="worker", error_code=code, error_message=text_),
+        now,
+    )
+
+
+def fail_over(
+    session: Session,
+    owned: Claim,
+    settings: Settings,
+    now: datetime,
+    healthy: Callable[[int], bool],
+) -> Claim | None:
+    """Move the claimed message to the owner's next usable provider; None if there is none.
+
+    Providers are tried in priority order, wrapping around, skipping expired ones and those
+    whose circuit is open; the sender changes to the new provider's unless it has the same."""
+    candidates = session.scalars(
+        select(ProviderAccount)
+        .where(ProviderAccount.account_id == owned.owner_id)
+        .order_by(ProviderAccount.priority, ProviderAccount.id)
+    ).all()
+    usable = [
+        c
+        for c in candidates
+        if (c.expires_at is None or c.expires_at > now)
+        and (c.id == owned.provider_account_id or healthy(c.id))
+    ]
+    ids = [c.id for c in usable]
+    if owned.provider_account_id not in ids or len(usable) < 2:
+        return None
+    following = usable[(ids.index(owned.provider_account_id) + 1) % len(usable)]
+    senders = [normalise_sender(s, settings.default_region) for s in following.sender_ids]
+    if not senders:
+        return None
+    sender = owned.from_number if owned.from_number in senders else senders[0]
+    result = session.execute(
+        update(Message)
+        .where(
+            Message.sid == owned.sid,
+            Message.status == MessageStatus.SENDING.value,
+            Message.provider_account_id == owned.provider_account_id,
+        )
+        .values(
+            provider=following.provider,
+            provider_account_id=following.id,
+            from_number=sender,
+            provider_failures=0,
+            updated_at=now,
+        )
+    )
+    assert isinstance(result, CursorResult)
+    if result.rowcount != 1:
+        return None
+    message = session.get_one(Message, owned.sid)
+    log.warning(
+        "send.failover",
+        from_provider=owned.provider,
+        to_provider=following.provider,
+        provider_account=following.id,
+    )
+    return _claim_of(
+        message,
+        following,
+        tenant_id=owned.tenant_id,
+        attempts=owned.attempts,
+        max_attempts=owned.max_attempts,
+        in_doubt=owned.in_doubt,
+        from_number=sender,
+        provider_failures=0,
+    )
+
+
+def release(session: Session, owned: Claim, delay: timedelta, now: datetime) -> None:
+    """Hand the message back unsent (its sender is at its rate limit): no attempt is spent."""
+    session.execute(
+        update(Message)
+        .where(Message.sid == owned.sid, Message.status == MessageStatus.SENDING.value)
+        .values(
+            status=MessageStatus.QUEUED.value,
+            attempts=Message.attempts - 1,
+            lease_expires_at=None,
+            published_at=None,
+            next_attempt_at=now + delay,
+            updated_at=now,
+        )
     )
 
 
@@ -150,13 +299,19 @@ def record_accepted(
     )
 
 
-def record_failed(session: Session, claim: Claim, error: ProviderError, now: datetime) -> None:
+def record_failed(
+    session: Session,
+    claim: Claim,
+    error: ProviderError,
+    now: datetime,
+    status: MessageStatus = MessageStatus.FAILED,
+) -> None:
     """A final failure, with the provider's code and text kept for the operator."""
     apply_status(
         session,
         claim.sid,
         StatusReport(
-            MessageStatus.FAILED,
+            status,
             source="worker",
             provider=claim.provider,
             error_code=error.code,
@@ -167,11 +322,17 @@ def record_failed(session: Session, claim: Claim, error: ProviderError, now: dat
 
 
 def schedule_retry(
-    session: Session, claim: Claim, error: ProviderError, settings: Settings, now: datetime
+    session: Session,
+    claim: Claim,
+    error: ProviderError,
+    settings: Settings,
+    now: datetime,
+    *,
+    provider_failed: bool = True,
 ) -> timedelta | None:
     """Hand the message back for a later attempt; None when it is out of attempts or time."""
     delay = retry_delay(claim.attempts, settings)
-    if claim.attempts >= settings.max_send_attempts or now + delay >= claim.expires_at:
+    if claim.attempts >= claim.max_attempts or now + delay >= claim.expires_at:
         record_failed(session, claim, error, now)
         return None
     session.execute(
@@ -179,6 +340,8 @@ def schedule_retry(
         .where(Message.sid == claim.sid, Message.status == MessageStatus.SENDING.value)
         .values(
             status=MessageStatus.QUEUED.value,
+            # Counted against the provider that failed; one just failed over to starts clean.
+            provider_failures=Message.provider_failures + (1 if provider_failed else 0),
             lease_expires_at=None,
             published_at=None,
             next_attempt_at=now + delay,

@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     retry_backoff_base: Duration = timedelta(seconds=2)
     retry_backoff_max: Duration = timedelta(minutes=5)
 
+    # Where workers share send-rate limits and circuit breakers. Default: the broker, when the
+    # broker is Redis; otherwise (the embedded default, one worker) each process keeps its own.
+    redis_url: str | None = None
+    # After this many transient failures in a row on one provider, a message moves to the next.
+    failover_after: int = 2
+    # A provider failing this often within breaker_window is skipped for breaker_cooldown.
+    breaker_threshold: int = 5
+    breaker_window: Duration = timedelta(seconds=30)
+    breaker_cooldown: Duration = timedelta(seconds=30)
+
     sweep_interval: Duration = timedelta(seconds=10)
     # A committed message still unpublished after this is published by the sweeper.
     sweep_unpublished_after: Duration = timedelta(seconds=15)
@@ -84,6 +94,13 @@ class Settings(BaseSettings):
     simulator_url: str = ""
     simulator_host: str = "127.0.0.1"
     simulator_port: int = 8090
+    # The simulator also speaks HTTPS here (the Vonage SDK only talks HTTPS), with a
+    # self-signed certificate kept in simulator_tls_dir.
+    simulator_tls_port: int = 8443
+    simulator_tls_dir: Path = VAR_DIR / "simulator-tls"
+    # Extra CA certificates (PEM) that provider SDKs trust besides the public ones: the
+    # simulator's, in local runs and tests. Unset in production.
+    provider_ca_file: Path | None = None
     simulator_latency: Duration = timedelta(milliseconds=50)
     simulator_failure_rate: float = 0.0
     simulator_delivery_delay: Duration = timedelta(milliseconds=200)
@@ -95,6 +112,8 @@ class Settings(BaseSettings):
         # Moving a port with SMSD_API_PORT alone must move the URLs built from it too.
         if not self.public_base_url:
             self.public_base_url = f"http://{self.api_host}:{self.api_port}"
+        if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
+            self.redis_url = self.broker_url
         if not self.simulator_url:
             self.simulator_url = f"http://{self.simulator_host}:{self.simulator_port}"
         return self

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from datetime import timedelta
 
 import structlog
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.db import Database
-from shared.models import utcnow
+from shared.models import MessageStatus, utcnow
+from shared.optout import add_opt_out
 from shared.providers import (
     PermanentProviderError,
     Provider,
     ProviderError,
+    RecipientOptedOut,
     SendRequest,
     TransientProviderError,
     provider_factory,
@@ -21,11 +25,14 @@ from shared.sending import (
     Claim,
     claim,
     due_for_publish,
+    fail_over,
     record_accepted,
     record_failed,
+    release,
     schedule_retry,
 )
 from shared.settings import get_settings
+from shared.throttle import Coordination, coordination
 from worker.celery_app import SEND_TASK, SWEEP_TASK, app
 from worker.queue import publish_sends
 
@@ -37,12 +44,24 @@ _db: Database | None = None
 _providers: dict[tuple[int, str], Provider] = {}
 
 
+_coordination: Coordination | None = None
+
+
 def database() -> Database:
     global _db
     with _lock:
         if _db is None:
             _db = Database(get_settings())
         return _db
+
+
+def shared_state() -> Coordination:
+    """Rate limits and circuit breakers, shared with every other worker through Redis."""
+    global _coordination
+    with _lock:
+        if _coordination is None:
+            _coordination = coordination(get_settings())
+        return _coordination
 
 
 def provider_for(claim_: Claim) -> Provider:
@@ -70,9 +89,21 @@ def send_message(sid: str) -> None:
     structlog.contextvars.bind_contextvars(messageSid=sid)
     settings = get_settings()
     db = database()
+    state = shared_state()
     with db.transaction() as session:
         owned = claim(session, sid, settings, utcnow())
+        if owned is not None and state.is_open(_breaker_key(owned.provider_account_id)):
+            # Its provider keeps failing: go straight to a healthy one, if the owner has one.
+            owned = fail_over(session, owned, settings, utcnow(), _healthy(state)) or owned
     if owned is None:
+        return
+    wait = state.take(owned.rates(), owned.segments)
+    if wait > 0:
+        # The sender is at its carrier throughput: come back when a slot is free, and let
+        # this thread send other messages meanwhile.
+        with db.transaction() as session:
+            release(session, owned, timedelta(seconds=wait), utcnow())
+        publish_sends(app, db, [sid], countdown=timedelta(seconds=wait))
         return
     try:
         provider = provider_for(owned)
@@ -87,10 +118,19 @@ def send_message(sid: str) -> None:
         error = exc if isinstance(exc, ProviderError) else _unexpected(exc)
         _record_failure(db, owned, error)
         return
+    state.succeeded(_breaker_key(owned.provider_account_id))
     with db.transaction() as session:
         record_accepted(
             session, owned, result.provider_message_id, result.provider_status, utcnow()
         )
+
+
+def _breaker_key(provider_account_id: int) -> str:
+    return f"provider-account:{provider_account_id}"
+
+
+def _healthy(state: Coordination) -> Callable[[int], bool]:
+    return lambda provider_account_id: not state.is_open(_breaker_key(provider_account_id))
 
 
 def _unexpected(exc: Exception) -> TransientProviderError:
@@ -103,13 +143,27 @@ def _unexpected(exc: Exception) -> TransientProviderError:
 def _record_failure(db: Database, owned: Claim, error: ProviderError) -> None:
     settings = get_settings()
     if isinstance(error, TransientProviderError):
+        state = shared_state()
+        state.failed(_breaker_key(owned.provider_account_id))
         with db.transaction() as session:
-            delay = schedule_retry(session, owned, error, settings, utcnow())
+            moved = None
+            if owned.provider_failures + 1 >= settings.failover_after:
+                moved = fail_over(session, owned, settings, utcnow(), _healthy(state))
+            # After a failover the next provider is tried at once; otherwise back off.
+            delay = schedule_retry(
+                session, moved or owned, error, settings, utcnow(), provider_failed=moved is None
+            )
+            if moved is not None and delay is not None:
+                delay = timedelta(0)
         if delay is not None:
-            publish_sends(app, db, [owned.sid], countdown=delay)
+            publish_sends(app, db, [owned.sid], countdown=delay if delay else None)
         return
     with db.transaction() as session:
-        record_failed(session, owned, error, utcnow())
+        if isinstance(error, RecipientOptedOut):
+            add_opt_out(session, owned.owner_id, owned.from_number, owned.to_number, utcnow())
+            record_failed(session, owned, error, utcnow(), status=MessageStatus.OPTED_OUT)
+        else:
+            record_failed(session, owned, error, utcnow())
 
 
 def _request(owned: Claim, public_base_url: str) -> SendRequest:

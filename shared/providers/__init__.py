@@ -44,7 +44,11 @@ class TransientProviderError(ProviderError):
 
 
 class PermanentProviderError(ProviderError):
-    """Final at once: invalid number, opted out, rejected content."""
+    """Final at once: invalid number, rejected content, bad credentials."""
+
+
+class RecipientOptedOut(PermanentProviderError):
+    """The provider refuses: the recipient unsubscribed from this sender (Twilio 21610)."""
 
 
 class Provider(Protocol):
@@ -90,4 +94,4 @@ def provider_names() -> list[str]:
 
 def _load_builtin_providers() -> None:
     # Imported for their @register side effect; late so this module has no import cycle.
-    from shared.providers import simulator  # noqa: F401
+    from shared.providers import simulator, twilio, vonage  # noqa: F401

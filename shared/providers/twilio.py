@@ -1,0 +1,92 @@
+"""Twilio Programmable Messaging through the official `twilio` SDK.
+
+Credentials: `account_sid`, `auth_token`, optionally `messaging_service_sid` (sends through the
+service instead of a From number) and `base_url` (another API host: the simulator)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import requests
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.rest import Client
+
+from shared.providers import (
+    PermanentProviderError,
+    RecipientOptedOut,
+    SendRequest,
+    SendResult,
+    TransientProviderError,
+    register,
+)
+from shared.settings import Settings
+
+# Twilio says these are safe to retry: never processed (20429) or a server-side failure.
+THROTTLED = 20429
+OPTED_OUT = 21610
+MAX_VALIDITY_SECONDS = 36_000
+
+
+class TwilioProvider:
+    name: ClassVar[str] = "twilio"
+    # Message creation takes no idempotency key: a send in doubt must not be repeated.
+    idempotent: ClassVar[bool] = False
+
+    def __init__(self, credentials: Mapping[str, Any], settings: Settings) -> None:
+        self._http = TwilioHttpClient(timeout=settings.provider_timeout.total_seconds())
+        self._client = Client(
+            str(credentials["account_sid"]), str(credentials["auth_token"]), http_client=self._http
+        )
+        if credentials.get("base_url"):
+            self._client.api.base_url = str(credentials["base_url"])
+        self._messaging_service_sid = credentials.get("messaging_service_sid")
+
+    def send(self, request: SendRequest) -> SendResult:
+        sender: dict[str, str] = (
+            {"messaging_service_sid": str(self._messaging_service_sid)}
+            if self._messaging_service_sid
+            else {"from_": request.sender}
+        )
+        try:
+            message = self._client.messages.create(
+                to=request.to,
+                body=request.body,
+                status_callback=request.status_callback_url,
+                validity_period=max(1, min(request.validity_seconds, MAX_VALIDITY_SECONDS)),
+                **sender,
+            )
+        except TwilioRestException as exc:
+            raise _classify(exc) from exc
+        except (requests.Timeout, requests.ConnectionError) as exc:
+            raise TransientProviderError("timeout", str(exc) or type(exc).__name__) from exc
+        except TwilioException as exc:
+            raise TransientProviderError("error", str(exc)) from exc
+        return SendResult(
+            provider_message_id=str(message.sid),
+            provider_status=str(message.status),
+            raw={
+                "sid": message.sid,
+                "status": message.status,
+                "num_segments": message.num_segments,
+            },
+        )
+
+    def close(self) -> None:
+        self._http.session = None
+
+
+def _classify(exc: TwilioRestException) -> Exception:
+    code = str(exc.code or exc.status)
+    text = str(exc.msg)
+    if exc.status == 429 or exc.code == THROTTLED or exc.status >= 500:
+        return TransientProviderError(code, text)
+    if exc.code == OPTED_OUT:
+        return RecipientOptedOut(code, text)
+    return PermanentProviderError(code, text)
+
+
+@register("twilio")
+def _twilio(credentials: Mapping[str, Any], settings: Settings) -> TwilioProvider:
+    return TwilioProvider(credentials, settings)
