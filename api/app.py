@@ -26,6 +26,7 @@ from api.links import follow_short_link
 from api.placement import Placement
 from api.soap import agent_wsdl, soap_endpoint
 from api.tracking import deflected_call_report, get_message
+from api.webhooks import WEBHOOKS
 from shared.db import Database
 from shared.errors import RequestRefused
 from shared.logging import configure_logging
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             get_message,
             deflected_call_report,
             simulator_callback,
+            *WEBHOOKS,
             live,
             ready,
         ],

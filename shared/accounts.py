@@ -228,3 +228,17 @@ def set_provider(
         session.add(settings)
     session.flush()
     return settings
+
+
+def provider_account_by(
+    session: Session, provider: str, credential: str, value: str | None
+) -> ProviderAccount | None:
+    """The settings whose credential (AccountSid, api_key) a webhook names: its secret signs it."""
+    if not value:
+        return None
+    for candidate in session.scalars(
+        select(ProviderAccount).where(ProviderAccount.provider == provider)
+    ):
+        if str((candidate.credentials or {}).get(credential)) == value:
+            return candidate
+    return None

@@ -119,21 +119,23 @@ def beat() -> None:
 
 
 @main.command()
-@click.option("--host", default=None)
-@click.option("--port", type=int, default=None)
-def simulator(host: str | None, port: int | None) -> None:
-    """Serve the provider simulator."""
-    import uvicorn
+@click.option("--host", default=None, help="Bind address (default: SMSD_SIMULATOR_HOST).")
+@click.option("--port", type=int, default=None, help="HTTP port (default: SMSD_SIMULATOR_PORT).")
+@click.option(
+    "--tls-port", type=int, default=None, help="HTTPS port (default: SMSD_SIMULATOR_TLS_PORT)."
+)
+def simulator(host: str | None, port: int | None, tls_port: int | None) -> None:
+    """Serve the provider simulator on HTTP and HTTPS (generic, Twilio and Vonage APIs)."""
+    from simulator.server import serve
 
-    settings = get_settings()
-    uvicorn.run(
-        "simulator.app:create_app",
-        factory=True,
-        host=host or settings.simulator_host,
-        port=port or settings.simulator_port,
-        log_config=None,
-        access_log=False,
+    options = {"simulator_host": host, "simulator_port": port, "simulator_tls_port": tls_port}
+    settings = get_settings().model_copy(
+        update={name: value for name, value in options.items() if value is not None}
     )
+    try:
+        serve(settings)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -176,6 +178,7 @@ def dev() -> None:
     for host, port, setting in (
         (settings.api_host, settings.api_port, "SMSD_API_PORT"),
         (settings.simulator_host, settings.simulator_port, "SMSD_SIMULATOR_PORT"),
+        (settings.simulator_host, settings.simulator_tls_port, "SMSD_SIMULATOR_TLS_PORT"),
     ):
         _require_free_port(host, port, setting)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

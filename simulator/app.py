@@ -1,49 +1,53 @@
 """The provider simulator: takes messages over HTTP like a real provider, with configurable
 latency and failures, and reports delivery to each message's signed status callback.
 
+It speaks three APIs on the same port: its own generic `/messages` JSON API (the "simulator"
+provider), Twilio's Messages API and Vonage's SMS API, close enough for the official SDKs.
+`/control` steers all three; `/messages` and `/stats` show what the handsets got.
+
 It keeps state in memory: it stands for a provider, not for anything we must not lose."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import msgspec
-import structlog
 from litestar import Litestar, MediaType, Request, Response, delete, get, post
 from litestar.datastructures import State
-from litestar.params import FromQuery
+from litestar.exceptions import ValidationException
+from litestar.params import FromQuery, JSONBody
 
 from shared.logging import configure_logging
 from shared.providers.simulator import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign
 from shared.settings import Settings, get_settings
+from simulator import twilio_api, vonage_api
+from simulator.state import (
+    ERRORS,
+    PROVIDERS,
+    TIMEOUT_BODY,
+    Behaviour,
+    Control,
+    Store,
+    decide,
+    new_message,
+    post_callback,
+    set_status,
+    store_of,
+    twilio_final_status,
+)
 
-log = structlog.get_logger(__name__)
-
-
-@dataclass
-class Behaviour:
-    """What the simulator does with the next requests; tests change it through /control."""
-
-    latency_ms: float
-    failure_rate: float  # share of sends answered 503 (transient)
-    permanent_failure_rate: float = 0.0  # share answered 400 code 21211 (final)
-    delivery_delay_ms: float = 200.0
-    final_status: str = "delivered"
-    callbacks: bool = True
-
-
-class Control(msgspec.Struct, omit_defaults=True):
-    latency_ms: float | None = None
-    failure_rate: float | None = None
-    permanent_failure_rate: float | None = None
-    delivery_delay_ms: float | None = None
-    final_status: str | None = None
-    callbacks: bool | None = None
+# The generic API's answers to scripted errors: (HTTP status, code, message).
+GENERIC_ERRORS: dict[str, tuple[int, str, str]] = {
+    "throttled": (429, "20429", "Too Many Requests"),
+    "server_error": (503, "20503", "simulated provider outage"),
+    "invalid_number": (400, "21211", "The 'To' number is not a valid phone number"),
+    "opted_out": (400, "21610", "Attempt to send to unsubscribed recipient"),
+}
+# What POST /messages has always answered with; GET /messages shows more.
+GENERIC_FIELDS = ("id", "to", "from", "body", "status", "idempotencyKey")
 
 
 class SendBody(msgspec.Struct, rename={"sender": "from"}):
@@ -54,115 +58,162 @@ class SendBody(msgspec.Struct, rename={"sender": "from"}):
     validityPeriod: int | None = None  # noqa: N815
 
 
-@dataclass
-class Store:
-    """Messages the simulated handsets received, by id, plus each idempotency key's first answer."""
+class InboundBody(msgspec.Struct, rename={"sender": "from"}):
+    """POST /control/inbound: make `provider` deliver an SMS from a customer to our webhook."""
 
-    behaviour: Behaviour
-    secret: str
-    messages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    by_key: dict[str, str] = field(default_factory=dict)
-    requests: int = 0
-    replays: int = 0
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    client: httpx.AsyncClient | None = None
+    provider: str
+    url: str
+    sender: str
+    to: str
+    text: str = "STOP"
+    account: str | None = None  # Twilio AccountSid or Vonage api_key
+    auth_token: str | None = None  # Twilio: the auth token that signs the webhook
+
+
+def _generic_view(message: dict[str, Any]) -> dict[str, Any]:
+    return {name: message[name] for name in GENERIC_FIELDS}
 
 
 @post("/messages", status_code=201)
-async def send(request: Request[object, object, State], data: SendBody) -> Response[Any]:
-    store: Store = request.app.state.store
-    store.requests += 1
-    behaviour = store.behaviour
+async def send(request: Request[object, object, State], data: JSONBody[SendBody]) -> Response[Any]:
+    store = store_of(request)
+    store.count_request("simulator")
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key and key in store.by_key:
         # The same send again (a retry after a lost answer): the handset gets nothing new.
         store.replays += 1
-        return Response(store.messages[store.by_key[key]], status_code=200)
-    await asyncio.sleep(behaviour.latency_ms / 1000)
-    roll = random.random()
-    if roll < behaviour.failure_rate:
-        return Response({"code": "20503", "message": "simulated provider outage"}, status_code=503)
-    if roll < behaviour.failure_rate + behaviour.permanent_failure_rate:
-        return Response(
-            {"code": "21211", "message": "The 'To' number is not a valid phone number"},
-            status_code=400,
-        )
-    message: dict[str, Any] = {
-        "id": "SIM" + uuid.uuid4().hex,
-        "to": data.to,
-        "from": data.sender,
-        "body": data.body,
-        "status": "queued",
-        "idempotencyKey": key,
-    }
-    store.messages[message["id"]] = message
+        return Response(_generic_view(store.messages[store.by_key[key]]), status_code=200)
+    error = await decide(store, "simulator")
+    if error == "timeout":
+        return Response(TIMEOUT_BODY, status_code=504, media_type=MediaType.TEXT)
+    if error is not None:
+        status, code, text = GENERIC_ERRORS[error]
+        return Response({"code": code, "message": text}, status_code=status)
+    message = new_message(
+        "simulator",
+        "SIM" + uuid.uuid4().hex,
+        to=data.to,
+        sender=data.sender,
+        body=data.body,
+        idempotencyKey=key,
+        statusCallback=data.statusCallback,
+        validityPeriod=data.validityPeriod,
+    )
+    store.record(message)
     if key:
         store.by_key[key] = message["id"]
-    if data.statusCallback and behaviour.callbacks:
-        task = asyncio.create_task(_report(store, message, data.statusCallback))
-        store.tasks.add(task)
-        task.add_done_callback(store.tasks.discard)
-    return Response(message, status_code=201)
+    if data.statusCallback and store.behaviour.callbacks:
+        store.spawn(_report(store, message, data.statusCallback))
+    return Response(_generic_view(message), status_code=201)
 
 
 async def _report(store: Store, message: dict[str, Any], url: str) -> None:
     """Call the status callback as a provider would: `sent`, then the final status."""
-    await asyncio.sleep(store.behaviour.delivery_delay_ms / 2000)
-    for status in ("sent", store.behaviour.final_status):
-        message["status"] = status
+    delay = store.behaviour.delivery_delay_ms / 2000
+    await asyncio.sleep(delay)
+    for status in ("sent", twilio_final_status(store.behaviour.final_status)):
+        set_status(message, status)
         body = msgspec.json.encode({"id": message["id"], "status": status, "to": message["to"]})
-        await _post_callback(store, url, body)
-        await asyncio.sleep(store.behaviour.delivery_delay_ms / 2000)
-
-
-async def _post_callback(store: Store, url: str, body: bytes, attempts: int = 4) -> None:
-    """POST one callback, retrying a few times with backoff as real providers do."""
-    assert store.client is not None
-    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(store.secret, url, body)}
-    for attempt in range(attempts):
-        try:
-            response = await store.client.post(url, content=body, headers=headers)
-            if response.status_code < 500:
-                return
-            error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            error = str(exc) or type(exc).__name__
-        log.warning("simulator.callback_failed", url=url, error=error, attempt=attempt + 1)
-        await asyncio.sleep(0.5 * 2**attempt)
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(store.secret, url, body),
+        }
+        await post_callback(store, url, body, headers)
+        await asyncio.sleep(delay)
 
 
 @get("/messages")
 async def list_messages(
-    request: Request[object, object, State], idempotency_key: FromQuery[str | None] = None
+    request: Request[object, object, State],
+    provider: FromQuery[str | None] = None,
+    idempotency_key: FromQuery[str | None] = None,
 ) -> list[dict[str, Any]]:
-    store: Store = request.app.state.store
-    messages = list(store.messages.values())
+    """Every message the simulated handsets got, through any API, oldest first."""
+    messages = list(store_of(request).messages.values())
+    if provider is not None:
+        messages = [m for m in messages if m["provider"] == provider]
     if idempotency_key is not None:
         messages = [m for m in messages if m["idempotencyKey"] == idempotency_key]
     return messages
 
 
 @get("/stats")
-async def stats(request: Request[object, object, State]) -> dict[str, int]:
-    store: Store = request.app.state.store
-    return {"requests": store.requests, "messages": len(store.messages), "replays": store.replays}
+async def stats(request: Request[object, object, State]) -> dict[str, Any]:
+    return store_of(request).stats()
+
+
+def _behaviour_view(store: Store) -> dict[str, Any]:
+    behaviour = store.behaviour
+    return msgspec.structs.asdict(
+        Control(
+            **{
+                **vars(behaviour),
+                "next_errors": list(behaviour.next_errors),
+                "outage": list(behaviour.outage),
+            }
+        )
+    )
+
+
+@get("/control")
+async def get_control(request: Request[object, object, State]) -> dict[str, Any]:
+    return _behaviour_view(store_of(request))
 
 
 @post("/control", status_code=200)
-async def control(request: Request[object, object, State], data: Control) -> dict[str, Any]:
-    store: Store = request.app.state.store
+async def control(
+    request: Request[object, object, State], data: JSONBody[Control]
+) -> dict[str, Any]:
+    """Change what the simulator does next; fields left out keep their value. `next_errors`
+    and `outage` replace the current lists."""
+    store = store_of(request)
+    unknown = sorted(set(data.next_errors or ()) - ERRORS)
+    if unknown:
+        raise ValidationException(f"unknown next_errors {unknown}; choose from {sorted(ERRORS)}")
+    unknown = sorted(set(data.outage or ()) - set(PROVIDERS))
+    if unknown:
+        raise ValidationException(f"unknown outage providers {unknown}; choose from {PROVIDERS}")
     for name, value in msgspec.structs.asdict(data).items():
         if value is not None:
-            setattr(store.behaviour, name, value)
-    return msgspec.structs.asdict(Control(**vars(store.behaviour)))
+            setattr(store.behaviour, name, list(value) if isinstance(value, list) else value)
+    return _behaviour_view(store)
+
+
+@post("/control/inbound", status_code=200)
+async def inbound(
+    request: Request[object, object, State], data: JSONBody[InboundBody]
+) -> Response[Any]:
+    """Post `provider`'s inbound-SMS webhook to `url`, signed as that provider signs it, and
+    answer with the status the webhook answered (502 when it could not be reached)."""
+    store = store_of(request)
+    if not data.account:
+        raise ValidationException("account (the AccountSid or api_key) is required")
+    if data.provider == "twilio":
+        if not data.auth_token:
+            raise ValidationException("auth_token is required to sign Twilio webhooks")
+        params = twilio_api.inbound_params(data.account, data.sender, data.to, data.text)
+        body, headers = twilio_api.signed_form(data.url, params, data.auth_token)
+    elif data.provider == "vonage":
+        params = vonage_api.inbound_params(data.account, data.sender, data.to, data.text)
+        body, headers = vonage_api.signed_form(params, data.account, store.secret)
+    else:
+        raise ValidationException("provider must be twilio or vonage")
+    try:
+        response = await store.client.post(data.url, content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return Response({"error": str(exc) or type(exc).__name__, "sent": params}, status_code=502)
+    if response.status_code in (204, 304) or response.status_code < 200:
+        return Response(None, status_code=response.status_code)
+    return Response(
+        {"status": response.status_code, "sent": params, "response": response.text[:2000]},
+        status_code=response.status_code,
+    )
 
 
 @delete("/messages", status_code=204)
 async def reset(request: Request[object, object, State]) -> None:
-    store: Store = request.app.state.store
-    store.messages.clear()
-    store.by_key.clear()
-    store.requests = store.replays = 0
+    """Forget messages, counters and scripted errors (next_errors and outage)."""
+    store_of(request).reset()
 
 
 @get("/health", media_type=MediaType.TEXT)
@@ -170,11 +221,8 @@ async def health() -> str:
     return "ok"
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    """The simulator as an ASGI app (`uvicorn simulator.app:create_app --factory`)."""
-    settings = settings or get_settings()
-    configure_logging(settings)
-    store = Store(
+def create_store(settings: Settings) -> Store:
+    return Store(
         behaviour=Behaviour(
             latency_ms=settings.simulator_latency.total_seconds() * 1000,
             failure_rate=settings.simulator_failure_rate,
@@ -183,18 +231,28 @@ def create_app(settings: Settings | None = None) -> Litestar:
         secret=settings.simulator_signing_secret.get_secret_value(),
     )
 
-    async def open_client() -> None:
-        store.client = httpx.AsyncClient(timeout=10)
 
-    async def close_client() -> None:
-        if store.client is not None:
-            await store.client.aclose()
-
+def create_app(settings: Settings | None = None) -> Litestar:
+    """The simulator as an ASGI app (`uvicorn simulator.app:create_app --factory`; the
+    `sms-dispatch simulator` command serves it on HTTP and HTTPS, see simulator.server)."""
+    settings = settings or get_settings()
+    configure_logging(settings)
+    store = create_store(settings)
     return Litestar(
-        route_handlers=[send, list_messages, stats, control, reset, health],
+        route_handlers=[
+            send,
+            list_messages,
+            stats,
+            get_control,
+            control,
+            inbound,
+            reset,
+            health,
+            *twilio_api.ROUTES,
+            *vonage_api.ROUTES,
+        ],
         state=State({"store": store}),
-        on_startup=[open_client],
-        on_shutdown=[close_client],
+        on_shutdown=[store.aclose],
         openapi_config=None,
         logging_config=None,
     )

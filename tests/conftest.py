@@ -25,6 +25,7 @@ from shared import accounts
 from shared.db import Database
 from shared.models import Base
 from shared.settings import Settings, get_settings
+from simulator.tls import ensure_certificate
 from tests.services import free_port, postgres_server, redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +52,19 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ports() -> dict[str, int]:
-    return {"api": free_port(), "simulator": free_port()}
+    return {"api": free_port(), "simulator": free_port(), "simulator_tls": free_port()}
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, redis_url: str, ports: dict[str, int]) -> Iterator[Settings]:
+def settings(
+    database_url: str,
+    redis_url: str,
+    ports: dict[str, int],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Settings]:
     """The suite's settings, also exported as SMSD_* so every child process shares them."""
+    tls_dir = tmp_path_factory.mktemp("simulator-tls")
+    ensure_certificate(tls_dir)
     env = {
         "SMSD_DATABASE_URL": database_url,
         "SMSD_BROKER_URL": redis_url,
@@ -64,6 +72,10 @@ def settings(database_url: str, redis_url: str, ports: dict[str, int]) -> Iterat
         "SMSD_API_PORT": str(ports["api"]),
         "SMSD_SIMULATOR_PORT": str(ports["simulator"]),
         "SMSD_SIMULATOR_URL": f"http://127.0.0.1:{ports['simulator']}",
+        "SMSD_SIMULATOR_TLS_PORT": str(ports["simulator_tls"]),
+        "SMSD_SIMULATOR_TLS_DIR": str(tls_dir),
+        # The workers' provider SDKs trust the simulator's certificate besides the public ones.
+        "SMSD_PROVIDER_CA_FILE": str(tls_dir / "bundle.pem"),
         "SMSD_SIMULATOR_LATENCY": "0.01",
         "SMSD_SIMULATOR_DELIVERY_DELAY": "0.05",
         "SMSD_SIMULATOR_SIGNING_SECRET": os.urandom(16).hex(),

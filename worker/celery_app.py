@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import structlog
 from celery import Celery
-from celery.signals import setup_logging, task_postrun, task_prerun
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_init
 
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
@@ -84,6 +85,15 @@ app.add_defaults(lambda: celery_config(get_settings()))
 @setup_logging.connect
 def _configure_logging(**_kwargs: Any) -> None:
     configure_logging(get_settings())
+
+
+@worker_init.connect
+def _trust_provider_ca(**_kwargs: Any) -> None:
+    # The provider SDKs use requests, which reads its CA bundle from this variable: the way to
+    # make them trust the local simulator's certificate without touching the SDKs.
+    ca_file = get_settings().provider_ca_file
+    if ca_file is not None:
+        os.environ.setdefault("REQUESTS_CA_BUNDLE", str(ca_file))
 
 
 @task_prerun.connect

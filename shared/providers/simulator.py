@@ -13,6 +13,7 @@ import httpx
 from shared.models import MessageStatus
 from shared.providers import (
     PermanentProviderError,
+    RecipientOptedOut,
     SendRequest,
     SendResult,
     TransientProviderError,
@@ -21,6 +22,7 @@ from shared.providers import (
 from shared.settings import Settings
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+OPTED_OUT = "21610"
 SIGNATURE_HEADER = "X-Simulator-Signature"
 
 # The simulator's statuses are Twilio's words; this is how they map onto our lifecycle.
@@ -85,6 +87,8 @@ class SimulatorProvider:
         text = str(data.get("message", response.reason_phrase))
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientProviderError(code, text)
+        if code == OPTED_OUT:  # the simulator speaks Twilio's error codes
+            raise RecipientOptedOut(code, text)
         raise PermanentProviderError(code, text)
 
     def close(self) -> None:

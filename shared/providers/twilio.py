@@ -11,8 +11,10 @@ from typing import Any, ClassVar
 import requests
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
+from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
+from shared.models import MessageStatus
 from shared.providers import (
     PermanentProviderError,
     RecipientOptedOut,
@@ -90,3 +92,30 @@ def _classify(exc: TwilioRestException) -> Exception:
 @register("twilio")
 def _twilio(credentials: Mapping[str, Any], settings: Settings) -> TwilioProvider:
     return TwilioProvider(credentials, settings)
+
+
+# How Twilio's message statuses map onto our lifecycle (callbacks repeat and come in any order;
+# apply_status keeps only forward moves).
+TWILIO_STATUSES: dict[str, MessageStatus] = {
+    "accepted": MessageStatus.QUEUED,
+    "scheduled": MessageStatus.QUEUED,
+    "queued": MessageStatus.QUEUED,
+    "sending": MessageStatus.SENDING,
+    "sent": MessageStatus.SENT,
+    "delivered": MessageStatus.DELIVERED,
+    "read": MessageStatus.DELIVERED,
+    "undelivered": MessageStatus.UNDELIVERED,
+    "failed": MessageStatus.FAILED,
+    "canceled": MessageStatus.FAILED,
+}
+SIGNATURE_HEADER = "X-Twilio-Signature"
+
+
+def verify_webhook(
+    credentials: Mapping[str, Any], url: str, params: Mapping[str, str], signature: str | None
+) -> bool:
+    """Twilio's own check: HMAC-SHA1 with the auth token over the public URL + sorted params."""
+    if not signature:
+        return False
+    validator = RequestValidator(str(credentials["auth_token"]))
+    return bool(validator.validate(url, dict(params), signature))

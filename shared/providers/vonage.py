@@ -16,6 +16,7 @@ from vonage_http_client.errors import HttpRequestError, RateLimitedError, Server
 from vonage_sms import SmsMessage
 from vonage_sms.errors import SmsError
 
+from shared.models import MessageStatus
 from shared.providers import (
     PermanentProviderError,
     SendRequest,
@@ -102,3 +103,28 @@ def _callback(url: str) -> str | None:
 @register("vonage")
 def _vonage(credentials: Mapping[str, Any], settings: Settings) -> VonageProvider:
     return VonageProvider(credentials, settings)
+
+
+# Delivery receipt statuses; `accepted`/`buffered` mean the network has it, not the handset.
+VONAGE_STATUSES: dict[str, MessageStatus] = {
+    "accepted": MessageStatus.SENT,
+    "buffered": MessageStatus.SENT,
+    "delivered": MessageStatus.DELIVERED,
+    "expired": MessageStatus.EXPIRED,
+    "failed": MessageStatus.FAILED,
+    "rejected": MessageStatus.REJECTED,
+    "unknown": MessageStatus.QUEUED,  # says nothing new: stored, never applied
+}
+
+
+def verify_webhook(credentials: Mapping[str, Any], params: Mapping[str, str]) -> bool:
+    """Vonage's own check of `sig` with the signature secret; unsigned receipts never pass."""
+    secret = credentials.get("signature_secret")
+    if not secret or not params.get("sig"):
+        return False
+    auth = Auth(
+        api_key=str(credentials["api_key"]),
+        signature_secret=str(secret),
+        signature_method=credentials.get("signature_method", "sha256"),
+    )
+    return bool(auth.check_signature(dict(params)))

@@ -18,7 +18,9 @@ BASE = f"/interact/version/3/account/{TENANT}/resources"
 AUTH = {"Tenant-Id": TENANT, "Application-Key": KEY}
 
 
-def _start_dev(workdir: Path, api_port: int, simulator_port: int) -> subprocess.Popen[bytes]:
+def _start_dev(
+    workdir: Path, api_port: int, simulator_port: int, tls_port: int | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         name: value
         for name, value in os.environ.items()
@@ -26,7 +28,10 @@ def _start_dev(workdir: Path, api_port: int, simulator_port: int) -> subprocess.
     }
     # Only the ports move: the public and simulator URLs follow them.
     env.update(
-        SMSD_API_PORT=str(api_port), SMSD_SIMULATOR_PORT=str(simulator_port), PYTHONPATH=str(ROOT)
+        SMSD_API_PORT=str(api_port),
+        SMSD_SIMULATOR_PORT=str(simulator_port),
+        SMSD_SIMULATOR_TLS_PORT=str(tls_port or free_port()),
+        PYTHONPATH=str(ROOT),
     )
     return subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "dev"],
@@ -55,9 +60,9 @@ def _running_in(workdir: Path) -> list[int]:
 
 
 def test_dev_runs_the_whole_service_on_sqlite_and_survives_a_restart(tmp_path: Path) -> None:
-    api_port, simulator_port = free_port(), free_port()
+    api_port, simulator_port, tls_port = free_port(), free_port(), free_port()
     base_url = f"http://127.0.0.1:{api_port}"
-    dev = _start_dev(tmp_path, api_port, simulator_port)
+    dev = _start_dev(tmp_path, api_port, simulator_port, tls_port)
     try:
         wait_until(
             lambda: b"Ctrl-C stops everything" in (tmp_path / "dev.log").read_bytes(), 90, "dev"
@@ -80,7 +85,7 @@ def test_dev_runs_the_whole_service_on_sqlite_and_survives_a_restart(tmp_path: P
     assert (tmp_path / "var" / "sms-dispatch.sqlite3").exists()
 
     # Running it again on the same files is safe: migrations and the demo seed are idempotent.
-    again = _start_dev(tmp_path, api_port, simulator_port)
+    again = _start_dev(tmp_path, api_port, simulator_port, tls_port)
     try:
         wait_until(
             lambda: (tmp_path / "dev.log").read_bytes().count(b"Ctrl-C stops everything") == 2,

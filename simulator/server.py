@@ -1,0 +1,183 @@
+"""`sms-dispatch simulator`: one app served on HTTP and HTTPS from one process.
+
+The Vonage SDK only speaks https://, the generic adapter and most tests speak http://; both
+reach the same in-memory simulator, so a message sent on one port shows on the other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+from collections.abc import Generator
+
+import structlog
+import uvicorn
+from litestar import Litestar
+
+from shared.settings import Settings, get_settings
+from simulator.app import create_app
+from simulator.state import Store
+from simulator.tls import ensure_certificate
+
+log = structlog.get_logger("simulator")
+
+# Long enough for in-flight sends to finish; a scripted "timeout" is cut short.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to SimulatorServer, which stops both at once."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class SimulatorServer:
+    """The simulator app on `host:port` (HTTP) and `host:tls_port` (HTTPS).
+
+    The ports are bound when it is made (0 picks a free one; read `.port` and `.tls_port`), so
+    a busy port fails here with OSError, before anything runs. `run()` serves until `stop()`
+    (callable from any thread) or, in the main thread, SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        tls_port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.host = host or settings.simulator_host
+        self.cert_file, self.key_file, self.ca_bundle = ensure_certificate(
+            settings.simulator_tls_dir
+        )
+        self.app: Litestar = create_app(settings)
+        self.started = threading.Event()
+        self._http_socket = _bind(
+            self.host, settings.simulator_port if port is None else port, "SMSD_SIMULATOR_PORT"
+        )
+        try:
+            self._https_socket = _bind(
+                self.host,
+                settings.simulator_tls_port if tls_port is None else tls_port,
+                "SMSD_SIMULATOR_TLS_PORT",
+            )
+        except OSError:
+            self._http_socket.close()
+            raise
+        self.port: int = self._http_socket.getsockname()[1]
+        self.tls_port: int = self._https_socket.getsockname()[1]
+        self._http = _Server(_config(self.app, self.host, self.port))
+        self._https = _Server(
+            _config(
+                self.app,
+                self.host,
+                self.tls_port,
+                ssl_certfile=str(self.cert_file),
+                ssl_keyfile=str(self.key_file),
+            )
+        )
+        for server in (self._http, self._https):
+            server.config.load()  # a bad certificate fails here, not in a task
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"https://{self.host}:{self.tls_port}"
+
+    def run(self) -> None:
+        """Serve until stopped (blocks; runs its own event loop)."""
+        asyncio.run(self.serve())
+
+    def stop(self, force: bool = False) -> None:
+        """Ask both servers to stop; `force` drops open connections at once."""
+        for server in (self._http, self._https):
+            server.should_exit = True
+            server.force_exit = server.force_exit or force
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        handled: list[signal.Signals] = []
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                handled.append(signum)
+        servers = [(self._https, self._https_socket), (self._http, self._http_socket)]
+        tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
+        try:
+            while not all(server.started for server, _ in servers):
+                if any(task.done() for task in tasks):
+                    self.stop()
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                log.info("simulator.listening", http=self.url, https=self.tls_url)
+                self.started.set()
+            await asyncio.gather(*tasks)
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+            for sock in (self._http_socket, self._https_socket):
+                sock.close()
+            await self._store().aclose()
+            log.info("simulator.stopped")
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        # A second Ctrl-C stops at once, as uvicorn does.
+        again = self._http.should_exit and signum == signal.SIGINT
+        log.info("simulator.stopping", signal=signum.name, force=again)
+        self.stop(force=again)
+
+    def _store(self) -> Store:
+        store: Store = self.app.state.store
+        return store
+
+
+def _config(
+    app: Litestar,
+    host: str,
+    port: int,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        log_config=None,
+        access_log=False,
+        # The app's lifespan is SimulatorServer's to run, once, not once per server.
+        lifespan="off",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+
+
+def _bind(host: str, port: int, setting: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn binds: a port only in TIME_WAIT after a restart is free, a listener is not.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot listen on {host}:{port} ({exc.strerror}); set {setting}"
+        ) from exc
+    sock.set_inheritable(False)
+    return sock
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Serve the simulator on settings.simulator_host: simulator_port (HTTP) and
+    simulator_tls_port (HTTPS, certificate in simulator_tls_dir) until SIGTERM or SIGINT."""
+    SimulatorServer(settings or get_settings()).run()
