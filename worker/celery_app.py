@@ -93,7 +93,7 @@ def _trust_provider_ca(**_kwargs: Any) -> None:
     # make them trust the local simulator's certificate without touching the SDKs.
     ca_file = get_settings().provider_ca_file
     if ca_file is not None:
-        os.environ.setdefault("REQUESTS_CA_BUNDLE", str(ca_file))
+        os.environ["REQUESTS_CA_BUNDLE"] = str(ca_file)  # configured: it wins over the default
 
 
 @task_prerun.connect

@@ -97,6 +97,12 @@ def send_message(sid: str) -> None:
             owned = fail_over(session, owned, settings, utcnow(), _healthy(state)) or owned
     if owned is None:
         return
+    try:
+        # Built (and warmed) before the rate-limit slot is taken, so the send leaves on time.
+        provider = provider_for(owned)
+    except Exception as exc:
+        _record_failure(db, owned, exc if isinstance(exc, ProviderError) else _unexpected(exc))
+        return
     wait = state.take(owned.rates(), owned.segments)
     if wait > 0:
         # The sender is at its carrier throughput: come back when a slot is free, and let
@@ -106,7 +112,6 @@ def send_message(sid: str) -> None:
         publish_sends(app, db, [sid], countdown=timedelta(seconds=wait))
         return
     try:
-        provider = provider_for(owned)
         if owned.in_doubt and not provider.idempotent:
             # The last worker died mid-call: the provider may have it, and it cannot dedupe.
             # Never-twice wins over never-lost here; the event says why for the operator.

@@ -44,6 +44,9 @@ class TwilioProvider:
         if credentials.get("base_url"):
             self._client.api.base_url = str(credentials["base_url"])
         self._messaging_service_sid = credentials.get("messaging_service_sid")
+        # The SDK loads its resource modules on first use; do it now, not on the first send
+        # (which would then leave later than its rate-limit slot).
+        self._messages = self._client.messages
 
     def send(self, request: SendRequest) -> SendResult:
         sender: dict[str, str] = (
@@ -52,7 +55,7 @@ class TwilioProvider:
             else {"from_": request.sender}
         )
         try:
-            message = self._client.messages.create(
+            message = self._messages.create(
                 to=request.to,
                 body=request.body,
                 status_callback=request.status_callback_url,
