@@ -399,6 +399,8 @@ def provider() -> None:
 @click.option("--credential", "credentials", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--expires-at", default=None, help="ISO 8601 with timezone.")
 @click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--sender-rate", type=float, default=None, help="Segments/s per sender number.")
+@click.option("--account-rate", type=float, default=None, help="Segments/s for these settings.")
 def provider_set(
     tenant_id: str,
     provider_name: str,
@@ -406,8 +408,12 @@ def provider_set(
     credentials: tuple[str, ...],
     expires_at: str | None,
     priority: int,
+    sender_rate: float | None,
+    account_rate: float | None,
 ) -> None:
-    """Set an account's provider, its senders and credentials (never echoed back)."""
+    """Set an account's provider, its senders and credentials (never echoed back).
+
+    Several providers at different priorities make a failover chain."""
     from shared.providers import provider_names
 
     if provider_name not in provider_names():
@@ -420,7 +426,7 @@ def provider_set(
         pairs[key] = value
     with _transaction() as session:
         found = accounts.get_account(session, tenant_id)
-        accounts.set_provider(
+        settings_row = accounts.set_provider(
             session,
             found,
             provider_name,
@@ -429,6 +435,8 @@ def provider_set(
             expires_at=_when(expires_at),
             priority=priority,
         )
+        settings_row.sender_rate = sender_rate
+        settings_row.account_rate = account_rate
     click.echo(f"provider {provider_name} set for {tenant_id} ({len(pairs)} credentials)")
 
 
