@@ -104,6 +104,10 @@ def worker(concurrency: int | None, beat: bool, quiet: bool, celery_args: tuple[
     settings = get_settings()
     queues = f"{settings.send_queue},{settings.send_queue}.sweep"
     args = ["worker", "-Q", queues, "-P", "threads", "-E", "--without-mingle", "--without-gossip"]
+    if not any(arg in ("-n", "--hostname") or arg.startswith("--hostname=") for arg in celery_args):
+        # A node name of its own: several workers on one host must not share Celery's pidbox
+        # queue (RabbitMQ refuses the second), and Flower tells them apart.
+        args += ["--hostname", f"sms-dispatch-{os.getpid()}@%h"]
     args += ["-c", str(concurrency or settings.worker_concurrency)]
     if beat:
         VAR_DIR.mkdir(exist_ok=True)

@@ -14,6 +14,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["free_port", "postgres_server", "redis_server"]
+__all__ = ["free_port", "postgres_server", "rabbitmq_server", "redis_server"]
 
 PG_DATABASE = "sms_dispatch_test"
 PG_USER = "postgres"  # superuser created by initdb, and the system account
@@ -207,5 +208,70 @@ def redis_server() -> Iterator[str]:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _amqp_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")  # the AMQP 0-9-1 protocol header
+            return sock.recv(1) == b"\x01"  # a Connection.Start method frame follows
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def rabbitmq_server() -> Iterator[str]:
+    """Yield the AMQP URL of a throwaway RabbitMQ node (or TEST_AMQP_URL's)."""
+    if url := os.environ.get("TEST_AMQP_URL"):
+        yield url
+        return
+    binary = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+    if not binary.exists():
+        binary = Path(shutil.which("rabbitmq-server") or "rabbitmq-server")
+    tmp = _make_tempdir("rabbitmq-test-")
+    port, dist_port = free_port(), free_port()
+    # Its own node name, ports and directories, so the machine's RabbitMQ is never touched.
+    env = {
+        **os.environ,
+        "HOME": str(tmp),
+        "RABBITMQ_NODENAME": f"smsdtest{port}@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_MNESIA_BASE": str(tmp / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(tmp / "log"),
+        "RABBITMQ_PID_FILE": str(tmp / "rabbit.pid"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(tmp / "enabled_plugins"),
+        "RABBITMQ_CONFIG_FILE": str(tmp / "rabbitmq"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(tmp / "advanced.config"),
+    }
+    log = tmp / "rabbitmq.out"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [str(binary)],
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60  # an Erlang node takes several seconds to boot
+        while not _amqp_answers(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"rabbitmq did not start on port {port}:\n{_log_tail(log)}")
+            time.sleep(0.2)
+        yield f"amqp://guest:guest@127.0.0.1:{port}//"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
