@@ -10,9 +10,16 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from api.callbacks import simulator_callback
-from api.errors import http_error_response, refused_response, unexpected_response
+from api.errors import (
+    database_error_response,
+    http_error_response,
+    refused_response,
+    unexpected_response,
+)
 from api.health import live, ready
 from api.interact import (
     generate_token,
@@ -23,6 +30,7 @@ from api.interact import (
     send_sms_v2,
 )
 from api.links import follow_short_link
+from api.metrics import instrument, metrics
 from api.placement import Placement
 from api.soap import agent_wsdl, soap_endpoint
 from api.tracking import deflected_call_report, get_message
@@ -40,7 +48,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # Imported here so the API process builds its Celery publisher from the same settings.
     from worker.celery_app import create_celery
 
-    db = Database(settings)
+    # A request waits only briefly for a pooled connection, then answers 503.
+    db = Database(settings, pool_timeout=settings.api_database_pool_timeout)
     placement = Placement(settings=settings, db=db, celery=create_celery(settings))
 
     async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
@@ -49,7 +58,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def shutdown() -> None:
         db.dispose()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             send_sms,
             send_sms_to_caller,
@@ -66,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             *WEBHOOKS,
             live,
             ready,
+            metrics,
         ],
         state=State({"placement": placement}),
         before_request=clear_log_context,
@@ -73,6 +83,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers={
             RequestRefused: refused_response,
             HTTPException: http_error_response,
+            DBAPIError: database_error_response,
+            PoolTimeout: database_error_response,
             Exception: unexpected_response,
         },
         openapi_config=OpenAPIConfig(
@@ -87,3 +99,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         logging_config=None,
     )
+    instrument(app, send_handlers=[send_sms, send_sms_to_caller, send_sms_v2, soap_endpoint])
+    return app

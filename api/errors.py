@@ -8,6 +8,8 @@ import msgspec
 import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from shared.errors import (
     MORE_INFO_URL,
@@ -63,3 +65,29 @@ def unexpected_response(_request: Request[Any, Any, Any], exc: Exception) -> Res
     """The seed's 500 `exception`: the traceback goes to the log, never to the caller."""
     log.error("request.failed", exc_info=exc)
     return Response(content=b"exception", status_code=500, media_type=MediaType.TEXT)
+
+
+SERVICE_UNAVAILABLE = b"service unavailable"
+
+
+def database_error_response(
+    request: Request[Any, Any, Any], exc: DBAPIError | PoolTimeout
+) -> Response[bytes]:
+    """The database is down, unreachable or saturated: 503 at once, so callers retry later.
+
+    Nothing was accepted (the transaction never committed). Other database errors are bugs
+    and stay the seed's 500 `exception`."""
+    unavailable = (
+        isinstance(exc, PoolTimeout | OperationalError | InterfaceError)
+        or exc.connection_invalidated
+    )
+    if not unavailable:
+        return unexpected_response(request, exc)
+    cause = getattr(exc, "orig", None) or exc
+    log.warning(
+        "request.database_unavailable",
+        path=request.url.path,
+        error=type(cause).__name__,
+        detail=next(iter(str(cause).strip().splitlines()), ""),
+    )
+    return Response(content=SERVICE_UNAVAILABLE, status_code=503, media_type=MediaType.TEXT)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import anyio
 import anyio.to_thread
+import redis
+from celery import Celery
 from litestar import MediaType, Request, Response, get
 from litestar.datastructures import State
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import text as sql
 
 from api.openapi import documented, text
 from api.placement import Placement
+from shared.db import Database
+
+# Each dependency gets this long to answer, checked side by side: a probe never hangs.
+CHECK_TIMEOUT = 3.0
+BROKER_TIMEOUT = 1.0
 
 
 @get("/health/live", media_type=MediaType.TEXT, tags=["Health"], summary="Liveness")
@@ -22,19 +34,75 @@ async def live() -> str:
     tags=["Health"],
     summary="Readiness",
     operation_class=documented(
-        errors={503: text("The database does not answer", "database unavailable: OperationalError")}
+        errors={
+            503: text(
+                "The database or the broker does not answer (each is given a few seconds)",
+                "database unavailable: OperationalError; broker unavailable: ConnectionError",
+            )
+        }
     ),
 )
 async def ready(request: Request[object, object, State]) -> Response[str]:
-    """Ready when the database answers: without it nothing can be accepted."""
+    """Ready when the database and the broker both answer.
+
+    Without the database nothing can be accepted; without the broker accepted messages wait
+    for the sweeper, so this instance should not take new traffic until it is back."""
     placement: Placement = request.app.state.placement
+    checks: dict[str, Callable[[], None]] = {
+        "database": lambda: check_database(placement.db),
+        "broker": lambda: check_broker(placement.settings.broker_url, placement.celery),
+    }
+    problems: dict[str, str] = {}
 
-    def check() -> None:
-        with placement.db.engine.connect() as connection:
-            connection.execute(sql("SELECT 1"))
+    async def run(name: str, check: Callable[[], None]) -> None:
+        problem = await _probe(check)
+        if problem is not None:
+            problems[name] = problem
 
-    try:
-        await anyio.to_thread.run_sync(check)
-    except Exception as exc:
-        return Response(f"database unavailable: {type(exc).__name__}", status_code=503)
+    async with anyio.create_task_group() as group:
+        for name, check in checks.items():
+            group.start_soon(run, name, check)
+    if problems:
+        return Response(
+            "; ".join(
+                f"{name} unavailable: {problems[name]}" for name in checks if name in problems
+            ),
+            status_code=503,
+        )
     return Response("ok")
+
+
+async def _probe(check: Callable[[], None]) -> str | None:
+    """None when `check` passed; otherwise why not (a thread left hanging is abandoned)."""
+    try:
+        with anyio.fail_after(CHECK_TIMEOUT):
+            await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
+    except TimeoutError:
+        return f"no answer within {CHECK_TIMEOUT:g} s"
+    except Exception as exc:
+        return type(exc).__name__
+    return None
+
+
+def check_database(db: Database) -> None:
+    """A round trip through the pool (connect_timeout and pool_timeout bound it)."""
+    with db.engine.connect() as connection:
+        connection.execute(sql("SELECT 1"))
+
+
+def check_broker(broker_url: str, celery: Celery) -> None:
+    """PING a Redis broker within a second; any other broker: one connection attempt."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        client = redis.Redis.from_url(
+            broker_url,
+            socket_connect_timeout=BROKER_TIMEOUT,
+            socket_timeout=BROKER_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return
+    with celery.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=0)

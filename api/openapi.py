@@ -86,6 +86,10 @@ IDEMPOTENCY_CONFLICT = text(
     "Idempotency-Key was already used with a different request",
 )
 
+UNAVAILABLE = text(
+    "The database is unreachable: nothing was accepted, retry later", "service unavailable"
+)
+
 SEND_ERRORS = {
     400: BAD_PARAMETER,
     401: UNAUTHORIZED,
@@ -93,6 +97,7 @@ SEND_ERRORS = {
     404: NOT_FOUND,
     422: IDEMPOTENCY_CONFLICT,
     500: FAILED,
+    503: UNAVAILABLE,
 }
 PLACED = OpenAPIResponse(
     description="Recorded (committed) and queued; sent by a worker shortly after",

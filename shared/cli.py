@@ -98,10 +98,30 @@ def _celery(*args: str, quiet: bool = False) -> None:
 @click.option("--concurrency", "-c", type=int, default=None, help="Sends in flight per process.")
 @click.option("--beat", is_flag=True, help="Also run the sweeper schedule (single-process setups).")
 @click.option("--quiet", is_flag=True, help="No start-up banner.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve Prometheus metrics on this port (default: SMSD_WORKER_METRICS_PORT; 0 = off).",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(concurrency: int | None, beat: bool, quiet: bool, celery_args: tuple[str, ...]) -> None:
+def worker(
+    concurrency: int | None,
+    beat: bool,
+    quiet: bool,
+    metrics_port: int | None,
+    celery_args: tuple[str, ...],
+) -> None:
     """Run a Celery worker for sends and sweeps."""
+    if metrics_port is not None:
+        # The worker reads its settings again in this process: make the option one of them.
+        os.environ["SMSD_WORKER_METRICS_PORT"] = str(metrics_port)
+        get_settings.cache_clear()
     settings = get_settings()
+    if settings.worker_metrics_port:
+        _require_free_port(
+            settings.worker_metrics_host, settings.worker_metrics_port, "SMSD_WORKER_METRICS_PORT"
+        )
     queues = f"{settings.send_queue},{settings.send_queue}.sweep"
     args = ["worker", "-Q", queues, "-P", "threads", "-E", "--without-mingle", "--without-gossip"]
     if not any(arg in ("-n", "--hostname") or arg.startswith("--hostname=") for arg in celery_args):
@@ -120,6 +140,28 @@ def beat() -> None:
     """Run the periodic sweeper schedule (exactly one per deployment)."""
     VAR_DIR.mkdir(exist_ok=True)
     _celery("beat", "--schedule", str(VAR_DIR / "celerybeat-schedule"))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--port", type=int, default=5555, show_default=True, help="HTTP port.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
+    """Run Flower (workers, tasks, queues) against the configured broker.
+
+    Basic auth: SMSD_FLOWER_BASIC_AUTH or FLOWER_BASIC_AUTH, "user:password[,user:password]".
+    Other Flower options go after the command or in FLOWER_* variables."""
+    auth = get_settings().flower_basic_auth
+    if auth is not None:
+        # Through the environment, where Flower reads it: never on a command line.
+        os.environ["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
+    if not os.environ.get("FLOWER_BASIC_AUTH") and address not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(
+            f"warning: Flower on {address} without basic auth: anyone who reaches it sees every "
+            "worker and task (set SMSD_FLOWER_BASIC_AUTH)",
+            err=True,
+        )
+    _celery("flower", f"--port={port}", f"--address={address}", *flower_args)
 
 
 @main.command()

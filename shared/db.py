@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,12 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
-def create_db_engine(settings: Settings) -> Engine:
-    """An engine for the configured database, with SQLite tuned for several local processes."""
+def create_db_engine(settings: Settings, *, pool_timeout: timedelta | None = None) -> Engine:
+    """An engine for the configured database, with SQLite tuned for several local processes.
+
+    A database that is down or does not answer fails within seconds (connect_timeout), and a
+    caller waits at most `pool_timeout` (default SMSD_DATABASE_POOL_TIMEOUT) for a pooled
+    connection, so callers can answer "unavailable" instead of hanging."""
     url = make_url(normalise_database_url(settings.database_url))
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -32,12 +38,20 @@ def create_db_engine(settings: Settings) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        # libpq counts whole seconds (psycopg never waits less than 2).
+        connect_args["connect_timeout"] = max(
+            1, math.ceil(settings.database_connect_timeout.total_seconds())
+        )
     return create_engine(
         url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
+        pool_timeout=(pool_timeout or settings.database_pool_timeout).total_seconds(),
         pool_pre_ping=True,
         pool_recycle=1800,
+        connect_args=connect_args,
     )
 
 
@@ -55,8 +69,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class Database:
     """One engine and session factory per process."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.engine = create_db_engine(settings)
+    def __init__(self, settings: Settings, *, pool_timeout: timedelta | None = None) -> None:
+        self.engine = create_db_engine(settings, pool_timeout=pool_timeout)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

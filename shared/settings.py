@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SMSD_BROKER_URL", "BROKER_URL"),
     )
     database_pool_size: int = 10
+    # A database that does not answer fails fast instead of hanging a request or a task
+    # (psycopg's connect_timeout, whole seconds, at least 2; a URL's own connect_timeout wins).
+    database_connect_timeout: Duration = timedelta(seconds=2)
+    # How long a worker thread waits for a pooled connection (SQLAlchemy's pool_timeout).
+    database_pool_timeout: Duration = timedelta(seconds=30)
+    # The same for an API request: past it the request answers 503 instead of queueing on.
+    api_database_pool_timeout: Duration = timedelta(seconds=3)
 
     # Where callers and providers reach us; callback URLs come from it, never from Host headers.
     # Default: http://{api_host}:{api_port}.
@@ -61,6 +68,12 @@ class Settings(BaseSettings):
     default_region: str = "US"
     # A message not handed to a provider within this time is expired, never sent late.
     message_validity: Duration = timedelta(hours=4)
+
+    # Prometheus metrics of each worker process at http://{host}:{port}/metrics; 0 = off.
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
+    # `sms-dispatch flower` basic auth, "user:password[,user2:password2]" (or FLOWER_BASIC_AUTH).
+    flower_basic_auth: SecretStr | None = None
 
     send_queue: str = "sms.send"
     worker_concurrency: int = 32

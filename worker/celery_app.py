@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_init
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_init, worker_ready
 
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
@@ -94,6 +94,17 @@ def _trust_provider_ca(**_kwargs: Any) -> None:
     ca_file = get_settings().provider_ca_file
     if ca_file is not None:
         os.environ["REQUESTS_CA_BUNDLE"] = str(ca_file)  # configured: it wins over the default
+
+
+@worker_ready.connect
+def _serve_metrics(**_kwargs: Any) -> None:
+    # Once the worker consumes (and after an embedded beat forked off, which must not inherit
+    # the listening socket): this process's metrics, when SMSD_WORKER_METRICS_PORT is set.
+    settings = get_settings()
+    if settings.worker_metrics_port:
+        from worker.metrics import serve_metrics
+
+        serve_metrics(settings)
 
 
 @task_prerun.connect

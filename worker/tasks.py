@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from shared.db import Database
-from shared.models import MessageStatus, utcnow
+from shared.models import Message, MessageStatus, utcnow
 from shared.optout import add_opt_out
 from shared.providers import (
     PermanentProviderError,
@@ -34,6 +37,7 @@ from shared.sending import (
 from shared.settings import get_settings
 from shared.throttle import Coordination, coordination
 from worker.celery_app import SEND_TASK, SWEEP_TASK, app
+from worker.metrics import SEND_LATENCY, count_send
 from worker.queue import publish_sends
 
 log = structlog.get_logger(__name__)
@@ -90,12 +94,18 @@ def send_message(sid: str) -> None:
     settings = get_settings()
     db = database()
     state = shared_state()
+    ended: tuple[str, str] | None = None
     with db.transaction() as session:
-        owned = claim(session, sid, settings, utcnow())
-        if owned is not None and state.is_open(_breaker_key(owned.provider_account_id)):
+        now = utcnow()
+        owned = claim(session, sid, settings, now)
+        if owned is None:
+            ended = _ended_by_claim(session, sid, now)
+        elif state.is_open(_breaker_key(owned.provider_account_id)):
             # Its provider keeps failing: go straight to a healthy one, if the owner has one.
             owned = fail_over(session, owned, settings, utcnow(), _healthy(state)) or owned
     if owned is None:
+        if ended is not None:
+            count_send(*ended)
         return
     try:
         # Built (and warmed) before the rate-limit slot is taken, so the send leaves on time.
@@ -109,6 +119,7 @@ def send_message(sid: str) -> None:
         # this thread send other messages meanwhile.
         with db.transaction() as session:
             release(session, owned, timedelta(seconds=wait), utcnow())
+        count_send(owned.provider, "throttled")
         publish_sends(app, db, [sid], countdown=timedelta(seconds=wait))
         return
     try:
@@ -118,7 +129,11 @@ def send_message(sid: str) -> None:
             raise PermanentProviderError(
                 "in-doubt", "worker lost during the provider call; not resent to avoid a duplicate"
             )
-        result = provider.send(_request(owned, settings.public_base_url))
+        started = time.perf_counter()
+        try:
+            result = provider.send(_request(owned, settings.public_base_url))
+        finally:
+            SEND_LATENCY.labels(provider=owned.provider).observe(time.perf_counter() - started)
     except Exception as exc:
         error = exc if isinstance(exc, ProviderError) else _unexpected(exc)
         _record_failure(db, owned, error)
@@ -128,6 +143,26 @@ def send_message(sid: str) -> None:
         record_accepted(
             session, owned, result.provider_message_id, result.provider_status, utcnow()
         )
+    count_send(owned.provider, "sent")
+
+
+# What a claim that sends nothing did to the message, as a metrics outcome.
+_CLAIM_ENDINGS = {
+    MessageStatus.EXPIRED.value: "expired",
+    MessageStatus.OPTED_OUT.value: "opted_out",
+    MessageStatus.FAILED.value: "failed",
+}
+
+
+def _ended_by_claim(session: Session, sid: str, now: datetime) -> tuple[str, str] | None:
+    """(provider, outcome) when this claim itself ended the message (expired, opted out, out
+    of attempts): it stamped final_at with our `now`. None for a copy that had nothing to do."""
+    row = session.execute(
+        select(Message.provider, Message.status, Message.final_at).where(Message.sid == sid)
+    ).first()
+    if row is None or row.final_at != now or row.status not in _CLAIM_ENDINGS:
+        return None
+    return row.provider, _CLAIM_ENDINGS[row.status]
 
 
 def _breaker_key(provider_account_id: int) -> str:
@@ -160,6 +195,7 @@ def _record_failure(db: Database, owned: Claim, error: ProviderError) -> None:
             )
             if moved is not None and delay is not None:
                 delay = timedelta(0)
+        count_send(owned.provider, "failed" if delay is None else "retry")
         if delay is not None:
             publish_sends(app, db, [owned.sid], countdown=delay if delay else None)
         return
@@ -169,6 +205,7 @@ def _record_failure(db: Database, owned: Claim, error: ProviderError) -> None:
             record_failed(session, owned, error, utcnow(), status=MessageStatus.OPTED_OUT)
         else:
             record_failed(session, owned, error, utcnow())
+    count_send(owned.provider, "opted_out" if isinstance(error, RecipientOptedOut) else "failed")
 
 
 def _request(owned: Claim, public_base_url: str) -> SendRequest:
