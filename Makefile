@@ -29,6 +29,15 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
+# Throughput and latency on this machine, each against a floor measured in the same run
+# (docs/performance.md). Uses Debian's wrk, installed here when running as root; without it the
+# accept scenario falls back to a Python load generator and says so. BENCH_FULL=1 adds the
+# 200,000-message backlog, BENCH_PROFILE=1 py-spy profiles (pip install py-spy into the venv).
+bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || apt-get install -y -qq wrk >/dev/null 2>&1 \
+	  || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; } || true
+	$(BIN)/python -m bench.run
+
 # Re-resolve the pinned, hashed dependency sets after editing pyproject.toml: the development
 # set (everything `make` installs), then the runtime set for images, held to the same versions.
 lock: $(STAMP)

@@ -22,7 +22,13 @@ from api.errors import log_refusal
 from api.headers import ApplicationKey, EnvironmentName, TenantId
 from api.placement import Placement
 from shared.accept import SendSmsCommand
-from shared.errors import UNAUTHORIZED_CODE, InvalidParameter, RequestRefused, Unauthenticated
+from shared.errors import (
+    UNAUTHORIZED_CODE,
+    UNAUTHORIZED_MESSAGE,
+    InvalidParameter,
+    RequestRefused,
+    Unauthenticated,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +37,7 @@ WSDL_PATH = f"{SOAP_PATH}/agent.wsdl"
 ENVELOPE_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 AGENT_NS = "http://com/jacada/interact/agent/soap"
 MAX_ENVELOPE_BYTES = 64 * 1024  # a CampaignSMSRequest is a few hundred bytes
-XML = "text/xml; charset=utf-8"
+XML = "text/xml"  # Litestar adds "; charset=utf-8" itself
 WSDL_TEMPLATE = (Path(__file__).parent / "agent.wsdl").read_text()
 
 # The seed prints its envelopes on one line with single spaces between tags; we answer the same.
@@ -168,6 +174,9 @@ async def soap_endpoint(
     environment_name: EnvironmentName = None,
     soap_action: Annotated[str | None, HeaderParameter(name="SOAPAction")] = None,
 ) -> Response[str]:
+    if not tenant_id or not application_key:
+        # No credentials at all: answered before the body is read, let alone parsed.
+        return _xml(fault(UNAUTHORIZED_CODE, UNAUTHORIZED_MESSAGE), 500)
     raw = bytearray()
     async for chunk in request.stream():
         raw.extend(chunk)

@@ -234,6 +234,8 @@ def dev() -> None:
     # SIGTERM (systemd, docker, an IDE's stop button) must tidy up exactly as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
+    # Also when started in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
     children: list[subprocess.Popen[bytes]] = []
     try:
         for args in (["simulator"], ["worker", "--beat", "-c", "8", "--quiet"], ["api"]):
@@ -460,7 +462,7 @@ def provider_set(
     """Set an account's provider, its senders and credentials (never echoed back).
 
     Several providers at different priorities make a failover chain."""
-    from shared.providers import provider_names
+    from shared.providers import missing_credentials, provider_names
 
     if provider_name not in provider_names():
         raise click.BadParameter(f"choose one of {', '.join(provider_names())}")
@@ -470,6 +472,8 @@ def provider_set(
         if not sep:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE")
         pairs[key] = value
+    if missing := missing_credentials(provider_name, pairs):
+        raise click.BadParameter(f"{provider_name} needs the credentials {', '.join(missing)}")
     with _transaction() as session:
         found = accounts.get_account(session, tenant_id)
         settings_row = accounts.set_provider(

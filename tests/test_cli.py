@@ -113,3 +113,24 @@ def test_ordinary_mistakes_are_one_line_errors_not_tracebacks(db: Database) -> N
     assert "unknown Environment-Name" in fails(
         "token", "issue", "555", "+12025550143", "--environment", "NOPE"
     )
+
+
+def test_provider_settings_missing_a_credential_are_refused(db: Database) -> None:
+    provision()
+    result = CliRunner().invoke(
+        main,
+        [
+            "provider",
+            "set",
+            "555",
+            "twilio",
+            "--sender",
+            "+12025550143",
+            "--credential",
+            "account_sid=AC1",
+            "--credential",
+            "authtoken=typo",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "twilio needs the credentials auth_token" in result.output

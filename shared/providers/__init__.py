@@ -67,24 +67,42 @@ class Provider(Protocol):
 ProviderFactory = Callable[[Mapping[str, Any], Settings], Provider]
 
 _REGISTRY: dict[str, ProviderFactory] = {}
+_REQUIRED: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str) -> Callable[[ProviderFactory], ProviderFactory]:
-    """Class decorator: make a provider available under `name` in provider settings."""
+def register(
+    name: str, requires: tuple[str, ...] = ()
+) -> Callable[[ProviderFactory], ProviderFactory]:
+    """Decorator: make a provider available under `name`, needing these credentials."""
 
     def decorate(factory: ProviderFactory) -> ProviderFactory:
         _REGISTRY[name] = factory
+        _REQUIRED[name] = requires
         return factory
 
     return decorate
 
 
+def missing_credentials(name: str, credentials: Mapping[str, Any]) -> list[str]:
+    """The credentials `name` needs that are absent or empty (a typo in a key, say)."""
+    _load_builtin_providers()
+    return [key for key in _REQUIRED.get(name, ()) if not credentials.get(key)]
+
+
 def provider_factory(name: str) -> ProviderFactory:
     _load_builtin_providers()
     try:
-        return _REGISTRY[name]
+        factory = _REGISTRY[name]
     except KeyError:
         raise PermanentProviderError("unknown-provider", f"no provider named {name!r}") from None
+
+    def build(credentials: Mapping[str, Any], settings: Settings) -> Provider:
+        # Misconfigured settings are final at once: retrying cannot make a credential appear.
+        if missing := missing_credentials(name, credentials):
+            raise PermanentProviderError("configuration", f"missing credentials: {missing}")
+        return factory(credentials, settings)
+
+    return build
 
 
 def provider_names() -> list[str]:

@@ -92,7 +92,7 @@ def _classify(exc: TwilioRestException) -> Exception:
     return PermanentProviderError(code, text)
 
 
-@register("twilio")
+@register("twilio", requires=("account_sid", "auth_token"))
 def _twilio(credentials: Mapping[str, Any], settings: Settings) -> TwilioProvider:
     return TwilioProvider(credentials, settings)
 

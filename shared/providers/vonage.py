@@ -100,7 +100,7 @@ def _callback(url: str) -> str | None:
     return None
 
 
-@register("vonage")
+@register("vonage", requires=("api_key", "api_secret"))
 def _vonage(credentials: Mapping[str, Any], settings: Settings) -> VonageProvider:
     return VonageProvider(credentials, settings)
 

@@ -161,7 +161,7 @@ def sent_sid(response: httpx.Response) -> str:
 def assert_envelope(response: httpx.Response, status: int, expected: str) -> None:
     """Exactly this HTTP status and this envelope text, as XML."""
     assert (response.status_code, response.text) == (status, expected)
-    assert response.headers["content-type"].startswith("text/xml")
+    assert response.headers["content-type"] == "text/xml; charset=utf-8"
 
 
 def fault_of(response: httpx.Response) -> tuple[str, str]:
