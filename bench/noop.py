@@ -1,0 +1,38 @@
+"""The dispatch floor: a Celery app whose one task does nothing, on the same broker and with the
+same worker settings as the send task (threads pool, prefetch, acks_late, events, logging).
+
+    celery -A bench.noop worker -Q bench.noop -P threads -E --without-mingle --without-gossip -c N
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from shared.settings import get_settings
+from worker.celery_app import celery_config
+
+NOOP_QUEUE = "bench.noop"
+NOOP_TASK = "bench.noop"
+
+
+def _config() -> dict[str, Any]:
+    # The service's own configuration (importing it also connects its logging and task
+    # signal handlers, as in a real worker), only routed to a queue of our own.
+    config = celery_config(get_settings())
+    config.update(
+        task_default_queue=NOOP_QUEUE,
+        task_routes={NOOP_TASK: {"queue": NOOP_QUEUE}},
+        beat_schedule={},
+    )
+    return config
+
+
+app = Celery("bench_noop")
+app.add_defaults(_config)
+
+
+@app.task(name=NOOP_TASK, ignore_result=True)
+def noop(sid: str) -> None:
+    """Nothing at all: what remains is the cost of moving one task through Celery."""
