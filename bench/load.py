@@ -18,6 +18,7 @@ import httpx
 from bench.stack import HEADERS, SEND_PATH, send_body
 
 MARKER = "BENCH_JSON "
+IDLE_REOPEN_S = 4.0  # below uvicorn's keep-alive timeout (5 s)
 
 _LUA = """
 local tokens = {%(tokens)s}
@@ -177,10 +178,14 @@ class _Connection:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._used = 0.0
         fixed = "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
         self._head = f"POST {SEND_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n{fixed}"
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
+        if self._streams is not None and time.monotonic() - self._used > IDLE_REOPEN_S:
+            # uvicorn closes a keep-alive connection idle for 5 s: never write into that race.
+            self.close()
         if self._streams is None:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams
@@ -203,6 +208,7 @@ class _Connection:
             raise
         if close:
             self.close()
+        self._used = time.monotonic()
         return status, content
 
     def close(self) -> None:
@@ -298,7 +304,7 @@ def run_python_open(
     *,
     rate: float,
     seconds: float,
-    connections: int = 128,
+    connections: int | None = None,
     grace: float = 30.0,
 ) -> LoadResult:
     """Open loop: one request due every 1/rate s whatever the answers do, sent on the first of
@@ -306,6 +312,8 @@ def run_python_open(
     shows it (the wait for a free connection is part of it). What is still unsent `grace` s
     after the schedule ends is dropped, and counted."""
     host, port = _host_port(base_url)
+    # Enough for a second of answers in flight, at most 128.
+    connections = connections or min(128, max(8, int(rate)))
 
     async def main() -> LoadResult:
         tally = _Tally()

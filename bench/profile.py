@@ -6,12 +6,15 @@ py-spy is for profiling only and not in requirements.lock: `.venv/bin/pip instal
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+_FRAME = re.compile(r"^\S.* \([^()]+:\d+\)$")
 
 
 def py_spy() -> str | None:
@@ -65,12 +68,9 @@ class Profile:
             if not stack or not count.isdigit():
                 continue
             n = int(count)
-            # py-spy prefixes each stack with the process and thread; keep the Python frames.
-            frames = [
-                f
-                for f in stack.split(";")
-                if "(" in f and not f.startswith(("process ", "thread "))
-            ]
+            # py-spy prefixes each stack with the process (whose command line may hold ";")
+            # and the thread; keep the Python frames, `function (file.py:line)`.
+            frames = [f for f in stack.split(";") if _FRAME.match(f)]
             if not frames:
                 continue
             samples += n
