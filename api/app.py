@@ -50,12 +50,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     # A request waits only briefly for a pooled connection, then answers 503.
     db = Database(settings, pool_timeout=settings.api_database_pool_timeout)
-    placement = Placement(settings=settings, db=db, celery=create_celery(settings))
+    from worker.queue import PublishMarks
+
+    marks = PublishMarks(db)
+    placement = Placement(settings=settings, db=db, celery=create_celery(settings), marks=marks)
 
     async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
         structlog.contextvars.clear_contextvars()
 
     async def shutdown() -> None:
+        marks.close()
         db.dispose()
 
     app = Litestar(

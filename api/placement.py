@@ -10,7 +10,7 @@ from shared.accept import AcceptedMessage, SendSmsCommand, accept_send
 from shared.db import Database
 from shared.models import utcnow
 from shared.settings import Settings
-from worker.queue import publish_sends
+from worker.queue import PublishMarks, publish_sends
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,7 @@ class Placement:
     settings: Settings
     db: Database
     celery: Celery
+    marks: PublishMarks
 
     def place(self, command: SendSmsCommand) -> AcceptedMessage:
         """Record the message, commit, then publish: blocking, so run it off the event loop."""
@@ -27,5 +28,5 @@ class Placement:
             accepted = accept_send(session, command, self.settings, utcnow())
         # Committed: from here a crash or a broker outage delays the message, never loses it.
         if not accepted.replayed:
-            publish_sends(self.celery, self.db, [accepted.sid])
+            publish_sends(self.celery, self.db, [accepted.sid], marks=self.marks)
         return accepted

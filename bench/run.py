@@ -3,6 +3,7 @@ each as a ratio against a floor measured in the same run. Everything runs on loo
 stopped at the end; the table is printed and written to bench/results/latest.json.
 
 Environment knobs (defaults in brackets):
+  BENCH_ONLY [all]             comma-separated scenarios to run: accept, dispatch, e2e, backlog
   BENCH_FULL=1                 also the 200,000-message backlog (long: see docs/performance.md)
   BENCH_PROFILE=1              py-spy profiles of the API and the workers (perturbs the figures)
   BENCH_API_WORKERS [2]        uvicorn processes, for the API and for the bare floor app alike
@@ -75,6 +76,10 @@ class Options:
     e2e_rate: int
     e2e_seconds: int | None
     stack: StackConfig
+    only: frozenset[str] = frozenset()
+
+    def wants(self, scenario: str) -> bool:
+        return not self.only or scenario in self.only
 
     @classmethod
     def from_env(cls) -> Options:
@@ -87,6 +92,7 @@ class Options:
             dispatch_count=_env_int("BENCH_DISPATCH", 20_000),
             e2e_rate=_env_int("BENCH_E2E_RATE", 300),
             e2e_seconds=int(seconds) if seconds else None,
+            only=frozenset(s for s in os.environ.get("BENCH_ONLY", "").split(",") if s),
             stack=StackConfig(
                 api_workers=_env_int("BENCH_API_WORKERS", 2),
                 worker_procs=_env_int("BENCH_WORKER_PROCS", 2),
@@ -772,10 +778,13 @@ def main() -> int:
                 stack.start_simulator()
                 api = stack.start_api()
                 bench.say(f"API ({options.stack.api_workers} processes) and simulator up")
-                bench.scenario("accept", lambda: bench.accept(api))
-                bench.scenario("dispatch", bench.dispatch)
-                seconds = options.e2e_seconds or bench.e2e_seconds()
-                bench.scenario("e2e", lambda: bench.e2e("e2e", options.e2e_rate, seconds))
+                if options.wants("accept"):
+                    bench.scenario("accept", lambda: bench.accept(api))
+                if options.wants("dispatch"):
+                    bench.scenario("dispatch", bench.dispatch)
+                if options.wants("e2e"):
+                    seconds = options.e2e_seconds or bench.e2e_seconds()
+                    bench.scenario("e2e", lambda: bench.e2e("e2e", options.e2e_rate, seconds))
                 # The same pipeline at a rate it can carry. Accepting, sending and the callbacks
                 # share the same cores, so their costs add up: 30% of the rate both stages
                 # together managed, leaving room for the callbacks.
@@ -783,8 +792,12 @@ def main() -> int:
                 drained = bench.results.get("dispatch", {}).get("msg_per_s", 0.0)
                 together = 1 / (1 / accepted + 1 / drained) if accepted and drained else 30.0
                 rate = max(10, int(0.3 * together))
-                bench.scenario("e2e-sustainable", lambda: bench.e2e("e2e-sustainable", rate, 20))
-                bench.scenario("backlog", bench.backlog)
+                if options.wants("e2e"):
+                    bench.scenario(
+                        "e2e-sustainable", lambda: bench.e2e("e2e-sustainable", rate, 20)
+                    )
+                if options.wants("backlog"):
+                    bench.scenario("backlog", bench.backlog)
             finally:
                 stack.stop_all()
                 stack.db.dispose()

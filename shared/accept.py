@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from shared.accounts import (
     authenticate,
-    find_campaign,
+    cached_campaign,
     resolve_environment,
     resolve_provider_account,
 )
@@ -241,7 +241,7 @@ def usable_campaign(
     """The campaign, if it exists in the environment (404) and is active and current (403)."""
     environment = resolve_environment(session, account, environment_name)
     # A NUL byte cannot be in any stored id (PostgreSQL refuses it), so no such campaign.
-    campaign = None if "\x00" in campaign_id else find_campaign(session, environment, campaign_id)
+    campaign = None if "\x00" in campaign_id else cached_campaign(session, environment, campaign_id)
     if campaign is None:
         raise CampaignNotFound(campaign_id)
     if not campaign.active:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.directory import cached
 from shared.errors import InvalidParameter, ProviderNotDefined, Unauthenticated
 from shared.models import (
     Account,
@@ -43,15 +44,20 @@ def authenticate(
         raise Unauthenticated("Missing Application-Key header")
     if tenant_id != account_in_url:
         raise Unauthenticated("Tenant-Id does not match the account in the URL")
-    account = session.scalar(
-        select(Account)
-        .join(ApplicationKey, ApplicationKey.account_id == Account.id)
-        .where(
-            Account.tenant_id == tenant_id,
-            Account.is_system.is_(False),
-            ApplicationKey.key_hash == hash_application_key(application_key),
-            ApplicationKey.revoked_at.is_(None),
-        )
+    digest = hash_application_key(application_key)
+    account = cached(
+        session,
+        ("account", tenant_id, digest),
+        lambda: session.scalar(
+            select(Account)
+            .join(ApplicationKey, ApplicationKey.account_id == Account.id)
+            .where(
+                Account.tenant_id == tenant_id,
+                Account.is_system.is_(False),
+                ApplicationKey.key_hash == digest,
+                ApplicationKey.revoked_at.is_(None),
+            )
+        ),
     )
     # One answer for "no such tenant" and "wrong key" so tenants cannot be enumerated.
     # Comparing digests in SQL leaks nothing useful: the caller cannot steer the hash.
@@ -63,8 +69,14 @@ def authenticate(
 def resolve_environment(session: Session, account: Account, name: str | None) -> Environment:
     """The environment a request names, or the account's default when it names none."""
     wanted = name if name else account.default_environment
-    environment = session.scalar(
-        select(Environment).where(Environment.account_id == account.id, Environment.name == wanted)
+    environment = cached(
+        session,
+        ("environment", account.id, wanted),
+        lambda: session.scalar(
+            select(Environment).where(
+                Environment.account_id == account.id, Environment.name == wanted
+            )
+        ),
     )
     if environment is None:
         raise InvalidParameter("Environment-Name")
@@ -85,15 +97,16 @@ def resolve_provider_account(
 ) -> ProviderAccount:
     """The provider settings a send uses: the account's own, else the system account's."""
     owners = [account.id] if not from_system else []
-    system_id = session.scalar(select(Account.id).where(Account.is_system.is_(True)))
-    if system_id is not None:
+    system_id = cached(
+        session,
+        ("system-account",),
+        # 0 (never an id) for "there is none", which is worth remembering too.
+        lambda: session.scalar(select(Account.id).where(Account.is_system.is_(True))) or 0,
+    )
+    if system_id:
         owners.append(system_id)
     for owner in owners:
-        candidates = session.scalars(
-            select(ProviderAccount)
-            .where(ProviderAccount.account_id == owner)
-            .order_by(ProviderAccount.priority, ProviderAccount.id)
-        ).all()
+        candidates = provider_accounts_of(session, owner)
         if not candidates:
             continue
         usable = [c for c in candidates if c.expires_at is None or c.expires_at > now]
@@ -102,6 +115,32 @@ def resolve_provider_account(
             raise ProviderNotDefined("provider settings expired")
         return usable[0]
     raise ProviderNotDefined("no provider settings")
+
+
+def provider_accounts_of(session: Session, owner_id: int) -> list[ProviderAccount]:
+    """An account's provider settings, in the order they are tried."""
+    return cached(
+        session,
+        ("provider-accounts", owner_id),
+        lambda: list(
+            session.scalars(
+                select(ProviderAccount)
+                .where(ProviderAccount.account_id == owner_id)
+                .order_by(ProviderAccount.priority, ProviderAccount.id)
+            )
+        ),
+    )
+
+
+def cached_campaign(
+    session: Session, environment: Environment, campaign_id: str
+) -> Campaign | None:
+    """`find_campaign` for the request path: maybe from the cache, so never to be changed."""
+    return cached(
+        session,
+        ("campaign", environment.id, campaign_id),
+        lambda: find_campaign(session, environment, campaign_id),
+    )
 
 
 # Provisioning: what the CLI does, so nobody edits the database by hand.

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.directory import ConfigCache
 from shared.settings import Settings
 
 
@@ -55,6 +56,11 @@ def create_db_engine(settings: Settings, *, pool_timeout: timedelta | None = Non
     )
 
 
+def _forget_generation(session: Session, _transaction: Any) -> None:
+    # The config generation read belongs to one transaction: the next one reads its own.
+    session.info.pop("config_generation", None)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the API read while the worker writes; busy_timeout waits instead of failing.
     # synchronous=FULL: a 200 promises the message survives a power cut, not just a crash.
@@ -71,7 +77,12 @@ class Database:
 
     def __init__(self, settings: Settings, *, pool_timeout: timedelta | None = None) -> None:
         self.engine = create_db_engine(settings, pool_timeout=pool_timeout)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Each session finds the process's lookup cache here (shared/directory.py).
+        self.config_cache = ConfigCache(settings.config_cache_ttl.total_seconds())
+        self.sessions = sessionmaker(
+            self.engine, expire_on_commit=False, info={"config_cache": self.config_cache}
+        )
+        event.listen(self.sessions, "after_transaction_end", _forget_generation)
 
     @property
     def is_postgresql(self) -> bool:

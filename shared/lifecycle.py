@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -72,18 +72,7 @@ def apply_status(session: Session, sid: str | None, report: StatusReport, now: d
             applied = True
             break
     session.add(
-        DeliveryEvent(
-            message_sid=sid if current is not None else None,
-            source=report.source,
-            status=report.status.value,
-            provider=report.provider,
-            provider_message_id=report.provider_message_id,
-            provider_status=report.provider_status,
-            error_code=report.error_code,
-            applied=applied,
-            payload=report.payload,
-            created_at=now,
-        )
+        DeliveryEvent(**_event_columns(sid if current is not None else None, report, applied, now))
     )
     if current is None:
         log.warning("message.status_unmatched", status=report.status.value, source=report.source)
@@ -95,6 +84,46 @@ def apply_status(session: Session, sid: str | None, report: StatusReport, now: d
     else:
         log.info("message.status_ignored", status=report.status.value, current=current)
     return applied
+
+
+def sent_from_sending(session: Session, sid: str, report: StatusReport, now: datetime) -> bool:
+    """`apply_status` for the worker's own `sent` on the message it holds, in one UPDATE that
+    also returns what smsSent needs. False when the message was not `sending` (a callback got
+    there first): then nothing was written, and the caller takes the general way."""
+    row = session.execute(
+        update(Message)
+        .where(Message.sid == sid, Message.status == MessageStatus.SENDING.value)
+        .values(**_status_columns(report, now))
+        .returning(Message.token_id, Message.campaign_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return False
+    session.execute(insert(DeliveryEvent).values(**_event_columns(sid, report, True, now)))
+    log.info("message.status", status=report.status.value, source=report.source)
+    if row.token_id is not None:
+        # `sending` is below `sent`: this is the provider's first acceptance of the message.
+        _update_deflected_call(
+            session, sid, row.token_id, row.campaign_id, report.status, now, True
+        )
+    return True
+
+
+def _event_columns(
+    sid: str | None, report: StatusReport, applied: bool, now: datetime
+) -> dict[str, Any]:
+    return dict(
+        message_sid=sid,
+        source=report.source,
+        status=report.status.value,
+        provider=report.provider,
+        provider_message_id=report.provider_message_id,
+        provider_status=report.provider_status,
+        error_code=report.error_code,
+        applied=applied,
+        payload=report.payload,
+        created_at=now,
+    )
 
 
 def _is_forward(old: MessageStatus, new: MessageStatus) -> bool:
@@ -132,13 +161,26 @@ def _mark_deflected_call(
     message = session.execute(
         select(Message.token_id, Message.campaign_id).where(Message.sid == sid)
     ).one()
-    if message.token_id is None:
-        return
+    if message.token_id is not None:
+        _update_deflected_call(
+            session, sid, message.token_id, message.campaign_id, status, now, first_acceptance
+        )
+
+
+def _update_deflected_call(
+    session: Session,
+    sid: str,
+    token_id: int,
+    campaign_id: str,
+    status: MessageStatus,
+    now: datetime,
+    first_acceptance: bool,
+) -> None:
     values: dict[str, Any] = {
         "sms_sent": True,
         "sms_sent_at": func.coalesce(DeflectedCall.sms_sent_at, now),
         "sms_sent_by": func.coalesce(DeflectedCall.sms_sent_by, SENT_BY_SERVICE),
-        "campaign_id": message.campaign_id,
+        "campaign_id": campaign_id,
         "last_message_sid": sid,
     }
     if first_acceptance:
@@ -146,7 +188,7 @@ def _mark_deflected_call(
     if status is MessageStatus.DELIVERED:
         values["sms_delivered_at"] = func.coalesce(DeflectedCall.sms_delivered_at, now)
     session.execute(
-        update(DeflectedCall).where(DeflectedCall.token_id == message.token_id).values(**values)
+        update(DeflectedCall).where(DeflectedCall.token_id == token_id).values(**values)
     )
 
 

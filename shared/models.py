@@ -186,6 +186,20 @@ class ProviderAccount(Base):
         return f"ProviderAccount(id={self.id!r}, provider={self.provider!r})"
 
 
+class ConfigGeneration(Base):
+    """One row whose value changes, in the same transaction, with any change to the tables the
+    accept path caches (accounts, keys, environments, campaigns, provider settings).
+
+    PostgreSQL triggers (migration 0004) write a fresh random value on every such change,
+    TRUNCATE included, so a per-process cache that reads this row at the start of a request
+    knows exactly whether what it holds is still current (shared/directory.py)."""
+
+    __tablename__ = "config_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[str] = mapped_column(String(36))
+
+
 class InteractionToken(Base):
     """A per-call `jpToken` issued by generateToken; it ties an SMS back to the call."""
 

@@ -15,8 +15,8 @@ import structlog
 from sqlalchemy import CursorResult, and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from shared.lifecycle import StatusReport, apply_status
-from shared.models import Account, Message, MessageStatus, ProviderAccount
+from shared.lifecycle import StatusReport, apply_status, sent_from_sending
+from shared.models import Account, Message, MessageStatus, OptOut, ProviderAccount
 from shared.optout import is_opted_out
 from shared.phone import normalise_sender
 from shared.providers import ProviderError
@@ -63,6 +63,90 @@ class Claim:
 
 def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Claim | None:
     """Take the message for sending, or None when it is not ours to send (now or ever)."""
+    if session.get_bind().dialect.name == "postgresql":
+        fast = _claim_queued(session, sid, settings, now)
+        if fast is not None:
+            return fast
+    # Everything else (already taken, a dead worker's lease, expired, opted out, unknown), and
+    # every claim on SQLite, which cannot return another table's columns from an UPDATE.
+    return _claim_any(session, sid, settings, now)
+
+
+def _claim_queued(session: Session, sid: str, settings: Settings, now: datetime) -> Claim | None:
+    """The common case in one statement: a queued message, in time, to a recipient who did not
+    opt out. Taken and read back with its provider settings, or None for `_claim_any` to judge."""
+    opted_out = (
+        select(OptOut.id)
+        .where(
+            OptOut.account_id == ProviderAccount.account_id,
+            OptOut.sender == Message.from_number,
+            OptOut.recipient == Message.to_number,
+        )
+        .exists()
+    )
+    row = session.execute(
+        update(Message)
+        .where(
+            Message.sid == sid,
+            Message.status == MessageStatus.QUEUED.value,
+            Message.expires_at > now,
+            ProviderAccount.id == Message.provider_account_id,
+            Account.id == Message.account_id,
+            ~opted_out,
+        )
+        .values(
+            status=MessageStatus.SENDING.value,
+            attempts=Message.attempts + 1,
+            claimed_at=now,
+            lease_expires_at=now + settings.send_lease,
+            updated_at=now,
+        )
+        .returning(
+            Message.to_number,
+            Message.from_number,
+            Message.body,
+            Message.attempts,
+            Message.expires_at,
+            Message.campaign_id,
+            Message.segments,
+            Message.provider_failures,
+            ProviderAccount.id.label("provider_account_id"),
+            ProviderAccount.provider,
+            ProviderAccount.credentials,
+            ProviderAccount.account_id.label("owner_id"),
+            ProviderAccount.sender_rate,
+            ProviderAccount.account_rate,
+            Account.tenant_id,
+            Account.max_send_attempts,
+        )
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return None
+    structlog.contextvars.bind_contextvars(account=row.tenant_id, campaign=row.campaign_id)
+    return Claim(
+        sid=sid,
+        to_number=row.to_number,
+        from_number=row.from_number,
+        body=row.body,
+        provider=row.provider,
+        provider_account_id=row.provider_account_id,
+        credentials=dict(row.credentials or {}),
+        attempts=row.attempts,
+        expires_at=row.expires_at,
+        in_doubt=False,
+        tenant_id=row.tenant_id,
+        campaign_id=row.campaign_id,
+        segments=row.segments,
+        max_attempts=row.max_send_attempts or settings.max_send_attempts,
+        provider_failures=row.provider_failures,
+        owner_id=row.owner_id,
+        sender_rate=row.sender_rate,
+        account_rate=row.account_rate,
+    )
+
+
+def _claim_any(session: Session, sid: str, settings: Settings, now: datetime) -> Claim | None:
     row = session.execute(
         select(Message, ProviderAccount, Account.tenant_id, Account.max_send_attempts)
         .join(ProviderAccount, ProviderAccount.id == Message.provider_account_id)
@@ -279,6 +363,16 @@ def record_accepted(
     session: Session, claim: Claim, provider_message_id: str, provider_status: str, now: datetime
 ) -> None:
     """The provider has it: status `sent` (unless a callback already said more), smsSent."""
+    report = StatusReport(
+        MessageStatus.SENT,
+        source="worker",
+        provider=claim.provider,
+        provider_message_id=provider_message_id,
+        provider_status=provider_status,
+    )
+    if sent_from_sending(session, claim.sid, report, now):
+        return
+    # A callback got there first (or the message moved otherwise): the general, careful way.
     apply_status(
         session,
         claim.sid,
@@ -364,14 +458,19 @@ def retry_delay(attempt: int, settings: Settings) -> timedelta:
     return timedelta(seconds=ceiling * (0.5 + random.random() / 2))
 
 
-def mark_published(session: Session, sids: list[str], now: datetime) -> None:
+def mark_published(
+    session: Session, sids: list[str], now: datetime, *, only_unmarked: bool = False
+) -> None:
     """Note that the send tasks are on the queue, so the sweeper leaves them alone."""
     if session.get_bind().dialect.name == "postgresql":
         # Losing this mark in a crash only costs a harmless re-publish, so skip the fsync wait.
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    where = [Message.sid.in_(sids)]
+    if only_unmarked:
+        where.append(Message.published_at.is_(None))
     session.execute(
         update(Message)
-        .where(Message.sid.in_(sids))
+        .where(*where)
         .values(published_at=now)
         .execution_options(synchronize_session=False)
     )

@@ -75,8 +75,14 @@ class Settings(BaseSettings):
     # `sms-dispatch flower` basic auth, "user:password[,user2:password2]" (or FLOWER_BASIC_AUTH).
     flower_basic_auth: SecretStr | None = None
 
+    # How long an API process may reuse an account, key, campaign or provider row it read. A
+    # change to any of them is seen at once anyway (config_generation); 0 turns caching off.
+    config_cache_ttl: Duration = timedelta(minutes=5)
+
     send_queue: str = "sms.send"
     worker_concurrency: int = 32
+    # Celery task events all the time (Flower enables the workers' own while it runs anyway).
+    task_events: bool = False
     worker_prefetch_multiplier: int = 4
     # How long one claim on a message lasts; a worker that died mid-send loses it after this.
     send_lease: Duration = timedelta(seconds=60)
