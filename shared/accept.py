@@ -10,9 +10,10 @@ import json
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,7 +30,6 @@ from shared.models import (
     Account,
     Campaign,
     DeflectedCall,
-    InteractionToken,
     Message,
     MessageStatus,
 )
@@ -37,7 +37,7 @@ from shared.phone import normalise_sender, to_e164
 from shared.rendering import build_link, parse_additional_params, render_text
 from shared.segments import measure
 from shared.settings import Settings
-from shared.tokens import find_token
+from shared.tokens import TokenRef, find_token
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +82,9 @@ class AcceptedMessage:
     replayed: bool = False
 
 
+_INSERT_MESSAGE = insert(cast(Table, Message.__table__))
+
+
 def accept_send(
     session: Session, command: SendSmsCommand, settings: Settings, now: datetime
 ) -> AcceptedMessage:
@@ -105,7 +108,7 @@ def accept_send(
         if campaign.link_url
         else None
     )
-    message = Message(
+    message: dict[str, Any] = dict(
         sid=new_message_sid(),
         account_id=account.id,
         environment_id=campaign.environment_id,
@@ -129,8 +132,8 @@ def accept_send(
         shown = link
         if shown and campaign.shorten_links:
             shown = shorten(session, account.id, shown, token.id if token else None, settings, now)
-        message.body = render_text(campaign.message_text, shown)
-        size = measure(message.body)
+        message["body"] = render_text(campaign.message_text, shown)
+        size = measure(message["body"])
         if size.segments > campaign.max_segments:
             # Blame the caller's parameters only if the text fits without them; otherwise the
             # campaign is over its own limit. Nothing is added, and the caller's transaction
@@ -147,9 +150,10 @@ def accept_send(
                 if _params_made_it_long(campaign, token, params)
                 else "campaignId"
             )
-        message.segments = size.segments
-        message.encoding = size.encoding
-        session.add(message)
+        message["segments"] = size.segments
+        message["encoding"] = size.encoding
+        # Core, not the ORM unit of work: a third of an accept's CPU went to flushing one row.
+        session.connection().execute(_INSERT_MESSAGE, message)
 
     if command.idempotency_key:
         # A concurrent twin with the same key may win the insert: answer with its message,
@@ -157,7 +161,6 @@ def accept_send(
         try:
             with session.begin_nested():
                 record()
-                session.flush()
         except IntegrityError:
             replay = _find_replay(session, account.id, command)
             if replay is None:
@@ -165,9 +168,9 @@ def accept_send(
             return replay
     else:
         record()
-    structlog.contextvars.bind_contextvars(messageSid=message.sid)
+    structlog.contextvars.bind_contextvars(messageSid=message["sid"])
     log.info("message.accepted", to=to_number, provider=provider_account.provider)
-    return AcceptedMessage(sid=message.sid, campaign_id=campaign.campaign_id)
+    return AcceptedMessage(sid=message["sid"], campaign_id=campaign.campaign_id)
 
 
 def notify_external_send(
@@ -209,7 +212,7 @@ def get_interaction_link(
 
 
 def _params_made_it_long(
-    campaign: Campaign, token: InteractionToken | None, params: list[tuple[str, str]]
+    campaign: Campaign, token: TokenRef | None, params: list[tuple[str, str]]
 ) -> bool:
     if not params or not campaign.link_url or campaign.shorten_links:
         return False  # the parameters are absent, or do not reach the text
@@ -271,7 +274,7 @@ def _caller(caller_id: str | None, settings: Settings) -> str:
 
 def _token(
     session: Session, campaign: Campaign, jp_token: str | None, now: datetime, *, required: bool
-) -> InteractionToken | None:
+) -> TokenRef | None:
     if not jp_token:
         if required:
             raise InvalidParameter("jpToken")

@@ -28,6 +28,7 @@ T = TypeVar("T")
 # Under this the number of accounts, environments and campaigns a process sees in a TTL.
 MAX_ENTRIES = 50_000
 _UNREAD = object()
+_READ_GENERATION = select(ConfigGeneration.generation).where(ConfigGeneration.id == 1)
 
 
 class ConfigCache:
@@ -82,7 +83,7 @@ def _generation(session: Session) -> str | None:
     seen = session.info.get("config_generation", _UNREAD)
     if seen is _UNREAD:
         seen = (
-            session.scalar(select(ConfigGeneration.generation).where(ConfigGeneration.id == 1))
+            session.connection().execute(_READ_GENERATION).scalar()
             if session.get_bind().dialect.name == "postgresql"
             else None
         )

@@ -9,10 +9,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import CursorResult, and_, or_, select, text, update
+from sqlalchemy import CursorResult, Table, and_, bindparam, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.lifecycle import StatusReport, apply_status, sent_from_sending
@@ -61,6 +61,56 @@ class Claim:
         return limits
 
 
+_messages = cast(Table, Message.__table__)
+_providers = cast(Table, ProviderAccount.__table__)
+_accounts = cast(Table, Account.__table__)
+_opt_outs = cast(Table, OptOut.__table__)
+# Built once (constructing and hashing a statement costs more CPU than running it), and run on
+# the session's connection as plain SQL: the message is not in the session's identity map.
+_CLAIM_QUEUED = (
+    update(_messages)
+    .where(
+        _messages.c.sid == bindparam("message_sid"),
+        _messages.c.status == MessageStatus.QUEUED.value,
+        _messages.c.expires_at > bindparam("now"),
+        _providers.c.id == _messages.c.provider_account_id,
+        _accounts.c.id == _messages.c.account_id,
+        ~select(_opt_outs.c.id)
+        .where(
+            _opt_outs.c.account_id == _providers.c.account_id,
+            _opt_outs.c.sender == _messages.c.from_number,
+            _opt_outs.c.recipient == _messages.c.to_number,
+        )
+        .exists(),
+    )
+    .values(
+        status=MessageStatus.SENDING.value,
+        attempts=_messages.c.attempts + 1,
+        claimed_at=bindparam("now"),
+        lease_expires_at=bindparam("lease"),
+        updated_at=bindparam("now"),
+    )
+    .returning(
+        _messages.c.to_number,
+        _messages.c.from_number,
+        _messages.c.body,
+        _messages.c.attempts,
+        _messages.c.expires_at,
+        _messages.c.campaign_id,
+        _messages.c.segments,
+        _messages.c.provider_failures,
+        _providers.c.id.label("provider_account_id"),
+        _providers.c.provider,
+        _providers.c.credentials,
+        _providers.c.account_id.label("owner_id"),
+        _providers.c.sender_rate,
+        _providers.c.account_rate,
+        _accounts.c.tenant_id,
+        _accounts.c.max_send_attempts,
+    )
+)
+
+
 def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Claim | None:
     """Take the message for sending, or None when it is not ours to send (now or ever)."""
     if session.get_bind().dialect.name == "postgresql":
@@ -75,52 +125,13 @@ def claim(session: Session, sid: str, settings: Settings, now: datetime) -> Clai
 def _claim_queued(session: Session, sid: str, settings: Settings, now: datetime) -> Claim | None:
     """The common case in one statement: a queued message, in time, to a recipient who did not
     opt out. Taken and read back with its provider settings, or None for `_claim_any` to judge."""
-    opted_out = (
-        select(OptOut.id)
-        .where(
-            OptOut.account_id == ProviderAccount.account_id,
-            OptOut.sender == Message.from_number,
-            OptOut.recipient == Message.to_number,
+    row = (
+        session.connection()
+        .execute(
+            _CLAIM_QUEUED, {"message_sid": sid, "now": now, "lease": now + settings.send_lease}
         )
-        .exists()
+        .first()
     )
-    row = session.execute(
-        update(Message)
-        .where(
-            Message.sid == sid,
-            Message.status == MessageStatus.QUEUED.value,
-            Message.expires_at > now,
-            ProviderAccount.id == Message.provider_account_id,
-            Account.id == Message.account_id,
-            ~opted_out,
-        )
-        .values(
-            status=MessageStatus.SENDING.value,
-            attempts=Message.attempts + 1,
-            claimed_at=now,
-            lease_expires_at=now + settings.send_lease,
-            updated_at=now,
-        )
-        .returning(
-            Message.to_number,
-            Message.from_number,
-            Message.body,
-            Message.attempts,
-            Message.expires_at,
-            Message.campaign_id,
-            Message.segments,
-            Message.provider_failures,
-            ProviderAccount.id.label("provider_account_id"),
-            ProviderAccount.provider,
-            ProviderAccount.credentials,
-            ProviderAccount.account_id.label("owner_id"),
-            ProviderAccount.sender_rate,
-            ProviderAccount.account_rate,
-            Account.tenant_id,
-            Account.max_send_attempts,
-        )
-        .execution_options(synchronize_session=False)
-    ).first()
     if row is None:
         return None
     structlog.contextvars.bind_contextvars(account=row.tenant_id, campaign=row.campaign_id)
