@@ -50,16 +50,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     # A request waits only briefly for a pooled connection, then answers 503.
     db = Database(settings, pool_timeout=settings.api_database_pool_timeout)
-    from worker.queue import PublishMarks
+    from worker.queue import Publisher
 
-    marks = PublishMarks(db)
-    placement = Placement(settings=settings, db=db, celery=create_celery(settings), marks=marks)
+    publisher = Publisher(create_celery(settings), db)
+    placement = Placement(settings=settings, db=db, publisher=publisher)
 
     async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
         structlog.contextvars.clear_contextvars()
 
     async def shutdown() -> None:
-        marks.close()
+        publisher.close()
         db.dispose()
 
     app = Litestar(

@@ -50,7 +50,7 @@ async def ready(request: Request[object, object, State]) -> Response[str]:
     placement: Placement = request.app.state.placement
     checks: dict[str, Callable[[], None]] = {
         "database": lambda: check_database(placement.db),
-        "broker": lambda: check_broker(placement.settings.broker_url, placement.celery),
+        "broker": lambda: check_broker(placement.settings.broker_url, placement.publisher.celery),
     }
     problems: dict[str, str] = {}
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from celery import Celery
-
 from shared.accept import AcceptedMessage, SendSmsCommand, accept_send
 from shared.db import Database
 from shared.models import utcnow
 from shared.settings import Settings
-from worker.queue import PublishMarks, publish_sends
+from worker.queue import Publisher
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,14 +17,14 @@ class Placement:
 
     settings: Settings
     db: Database
-    celery: Celery
-    marks: PublishMarks
+    publisher: Publisher
 
     def place(self, command: SendSmsCommand) -> AcceptedMessage:
-        """Record the message, commit, then publish: blocking, so run it off the event loop."""
+        """Record the message and commit (blocking, so run it off the event loop); publishing
+        follows on the publisher's thread, so the caller's 200 never waits for the broker."""
         with self.db.transaction() as session:
             accepted = accept_send(session, command, self.settings, utcnow())
         # Committed: from here a crash or a broker outage delays the message, never loses it.
         if not accepted.replayed:
-            publish_sends(self.celery, self.db, [accepted.sid], marks=self.marks)
+            self.publisher.submit([accepted.sid])
         return accepted

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from datetime import timedelta
+from typing import ClassVar
 
 import structlog
 from celery import Celery
@@ -21,16 +24,16 @@ def publish_sends(
     db: Database,
     sids: list[str],
     countdown: timedelta | None = None,
-    marks: PublishMarks | None = None,
+    *,
+    only_unmarked: bool = False,
 ) -> list[str]:
-    """Publish one send task per sid; return those published. A failure here loses nothing:
-    the rows are committed and the sweeper publishes whatever is left unmarked.
+    """Publish one send task per sid, then mark the rows published; return those published.
 
-    With `marks`, the rows are marked published in a later batch instead of a transaction of
-    their own (the API's way: it halves the transactions per accepted message)."""
-    published: list[str] = []
+    A failure here loses nothing: the rows are committed, and the sweeper publishes whatever
+    is left unmarked. On Redis the tasks go out in one pipeline (kombu's publish batch): one
+    round trip, and one Redis client instead of one per task."""
     try:
-        with app.producer_or_acquire() as producer:
+        with app.producer_or_acquire() as producer, producer.batch(max_size=len(sids) + 1):
             for sid in sids:
                 app.send_task(
                     SEND_TASK,
@@ -38,76 +41,107 @@ def publish_sends(
                     countdown=countdown.total_seconds() if countdown else None,
                     producer=producer,
                 )
-                published.append(sid)
     except Exception:
-        log.exception("queue.publish_failed", count=len(sids) - len(published))
-    if published and marks is not None:
-        marks.add(published)
-    elif published:
-        try:
-            with db.transaction() as session:
-                mark_published(session, published, utcnow())
-        except Exception:
-            log.exception("queue.mark_failed")  # only costs a duplicate publish later
-    return published
+        # All or nothing as far as we know: any that did go out are published again by the
+        # sweeper, and a second copy of a send task loses the claim.
+        log.exception("queue.publish_failed", count=len(sids))
+        return []
+    try:
+        with db.transaction() as session:
+            mark_published(session, sids, utcnow(), only_unmarked=only_unmarked)
+    except Exception:
+        log.exception("queue.mark_failed")  # only costs a duplicate publish later
+    return sids
 
 
-class PublishMarks:
-    """Marks published messages in batches, on a thread of its own, off the request path.
+class Publisher:
+    """The API's publishing: after the commit, on a thread of its own, in batches.
 
-    A mark only keeps the sweeper from publishing a message again, and a second copy of a send
-    task is harmless (it loses the claim), so a mark may be late or lost in a crash: that
-    costs a duplicate task after SMSD_SWEEP_UNPUBLISHED_AFTER, never a message."""
+    A request answers 200 as soon as its message is committed; this thread then publishes
+    every message committed meanwhile in one batch and marks them in one UPDATE. Under load
+    that is one pipeline and one transaction for many messages instead of two per message.
+    Whatever is still here when the process dies is committed and unmarked, so the sweeper
+    publishes it after SMSD_SWEEP_UNPUBLISHED_AFTER: late, never lost."""
 
-    def __init__(self, db: Database, interval: timedelta = timedelta(milliseconds=50)) -> None:
+    # Beyond this many waiting (the broker has been down for a while), new ones are left to
+    # the sweeper rather than held in memory.
+    MAX_PENDING = 100_000
+    _instances: ClassVar[weakref.WeakSet[Publisher]] = weakref.WeakSet()
+
+    def __init__(self, app: Celery, db: Database, max_batch: int = 500) -> None:
+        self.celery = app
         self._db = db
-        self._interval = interval.total_seconds()
+        self._max_batch = max_batch
         self._pending: list[str] = []
-        self._wake = threading.Condition()
+        self._busy = False
         self._closed = False
+        self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        Publisher._instances.add(self)
 
-    def add(self, sids: list[str]) -> None:
-        with self._wake:
-            if self._closed:
-                closed = True
-            else:
-                closed = False
+    def submit(self, sids: list[str]) -> None:
+        """Publish these committed messages soon; returns at once."""
+        with self._changed:
+            if not self._closed:
+                if len(self._pending) >= self.MAX_PENDING:
+                    log.warning("queue.publish_deferred_to_sweeper", count=len(sids))
+                    return
                 self._pending.extend(sids)
-                if self._thread is None:  # started by the first publish, not by every app
-                    self._thread = threading.Thread(
-                        target=self._run, name="publish-marks", daemon=True
-                    )
+                if self._thread is None:  # started by the first message, not by every app
+                    self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
                     self._thread.start()
-        if closed:
-            self._write(sids)
+                self._changed.notify_all()
+                return
+        self._publish(sids)  # after close(): at once, on the caller's thread
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far was published (or failed to be)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._changed.wait(left)
+        return True
 
     def close(self) -> None:
-        """Write what is pending and stop (at shutdown)."""
-        with self._wake:
+        """Publish what is waiting, then stop (at shutdown)."""
+        with self._changed:
             self._closed = True
-            self._wake.notify()
+            self._changed.notify_all()
             thread = self._thread
         if thread is not None:
-            thread.join(timeout=10)
+            thread.join(timeout=15)
+
+    @classmethod
+    def flush_all(cls, timeout: float = 10.0) -> None:
+        """`flush` every publisher of this process: whoever reads the broker right after a
+        200 (tests, a shutdown hook) sees every task the 200s stand for."""
+        for publisher in list(cls._instances):
+            publisher.flush(timeout)
 
     def _run(self) -> None:
         while True:
-            with self._wake:
-                if not self._closed:
-                    self._wake.wait(self._interval)
-                batch, self._pending = self._pending, []
-                closed = self._closed
-            if batch:
-                self._write(batch)
-            if closed:
-                return
+            with self._changed:
+                while not self._pending and not self._closed:
+                    self._changed.wait()
+                if not self._pending:
+                    return  # closed, and nothing left
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                self._busy = True
+            try:
+                self._publish(batch)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
 
-    def _write(self, sids: list[str]) -> None:
+    def _publish(self, sids: list[str]) -> None:
         try:
-            with self._db.transaction() as session:
-                # Only unmarked rows: a worker may have handed the message back and published
-                # it again meanwhile, and its newer mark must stand.
-                mark_published(session, sids, utcnow(), only_unmarked=True)
+            # Only unmarked rows get the mark: a worker may already have handed a message
+            # back and published it again, and its newer mark must stand.
+            publish_sends(self.celery, self._db, sids, only_unmarked=True)
         except Exception:
-            log.exception("queue.mark_failed", count=len(sids))  # the sweeper covers these
+            log.exception("queue.publish_failed", count=len(sids))  # the sweeper covers these

@@ -17,6 +17,7 @@ from shared import accounts
 from shared.db import Database
 from shared.models import DeflectedCall, Message
 from tests.conftest import CALLER, OTHER_KEY, OTHER_TENANT, TENANT, headers
+from worker.queue import Publisher
 
 V3 = f"/interact/version/3/account/{TENANT}/resources"
 OTHER_V3 = f"/interact/version/3/account/{OTHER_TENANT}/resources"
@@ -67,7 +68,9 @@ def other_account_token(client: TestClient[Litestar], caller: str = CALLER) -> s
 
 
 def queued_tasks(redis_url: str) -> int:
-    """How many send tasks wait on the broker's `sms.send` list."""
+    """How many send tasks wait on the broker's `sms.send` list, once this process's API has
+    published everything it answered 200 for."""
+    Publisher.flush_all()
     broker = redis.Redis.from_url(redis_url)
     try:
         return broker.llen(SEND_QUEUE)
@@ -76,7 +79,8 @@ def queued_tasks(redis_url: str) -> int:
 
 
 def queued_sends(redis_url: str) -> list[tuple[str, list[Any]]]:
-    """(task name, args) of every task waiting on `sms.send`, oldest first."""
+    """(task name, args) of every task waiting on `sms.send`, oldest first (after the flush)."""
+    Publisher.flush_all()
     broker = redis.Redis.from_url(redis_url)
     try:
         raw: list[bytes | str] = broker.lrange(SEND_QUEUE, 0, -1)
