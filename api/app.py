@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio.to_thread
 import structlog
 from litestar import Litestar, Request
 from litestar.datastructures import State
@@ -59,7 +60,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         structlog.contextvars.clear_contextvars()
 
     async def shutdown() -> None:
-        publisher.close()
+        # Publishes what is still waiting: a blocking join, so off the event loop.
+        await anyio.to_thread.run_sync(publisher.close)
         db.dispose()
 
     app = Litestar(

@@ -60,6 +60,7 @@ BUDGET_S = 600  # the default run should stay within ~10 minutes
 FOREIGN_NOTE_CORES = 0.1  # other processes' CPU worth a note next to a figure
 E2E_WAIT_S = 120.0  # after an end-to-end run, at most this long for the stragglers
 E2E_STALL_S = 15.0  # ... and no longer once nothing has moved for this long
+E2E_WARMUP_S = 3.0  # before each end-to-end run, at its rate (not measured)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -448,6 +449,14 @@ class Bench:
         stack.clean()
         waited = 0.0
         with running(stack, stack.start_workers()):
+            # Warm-up at the same rate: fresh processes open their database connections, fill
+            # their caches and import the provider SDKs on first use. Its messages are sent (or
+            # given up on) and removed before the measured run starts.
+            warm = run_python_open(
+                stack.api_url, stack.tokens, rate=rate, seconds=E2E_WARMUP_S, grace=5
+            )
+            wait_for_sent(stack, warm.sids, timeout=E2E_WARMUP_S + 30)
+            stack.clean()
             meter = self.meter()
             run = run_python_open(stack.api_url, stack.tokens, rate=rate, seconds=seconds)
             finished = last_change = time.monotonic()
@@ -511,6 +520,20 @@ class Bench:
             f"{result['accept_to_delivered']['done']:,}, p99 "
             f"{_ms(result['accept_to_delivered']['p99_ms'])}"
         )
+
+
+def wait_for_sent(stack: Stack, sids: list[str], timeout: float) -> None:
+    """Until every one of `sids` left the queue (sent or final), or `timeout` s passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = stack.sql(
+            "SELECT count(*) AS n FROM messages WHERE sid = ANY(:sids) "
+            "AND status IN ('queued', 'sending')",
+            sids=sids,
+        )
+        if left.n == 0:
+            return
+        time.sleep(0.5)
 
 
 def _latency(values: list[float]) -> dict[str, Any]:

@@ -43,8 +43,10 @@ class ConfigCache:
     def lookup(self, session: Session, key: Hashable, load: Callable[[], T]) -> T:
         """`load()`'s answer for `key`, from the cache when it was read under this request's
         config generation. ORM objects are detached before they are cached: read-only after."""
+        if self.ttl <= 0:
+            return load()
         generation = _generation(session)
-        if generation is None or self.ttl <= 0:
+        if generation is None:
             return load()
         now = time.monotonic()
         with self._lock:

@@ -12,7 +12,17 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import CursorResult, Table, and_, bindparam, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Table,
+    and_,
+    bindparam,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from shared.lifecycle import StatusReport, apply_status, sent_from_sending
@@ -470,15 +480,19 @@ def retry_delay(attempt: int, settings: Settings) -> timedelta:
 
 
 def mark_published(
-    session: Session, sids: list[str], now: datetime, *, only_unmarked: bool = False
+    session: Session, sids: list[str], now: datetime, *, unchanged_since: datetime | None = None
 ) -> None:
-    """Note that the send tasks are on the queue, so the sweeper leaves them alone."""
+    """Note that the send tasks are on the queue, so the sweeper leaves them alone.
+
+    With `unchanged_since` (when publishing began) only rows still unmarked and untouched since
+    are marked: a worker may have claimed a message and handed it back meanwhile (clearing the
+    mark), and a late mark must not hide that from the sweeper."""
     if session.get_bind().dialect.name == "postgresql":
         # Losing this mark in a crash only costs a harmless re-publish, so skip the fsync wait.
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-    where = [Message.sid.in_(sids)]
-    if only_unmarked:
-        where.append(Message.published_at.is_(None))
+    where: list[ColumnElement[bool]] = [Message.sid.in_(sids)]
+    if unchanged_since is not None:
+        where += [Message.published_at.is_(None), Message.updated_at <= unchanged_since]
     session.execute(
         update(Message)
         .where(*where)

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
 
     send_queue: str = "sms.send"
     worker_concurrency: int = 32
-    # Celery task events all the time (Flower enables the workers' own while it runs anyway).
+    # Celery task events all the time (Flower turns the workers' own on when it starts anyway).
     task_events: bool = False
     worker_prefetch_multiplier: int = 4
     # How long one claim on a message lasts; a worker that died mid-send loses it after this.

@@ -43,7 +43,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         worker_hijack_root_logger=False,
         # Task events cost four broker publishes per message (sent, received, started,
         # succeeded): off unless asked for. Flower turns the workers' events on by itself
-        # (its --enable-events, on by default) while it watches.
+        # (its --enable-events, on by default); they stay on until the workers restart.
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
         task_default_queue=settings.send_queue,
@@ -96,6 +96,15 @@ def _trust_provider_ca(**_kwargs: Any) -> None:
     ca_file = get_settings().provider_ca_file
     if ca_file is not None:
         os.environ["REQUESTS_CA_BUNDLE"] = str(ca_file)  # configured: it wins over the default
+
+
+@worker_init.connect
+def _import_providers(**_kwargs: Any) -> None:
+    # The provider SDKs take a second of CPU to import: pay it before the first task, not in it,
+    # so the first sends after a (re)start are not late.
+    from shared.providers import provider_names
+
+    provider_names()
 
 
 @worker_ready.connect

@@ -25,15 +25,17 @@ def publish_sends(
     sids: list[str],
     countdown: timedelta | None = None,
     *,
-    only_unmarked: bool = False,
+    mark_only_unchanged: bool = False,
 ) -> list[str]:
     """Publish one send task per sid, then mark the rows published; return those published.
 
     A failure here loses nothing: the rows are committed, and the sweeper publishes whatever
     is left unmarked. On Redis the tasks go out in one pipeline (kombu's publish batch): one
     round trip, and one Redis client instead of one per task."""
+    started = utcnow()
     try:
-        with app.producer_or_acquire() as producer, producer.batch(max_size=len(sids) + 1):
+        # Room for a task-sent event per task too (SMSD_TASK_EVENTS), so a batch is one flush.
+        with app.producer_or_acquire() as producer, producer.batch(max_size=2 * len(sids) + 1):
             for sid in sids:
                 app.send_task(
                     SEND_TASK,
@@ -42,13 +44,15 @@ def publish_sends(
                     producer=producer,
                 )
     except Exception:
-        # All or nothing as far as we know: any that did go out are published again by the
-        # sweeper, and a second copy of a send task loses the claim.
+        # Counted as none published, though part of a batch may have reached the broker: those
+        # are published again by the sweeper, and a second copy of a send task loses the claim.
         log.exception("queue.publish_failed", count=len(sids))
         return []
     try:
         with db.transaction() as session:
-            mark_published(session, sids, utcnow(), only_unmarked=only_unmarked)
+            mark_published(
+                session, sids, utcnow(), unchanged_since=started if mark_only_unchanged else None
+            )
     except Exception:
         log.exception("queue.mark_failed")  # only costs a duplicate publish later
     return sids
@@ -75,6 +79,7 @@ class Publisher:
         self._pending: list[str] = []
         self._busy = False
         self._closed = False
+        self._deferring = False
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         Publisher._instances.add(self)
@@ -84,10 +89,14 @@ class Publisher:
         with self._changed:
             if not self._closed:
                 if len(self._pending) >= self.MAX_PENDING:
-                    log.warning("queue.publish_deferred_to_sweeper", count=len(sids))
+                    if not self._deferring:
+                        log.warning("queue.publish_deferred_to_sweeper", pending=len(self._pending))
+                    self._deferring = True
                     return
+                self._deferring = False
                 self._pending.extend(sids)
-                if self._thread is None:  # started by the first message, not by every app
+                if self._thread is None or not self._thread.is_alive():
+                    # Started by the first message (not by every app), and again should it die.
                     self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
                     self._thread.start()
                 self._changed.notify_all()
@@ -140,8 +149,8 @@ class Publisher:
 
     def _publish(self, sids: list[str]) -> None:
         try:
-            # Only unmarked rows get the mark: a worker may already have handed a message
-            # back and published it again, and its newer mark must stand.
-            publish_sends(self.celery, self._db, sids, only_unmarked=True)
+            # A worker may already have claimed a message and handed it back: our mark must not
+            # land on that (see mark_published).
+            publish_sends(self.celery, self._db, sids, mark_only_unchanged=True)
         except Exception:
             log.exception("queue.publish_failed", count=len(sids))  # the sweeper covers these

@@ -57,9 +57,26 @@ def test_the_publishers_late_mark_leaves_a_newer_mark_alone(
     with db.transaction() as session:
         session.execute(update(Message).where(Message.sid == sid).values(published_at=newer))
 
-    publish_sends(create_celery(migrated), db, [sid], only_unmarked=True)
+    publish_sends(create_celery(migrated), db, [sid], mark_only_unchanged=True)
 
     assert load_message(db, sid).published_at == newer
+
+
+def test_the_publishers_late_mark_does_not_hide_a_handed_back_message_from_the_sweeper(
+    db: Database, demo: Demo, migrated: Settings
+) -> None:
+    sid = accept_message(db, migrated, utcnow(), with_token=False)
+    # A worker claimed it and handed it back (rate limit), clearing the mark, after our publish
+    # began: the row changed after that moment.
+    later = datetime(2030, 1, 1).astimezone()
+    with db.transaction() as session:
+        session.execute(
+            update(Message).where(Message.sid == sid).values(published_at=None, updated_at=later)
+        )
+
+    publish_sends(create_celery(migrated), db, [sid], mark_only_unchanged=True)
+
+    assert load_message(db, sid).published_at is None
 
 
 def test_after_close_a_submission_is_published_at_once(
