@@ -10,10 +10,10 @@ import json
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import structlog
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,7 @@ from shared.models import (
     DeflectedCall,
     Message,
     MessageStatus,
+    table_of,
 )
 from shared.phone import normalise_sender, to_e164
 from shared.rendering import build_link, parse_additional_params, render_text
@@ -82,7 +83,7 @@ class AcceptedMessage:
     replayed: bool = False
 
 
-_INSERT_MESSAGE = insert(cast(Table, Message.__table__))
+_INSERT_MESSAGE = insert(table_of(Message))
 
 
 def accept_send(

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import structlog
-from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, update
+from sqlalchemy import CursorResult, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -20,6 +20,7 @@ from shared.models import (
     DeliveryEvent,
     Message,
     MessageStatus,
+    table_of,
 )
 
 log = structlog.get_logger(__name__)
@@ -112,8 +113,8 @@ def sent_from_sending(session: Session, sid: str, report: StatusReport, now: dat
     return True
 
 
-_messages = cast(Table, Message.__table__)
-_calls = cast(Table, DeflectedCall.__table__)
+_messages = table_of(Message)
+_calls = table_of(DeflectedCall)
 # Built once: constructing and hashing these costs more CPU than running them. The same
 # columns as `_status_columns` and `_update_deflected_call` write, for a `sent` from `sending`.
 _SENT_FROM_SENDING = (
@@ -133,7 +134,7 @@ _SENT_FROM_SENDING = (
     )
     .returning(_messages.c.token_id, _messages.c.campaign_id)
 )
-_INSERT_EVENT = insert(cast(Table, DeliveryEvent.__table__))
+_INSERT_EVENT = insert(table_of(DeliveryEvent))
 _FIRST_SENT_FOR_CALL = (
     update(_calls)
     .where(_calls.c.token_id == bindparam("token_id_"))

@@ -9,13 +9,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from sqlalchemy import (
     ColumnElement,
     CursorResult,
-    Table,
     and_,
     bindparam,
     or_,
@@ -26,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from shared.lifecycle import StatusReport, apply_status, sent_from_sending
-from shared.models import Account, Message, MessageStatus, OptOut, ProviderAccount
+from shared.models import Account, Message, MessageStatus, OptOut, ProviderAccount, table_of
 from shared.optout import is_opted_out
 from shared.phone import normalise_sender
 from shared.providers import ProviderError
@@ -71,10 +70,10 @@ class Claim:
         return limits
 
 
-_messages = cast(Table, Message.__table__)
-_providers = cast(Table, ProviderAccount.__table__)
-_accounts = cast(Table, Account.__table__)
-_opt_outs = cast(Table, OptOut.__table__)
+_messages = table_of(Message)
+_providers = table_of(ProviderAccount)
+_accounts = table_of(Account)
+_opt_outs = table_of(OptOut)
 # Built once (constructing and hashing a statement costs more CPU than running it), and run on
 # the session's connection as plain SQL: the message is not in the session's identity map.
 _CLAIM_QUEUED = (

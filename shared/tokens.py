@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from shared.models import Account, DeflectedCall, Environment, InteractionToken
+from shared.models import Account, DeflectedCall, Environment, InteractionToken, table_of
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 TOKEN_LENGTH = 7  # the vendor's examples (`Aejhib7`) are 7 letters and digits
@@ -67,7 +67,7 @@ class TokenRef:
     expires_at: datetime
 
 
-_tokens = InteractionToken.__table__
+_tokens = table_of(InteractionToken)
 # Built once: constructing and hashing a statement costs more CPU than running it.
 _FIND_TOKEN = select(_tokens.c.id, _tokens.c.token, _tokens.c.expires_at).where(
     _tokens.c.account_id == bindparam("account_id"),

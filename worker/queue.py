@@ -148,9 +148,6 @@ class Publisher:
                     self._changed.notify_all()
 
     def _publish(self, sids: list[str]) -> None:
-        try:
-            # A worker may already have claimed a message and handed it back: our mark must not
-            # land on that (see mark_published).
-            publish_sends(self.celery, self._db, sids, mark_only_unchanged=True)
-        except Exception:
-            log.exception("queue.publish_failed", count=len(sids))  # the sweeper covers these
+        # Never raises: a failure is logged and left to the sweeper. A worker may already have
+        # claimed a message and handed it back, so the mark must not land on that.
+        publish_sends(self.celery, self._db, sids, mark_only_unchanged=True)
