@@ -14,13 +14,13 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from api.callbacks import simulator_callback
 from api.errors import (
     database_error_response,
     http_error_response,
     refused_response,
     unexpected_response,
 )
+from api.guard import KeyGuessingGuard, no_control_characters
 from api.health import live, ready
 from api.interact import (
     generate_token,
@@ -55,11 +55,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     publisher = Publisher(create_celery(settings), db)
     placement = Placement(settings=settings, db=db, publisher=publisher)
+    guard = KeyGuessingGuard(settings)
 
     async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
         structlog.contextvars.clear_contextvars()
 
     async def shutdown() -> None:
+        await guard.close()
         # Publishes what is still waiting: a blocking join, so off the event loop.
         await anyio.to_thread.run_sync(publisher.close)
         db.dispose()
@@ -77,7 +79,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             generate_token,
             get_message,
             deflected_call_report,
-            simulator_callback,
             *WEBHOOKS,
             live,
             ready,
@@ -85,7 +86,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         state=State({"placement": placement}),
         before_request=clear_log_context,
+        on_startup=[guard.start],
         on_shutdown=[shutdown],
+        middleware=[guard.middleware],
+        guards=[no_control_characters],
+        # Checked as the body arrives (and against Content-Length before): never buffered whole.
+        request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             RequestRefused: refused_response,
             HTTPException: http_error_response,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import structlog
+
+log = structlog.get_logger(__name__)
 
 
 class JsonBody:
@@ -17,7 +20,10 @@ class JsonBody:
             return  # an empty body is an empty object: the fields then say what is missing
         try:
             decoded = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+        # Besides malformed JSON (numbers out of range included), msgspec raises
+        # UnicodeDecodeError for invalid UTF-8 and RecursionError for deep nesting.
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            log.warning("request.unreadable_body", error=type(exc).__name__, size=len(raw))
             self.invalid = "body"
             return
         if isinstance(decoded, dict):

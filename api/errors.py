@@ -8,9 +8,11 @@ import msgspec
 import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
+from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from api.guard import note_auth_failure
 from shared.errors import (
     MORE_INFO_URL,
     UNAUTHORIZED_CODE,
@@ -40,6 +42,7 @@ def refused_response(request: Request[Any, Any, Any], exc: RequestRefused) -> Re
     """A documented refusal: plain text, except the 401 which is JSON plus its reason header."""
     log_refusal(request, exc)
     if isinstance(exc, Unauthenticated):
+        note_auth_failure(request.scope)
         return Response(
             content=UNAUTHORIZED_BODY,
             status_code=401,
@@ -51,10 +54,15 @@ def refused_response(request: Request[Any, Any, Any], exc: RequestRefused) -> Re
     )
 
 
-def http_error_response(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def http_error_response(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     """Framework errors (unknown route, wrong method, body too large) as short plain text."""
+    detail = str(exc.detail)
+    if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
+        limit = request.route_handler.resolve_request_max_body_size()
+        detail = f"request body too large: at most {limit} bytes"
+        log.warning("request.body_too_large", path=request.url.path, limit=limit)
     return Response(
-        content=str(exc.detail).encode(),
+        content=detail.encode(),
         status_code=exc.status_code,
         media_type=MediaType.TEXT,
         headers=exc.headers,

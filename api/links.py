@@ -21,6 +21,9 @@ from shared.models import utcnow
     tags=["Links"],
     responses={
         302: ResponseSpec(None, description="Redirect to the full link"),
+        400: ResponseSpec(
+            str, description="A code with control characters", media_type=MediaType.TEXT
+        ),
         404: ResponseSpec(str, description="Unknown or expired link", media_type=MediaType.TEXT),
     },
     include_in_schema=True,

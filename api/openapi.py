@@ -121,6 +121,31 @@ PLACED = OpenAPIResponse(
     },
 )
 AUTH_HEADERS = ("Tenant-Id", "Application-Key")
+TOO_MANY_FAILURES = OpenAPIResponse(
+    description=(
+        "Too many missing or wrong credentials from this client address lately (SMSD_AUTH_*): "
+        "every request from it is refused for a while, with the right key too"
+    ),
+    headers={"Retry-After": OpenAPIHeader(schema=STRING, description="Seconds to wait")},
+    content={
+        "text/plain": OpenAPIMediaType(
+            schema=STRING,
+            example="Too many requests with missing or wrong credentials from this address; "
+            "retry after 300 seconds",
+        )
+    },
+)
+BODY_TOO_LARGE = text(
+    "A body over the route's limit (SMSD_MAX_BODY_BYTES), refused while it is read",
+    "request body too large: at most 65536 bytes",
+)
+
+
+def xml(description: str, example: str) -> OpenAPIResponse:
+    return OpenAPIResponse(
+        description=description,
+        content={"text/xml": OpenAPIMediaType(schema=STRING, example=example)},
+    )
 
 
 def documented(
@@ -146,7 +171,13 @@ def documented(
             }
             if success is not None:
                 responses["200"] = success
-            responses.update({str(code): response for code, response in errors.items()})
+            implied: dict[int, OpenAPIResponse] = {}
+            if 401 in errors:
+                # Whoever can fail authentication can be throttled for failing it too often.
+                implied[429] = TOO_MANY_FAILURES
+            if body is not None:
+                implied[413] = BODY_TOO_LARGE
+            responses.update({str(code): response for code, response in (implied | errors).items()})
             self.responses = responses
             for parameter in self.parameters or []:
                 # Optional to the framework so that their absence is our 401, not its 400.

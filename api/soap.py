@@ -19,7 +19,9 @@ from litestar.datastructures import State
 from litestar.params import HeaderParameter
 
 from api.errors import log_refusal
+from api.guard import note_auth_failure
 from api.headers import ApplicationKey, EnvironmentName, TenantId
+from api.openapi import SID_EXAMPLE, TOO_MANY_FAILURES, documented, text, xml
 from api.placement import Placement
 from shared.accept import SendSmsCommand
 from shared.errors import (
@@ -152,7 +154,39 @@ def refused_envelope(exc: RequestRefused) -> Response[str]:
     return _xml(unique_id_response(exc.text))
 
 
-@get(WSDL_PATH, media_type=XML, tags=["SOAP"], summary="SOAP WSDL (Send SMS)")
+SOAP_FAULTS = {
+    400: text(
+        "A header with control characters, refused before the SOAP handling",
+        "missing or invalid parameter Environment-Name",
+    ),
+    413: xml(
+        "An envelope over the SOAP limit: a Client fault",
+        fault("SOAP-ENV:Client", "Request too large"),
+    ),
+    429: xml(
+        "Too many missing or wrong credentials from this address lately: a Client fault, "
+        "with Retry-After",
+        fault(
+            "SOAP-ENV:Client",
+            "Too many requests with missing or wrong credentials from this address; "
+            "retry after 300 seconds",
+        ),
+    ),
+    500: xml(
+        "A SOAP fault, as SOAP 1.1 answers them: missing or wrong credentials (0x7000000), a "
+        "malformed envelope (SOAP-ENV:Client) or anything unexpected (SOAP-ENV:Server)",
+        fault(UNAUTHORIZED_CODE, UNAUTHORIZED_MESSAGE),
+    ),
+}
+
+
+@get(
+    WSDL_PATH,
+    media_type=XML,
+    tags=["SOAP"],
+    summary="SOAP WSDL (Send SMS)",
+    operation_class=documented(errors={429: TOO_MANY_FAILURES}),
+)
 async def agent_wsdl(request: Request[object, object, State]) -> str:
     placement: Placement = request.app.state.placement
     address = placement.settings.public_base_url.rstrip("/") + SOAP_PATH
@@ -165,6 +199,14 @@ async def agent_wsdl(request: Request[object, object, State]) -> str:
     summary="SOAP Send SMS (CampaignSMSRequest)",
     description="SOAP 1.1 document/literal; see the WSDL. Same headers as REST.",
     status_code=200,
+    operation_class=documented(
+        errors=SOAP_FAULTS,
+        success=xml(
+            "CampaignSMSResponse: queued, or the seed's uniqueId answer for a refusal",
+            "<SOAP-ENV:Envelope>…<ns2:message>message: Campaign campaign1 was sent to queue "
+            f"messageSid: {SID_EXAMPLE}</ns2:message>…</SOAP-ENV:Envelope>",
+        ),
+    ),
     request_max_body_size=None,  # enforced below, so that too large is a SOAP fault too
 )
 async def soap_endpoint(
@@ -176,6 +218,7 @@ async def soap_endpoint(
 ) -> Response[str]:
     if not tenant_id or not application_key:
         # No credentials at all: answered before the body is read, let alone parsed.
+        note_auth_failure(request.scope)
         return _xml(fault(UNAUTHORIZED_CODE, UNAUTHORIZED_MESSAGE), 500)
     raw = bytearray()
     async for chunk in request.stream():
@@ -194,6 +237,8 @@ async def soap_endpoint(
         accepted = await anyio.to_thread.run_sync(placement.place, command)
     except RequestRefused as exc:
         log_refusal(request, exc)
+        if isinstance(exc, Unauthenticated):
+            note_auth_failure(request.scope)
         return refused_envelope(exc)
     except Exception:
         log.exception("request.failed")

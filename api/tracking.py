@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import anyio.to_thread
+import structlog
 from litestar import Request, get
 from litestar.datastructures import State
 from litestar.params import FromPath, QueryParameter
@@ -18,10 +19,13 @@ from shared.errors import InvalidParameter, MessageNotFound
 from shared.models import utcnow
 from shared.reports import DeflectedCallView, MessageView, deflected_calls, message_view
 
+log = structlog.get_logger(__name__)
+
 MAX_REPORT_ROWS = 10_000
 DEFAULT_REPORT_ROWS = 1000
 EARLIEST = datetime.min.replace(tzinfo=UTC)
 DEFAULT_SPAN = timedelta(hours=24)
+MAX_INSTANT_LENGTH = 64  # "2024-01-31T23:59:59.999999+00:00" is 32
 
 
 @get(
@@ -31,6 +35,10 @@ DEFAULT_SPAN = timedelta(hours=24)
     tags=["Tracking"],
     operation_class=documented(
         errors={
+            400: text(
+                "A messageSid that cannot be one (control characters, too long)",
+                "missing or invalid parameter messageSid",
+            ),
             401: UNAUTHORIZED,
             404: text("No such message in this account", f"Message {SID_EXAMPLE} was not found"),
             500: UNEXPECTED,
@@ -108,6 +116,10 @@ def _instant(value: str | None, parameter: str) -> datetime | None:
     """An ISO 8601 instant with a zone, in UTC; anything else is the caller's 400."""
     if value is None:
         return None
+    # fromisoformat reads some non-ASCII digits; what the report promises is ISO 8601.
+    if not value.isascii() or len(value) > MAX_INSTANT_LENGTH:
+        log.warning("request.unusable_parameter", parameter=parameter, length=len(value))
+        raise InvalidParameter(parameter)
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         if parsed.tzinfo is None:
@@ -125,6 +137,11 @@ def _day_before(end: datetime) -> datetime:
 def _limit(value: str | None) -> int:
     if value is None:
         return DEFAULT_REPORT_ROWS
-    if not value.isdigit() or not 1 <= int(value) <= MAX_REPORT_ROWS:
+    # ASCII digits only: isdigit() also takes "²" (which int() refuses) and "٣" (which it
+    # reads as 3), and the length check comes before int(), which refuses 4,300 digits.
+    if not (value.isascii() and value.isdigit() and len(value) <= len(str(MAX_REPORT_ROWS))):
+        log.warning("request.unusable_parameter", parameter="limit", length=len(value))
+        raise InvalidParameter("limit")
+    if not 1 <= int(value) <= MAX_REPORT_ROWS:
         raise InvalidParameter("limit")
     return int(value)

@@ -127,7 +127,6 @@ class Stack:
             "SMSD_SIMULATOR_URL": self.simulator_url,
             "SMSD_SIMULATOR_TLS_PORT": str(self.ports["simulator_tls"]),
             "SMSD_SIMULATOR_TLS_DIR": str(self.workdir / "simulator-tls"),
-            "SMSD_SIMULATOR_SIGNING_SECRET": os.urandom(16).hex(),
             # Production defaults otherwise: INFO, JSON lines (to a file here).
             "SMSD_LOG_JSON": "true",
             "SMSD_LOG_LEVEL": "INFO",

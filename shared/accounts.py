@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -239,6 +240,14 @@ def upsert_campaign(
     return campaign
 
 
+# The credential each provider names in its webhooks, kept as the settings' `public_id`.
+PUBLIC_ID_CREDENTIAL = {"twilio": "account_sid", "vonage": "api_key", "simulator": "account_id"}
+# Vonage receipts are unsigned in most real accounts: the path of the URL we give for them
+# carries this secret instead (shared/providers/vonage.py), one per provider account.
+CALLBACK_TOKEN = "callback_token"  # noqa: S105 (the name of a credential, not one)
+PREVIOUS_CALLBACK_TOKENS = "previous_callback_tokens"
+
+
 def set_provider(
     session: Session,
     account: Account,
@@ -249,7 +258,10 @@ def set_provider(
     expires_at: datetime | None = None,
     priority: int = 0,
 ) -> ProviderAccount:
-    """Create or replace the account's settings for one provider at one priority."""
+    """Create or replace the account's settings for one provider at one priority.
+
+    Secrets we issue ourselves (the simulator's account, the Vonage callback token) are
+    generated here when not given, so none of them has a default anyone could know."""
     existing = session.scalar(
         select(ProviderAccount).where(
             ProviderAccount.account_id == account.id,
@@ -261,7 +273,12 @@ def set_provider(
         account_id=account.id, provider=provider, priority=priority
     )
     settings.sender_ids = list(sender_ids)
-    settings.credentials = dict(credentials or {})
+    settings.credentials = _with_issued_secrets(
+        provider, dict(credentials or {}), dict(existing.credentials or {}) if existing else {}
+    )
+    credential = PUBLIC_ID_CREDENTIAL.get(provider)
+    public_id = settings.credentials.get(credential) if credential else None
+    settings.public_id = str(public_id) if public_id else None
     settings.expires_at = expires_at
     if existing is None:
         session.add(settings)
@@ -269,15 +286,64 @@ def set_provider(
     return settings
 
 
-def provider_account_by(
-    session: Session, provider: str, credential: str, value: str | None
-) -> ProviderAccount | None:
-    """The settings whose credential (AccountSid, api_key) a webhook names: its secret signs it."""
-    if not value:
-        return None
-    for candidate in session.scalars(
-        select(ProviderAccount).where(ProviderAccount.provider == provider)
-    ):
-        if str((candidate.credentials or {}).get(credential)) == value:
-            return candidate
-    return None
+def _with_issued_secrets(
+    provider: str, credentials: dict[str, Any], before: dict[str, Any]
+) -> dict[str, Any]:
+    # Replacing settings keeps what we issued (messages in flight are verified with it).
+    issuers: dict[str, dict[str, Callable[[], str]]] = {
+        "simulator": {
+            "account_id": lambda: "SA" + secrets.token_hex(16),
+            "signing_secret": lambda: secrets.token_urlsafe(32),
+        },
+        "vonage": {CALLBACK_TOKEN: new_callback_token},
+    }
+    for key, make in issuers.get(provider, {}).items():
+        if not credentials.get(key):
+            credentials[key] = before.get(key) or make()
+    if provider == "vonage" and before.get(PREVIOUS_CALLBACK_TOKENS):
+        credentials.setdefault(PREVIOUS_CALLBACK_TOKENS, before[PREVIOUS_CALLBACK_TOKENS])
+    return credentials
+
+
+def new_callback_token() -> str:
+    """A secret for a callback URL's path: URL-safe, 192 bits, short enough for Vonage's
+    100-character callback limit."""
+    return secrets.token_urlsafe(24)
+
+
+def rotate_callback_token(session: Session, settings: ProviderAccount) -> str:
+    """Issue a new callback token; the one it replaces stays valid until the next rotation,
+    so receipts of messages already sent with it still arrive."""
+    credentials = dict(settings.credentials or {})
+    if old := credentials.get(CALLBACK_TOKEN):
+        credentials[PREVIOUS_CALLBACK_TOKENS] = [old]
+    token = new_callback_token()
+    credentials[CALLBACK_TOKEN] = token
+    settings.credentials = credentials
+    session.flush()
+    return token
+
+
+def callback_tokens(credentials: dict[str, Any]) -> list[str]:
+    """The callback tokens a provider account accepts now: its current one and the last."""
+    current = credentials.get(CALLBACK_TOKEN)
+    previous = credentials.get(PREVIOUS_CALLBACK_TOKENS) or []
+    return [str(token) for token in ([current] if current else []) + list(previous) if token]
+
+
+def provider_accounts_named(
+    session: Session, provider: str, public_id: str | None
+) -> list[ProviderAccount]:
+    """The settings whose public id (AccountSid, api-key, account id) a webhook names.
+
+    Several tenants may hold settings of one provider account; the webhook's signature
+    decides which of them, if any, it really comes from."""
+    if not public_id:
+        return []
+    return list(
+        session.scalars(
+            select(ProviderAccount)
+            .where(ProviderAccount.provider == provider, ProviderAccount.public_id == public_id)
+            .order_by(ProviderAccount.id)
+        )
+    )

@@ -75,6 +75,13 @@ def api(host: str | None, port: int | None, workers: int) -> None:
     import uvicorn
 
     settings = get_settings()
+    try:
+        import httptools  # noqa: F401
+
+        # httptools bounds nothing before the app runs: this subclass bounds the headers.
+        http = "api.server:BoundedHttpToolsProtocol"
+    except ImportError:
+        http = "h11"
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -84,6 +91,12 @@ def api(host: str | None, port: int | None, workers: int) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=20,
+        http=http,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.api_max_connections,
+        # The client address comes from SMSD_TRUSTED_PROXY_HEADER alone: uvicorn's own
+        # default would believe X-Forwarded-For from any local process.
+        proxy_headers=False,
     )
 
 
@@ -487,7 +500,48 @@ def provider_set(
         )
         settings_row.sender_rate = sender_rate
         settings_row.account_rate = account_rate
+        webhook_urls = _webhook_urls(settings_row)
     click.echo(f"provider {provider_name} set for {tenant_id} ({len(pairs)} credentials)")
+    for line in webhook_urls:
+        click.echo(line)
+
+
+@provider.command("rotate-callback-token")
+@click.argument("tenant_id")
+@click.option("--priority", type=int, default=0, show_default=True)
+def provider_rotate_callback_token(tenant_id: str, priority: int) -> None:
+    """Issue a new secret for the Vonage webhook URLs; the previous one keeps working until
+    the next rotation, so set the new URLs in the Vonage dashboard, then rotate again later
+    to retire the old secret for good."""
+    with _transaction() as session:
+        found = accounts.get_account(session, tenant_id)
+        settings_row = session.scalar(
+            select(ProviderAccount).where(
+                ProviderAccount.account_id == found.id,
+                ProviderAccount.provider == "vonage",
+                ProviderAccount.priority == priority,
+            )
+        )
+        if settings_row is None:
+            raise click.ClickException(f"{tenant_id} has no vonage settings at priority {priority}")
+        accounts.rotate_callback_token(session, settings_row)
+        webhook_urls = _webhook_urls(settings_row)
+    for line in webhook_urls:
+        click.echo(line)
+
+
+def _webhook_urls(settings_row: ProviderAccount) -> list[str]:
+    """What to paste into the provider's dashboard (the Vonage ones carry a secret)."""
+    base = get_settings().public_base_url.rstrip("/")
+    if settings_row.provider == "vonage":
+        token = settings_row.credentials[accounts.CALLBACK_TOKEN]
+        return [
+            f"delivery receipts: {base}/callbacks/vonage/{token}",
+            f"inbound SMS:       {base}/inbound/vonage/{token}",
+        ]
+    if settings_row.provider == "twilio":
+        return [f"inbound SMS:       {base}/inbound/twilio"]
+    return []
 
 
 @main.group()

@@ -10,7 +10,8 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import CursorResult, bindparam, func, insert, select, update
+from sqlalchemy import CursorResult, Insert, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.models import (
@@ -19,6 +20,7 @@ from shared.models import (
     DeflectedCall,
     DeliveryEvent,
     Message,
+    MessagePart,
     MessageStatus,
     table_of,
 )
@@ -40,8 +42,21 @@ class StatusReport:
     payload: dict[str, Any] | None = None
 
 
-def apply_status(session: Session, sid: str | None, report: StatusReport, now: datetime) -> bool:
-    """Move the message to `report.status` if that is forwards; record the event either way."""
+def apply_status(
+    session: Session,
+    sid: str | None,
+    report: StatusReport,
+    now: datetime,
+    *,
+    dedupe_key: str | None = None,
+) -> bool:
+    """Move the message to `report.status` if that is forwards; record the event either way.
+
+    A report with a `dedupe_key` already recorded is a repeat (a provider retrying its
+    callback, a replay): it is neither applied nor stored again."""
+    if is_repeat(session, dedupe_key):
+        log.info("message.status_repeat", status=report.status.value, source=report.source)
+        return False
     current: str | None = None
     applied = False
     for _ in range(3):  # a concurrent writer may move the status between our read and write
@@ -72,8 +87,9 @@ def apply_status(session: Session, sid: str | None, report: StatusReport, now: d
         if result.rowcount == 1:
             applied = True
             break
-    session.add(
-        DeliveryEvent(**_event_columns(sid if current is not None else None, report, applied, now))
+    _store_event(
+        session,
+        _event_columns(sid if current is not None else None, report, applied, now, dedupe_key),
     )
     if current is None:
         log.warning("message.status_unmatched", status=report.status.value, source=report.source)
@@ -134,7 +150,8 @@ _SENT_FROM_SENDING = (
     )
     .returning(_messages.c.token_id, _messages.c.campaign_id)
 )
-_INSERT_EVENT = insert(table_of(DeliveryEvent))
+_events = table_of(DeliveryEvent)
+_INSERT_EVENT = insert(_events)
 _FIRST_SENT_FOR_CALL = (
     update(_calls)
     .where(_calls.c.token_id == bindparam("token_id_"))
@@ -149,10 +166,34 @@ _FIRST_SENT_FOR_CALL = (
 )
 
 
+def is_repeat(session: Session, dedupe_key: str | None) -> bool:
+    """Whether a report with this key is already recorded."""
+    if dedupe_key is None:
+        return False
+    return (
+        session.scalar(select(DeliveryEvent.id).where(DeliveryEvent.dedupe_key == dedupe_key))
+        is not None
+    )
+
+
+def _store_event(session: Session, columns: dict[str, Any]) -> None:
+    statement: Insert = _INSERT_EVENT
+    if columns["dedupe_key"] is not None:
+        # Two copies of one callback racing each other: the second finds the key taken.
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(_events).on_conflict_do_nothing(index_elements=["dedupe_key"])
+    session.execute(statement, columns)
+
+
 def _event_columns(
-    sid: str | None, report: StatusReport, applied: bool, now: datetime
+    sid: str | None,
+    report: StatusReport,
+    applied: bool,
+    now: datetime,
+    dedupe_key: str | None = None,
 ) -> dict[str, Any]:
     return dict(
+        dedupe_key=dedupe_key,
         message_sid=sid,
         source=report.source,
         status=report.status.value,
@@ -236,8 +277,141 @@ def find_sid(session: Session, provider: str, provider_message_id: str | None) -
     """Our messageSid for a provider's message id, for callbacks that do not carry ours."""
     if not provider_message_id:
         return None
-    return session.scalar(
+    found = session.scalar(
         select(Message.sid).where(
             Message.provider == provider, Message.provider_message_id == provider_message_id
         )
     )
+    # The later parts of a multi-part message are known only as its parts.
+    return found or session.scalar(
+        select(MessagePart.message_sid)
+        .join(Message, Message.sid == MessagePart.message_sid)
+        .where(Message.provider == provider, MessagePart.provider_message_id == provider_message_id)
+    )
+
+
+def apply_part_status(
+    session: Session,
+    sid: str | None,
+    report: StatusReport,
+    now: datetime,
+    *,
+    dedupe_key: str | None = None,
+) -> bool:
+    """A receipt for one SMS part of a message the provider took as several (Vonage answers
+    one id and one receipt per part): the part moves forwards, and the message follows once
+    every part has a final status, `delivered` only when all of them are."""
+    if is_repeat(session, dedupe_key):
+        log.info("message.status_repeat", status=report.status.value, source=report.source)
+        return False
+    row = (
+        session.execute(
+            # Locked: receipts for a message's parts arrive together, and each must see the
+            # others' parts to know whether it completes the message.
+            select(Message.parts_expected, Message.segments)
+            .where(Message.sid == sid)
+            .with_for_update()
+        ).first()
+        if sid
+        else None
+    )
+    # Until the worker records the provider's answer, the parts we counted stand in for it.
+    expected = (row.parts_expected or row.segments) if row else 1
+    if row is None or expected <= 1 or not report.provider_message_id:
+        return apply_status(session, sid, report, now, dedupe_key=dedupe_key)
+    assert sid is not None
+    _move_part(session, sid, report.provider_message_id, report.status, report.error_code, now)
+    overall = _parts_outcome(session, sid)
+    return apply_status(
+        session,
+        sid,
+        StatusReport(
+            overall.status if overall else MessageStatus.SENT,
+            source=report.source,
+            provider=report.provider,
+            provider_status=report.provider_status,
+            provider_message_id=report.provider_message_id,
+            error_code=(overall.error_code if overall else None),
+            payload=report.payload,
+        ),
+        now,
+        dedupe_key=dedupe_key,
+    )
+
+
+def record_parts(
+    session: Session, sid: str, part_ids: tuple[str, ...], unsent: int, now: datetime
+) -> PartsOutcome | None:
+    """The parts a provider answered with, as it answered; returns the message's final
+    status if every part already has one (receipts can overtake the worker's record)."""
+    session.execute(
+        update(Message)
+        .where(Message.sid == sid)
+        .values(parts_expected=len(part_ids) + unsent, parts_unsent=unsent)
+    )
+    for index, part_id in enumerate(part_ids):
+        _move_part(session, sid, part_id, MessageStatus.SENT, None, now, index=index)
+    return _parts_outcome(session, sid)
+
+
+def _move_part(
+    session: Session,
+    sid: str,
+    part_id: str,
+    status: MessageStatus,
+    error_code: str | None,
+    now: datetime,
+    *,
+    index: int | None = None,
+) -> None:
+    part = session.get(MessagePart, (sid, part_id), with_for_update=True)
+    if part is None:
+        session.add(
+            MessagePart(
+                message_sid=sid,
+                provider_message_id=part_id,
+                part_index=index,
+                status=status.value,
+                error_code=error_code,
+                updated_at=now,
+            )
+        )
+        session.flush()
+        return
+    if index is not None:
+        part.part_index = index
+    if _is_forward(MessageStatus(part.status), status):
+        part.status = status.value
+        part.error_code = error_code
+        part.updated_at = now
+
+
+@dataclass(frozen=True, slots=True)
+class PartsOutcome:
+    """What a multi-part message's parts add up to."""
+
+    status: MessageStatus
+    error_code: str | None
+
+
+def _parts_outcome(session: Session, sid: str) -> PartsOutcome | None:
+    """The message's final status from its parts', or None while any part is still out."""
+    message = session.execute(
+        select(Message.parts_expected, Message.parts_unsent, Message.segments).where(
+            Message.sid == sid
+        )
+    ).one()
+    parts = session.execute(
+        select(MessagePart.status, MessagePart.error_code).where(MessagePart.message_sid == sid)
+    ).all()
+    sent = (message.parts_expected or message.segments) - message.parts_unsent
+    if len(parts) < sent or not all(MessageStatus(part.status).is_final for part in parts):
+        return None
+    for part in parts:
+        if part.status != MessageStatus.DELIVERED.value:
+            return PartsOutcome(MessageStatus(part.status), part.error_code)
+    if message.parts_unsent:
+        # Every part that went out arrived, but the provider refused the others: the
+        # handset has an incomplete text.
+        return PartsOutcome(MessageStatus.UNDELIVERED, "partial-send")
+    return PartsOutcome(MessageStatus.DELIVERED, None)

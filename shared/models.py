@@ -173,11 +173,16 @@ class ProviderAccount(Base):
     """Telephony provider settings of an account: which provider, its credentials, our senders."""
 
     __tablename__ = "provider_accounts"
+    __table_args__ = (Index("ix_provider_accounts_provider_public_id", "provider", "public_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
     provider: Mapped[str] = mapped_column(String(32))
     credentials: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
+    # The credential a provider names in its webhooks (Twilio's AccountSid, Vonage's api-key,
+    # the simulator's account id), kept beside the secrets so a webhook finds its settings
+    # by index; its secret then decides whether the webhook is genuine.
+    public_id: Mapped[str | None] = mapped_column(String(128))
     # E.164 numbers or alphanumeric sender ids; the first is used when a request names none.
     sender_ids: Mapped[list[str]] = mapped_column(JSONDocument, default=list)
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -312,6 +317,10 @@ class Message(Base):
         ForeignKey("provider_accounts.id", ondelete="RESTRICT")
     )
     provider_message_id: Mapped[str | None] = mapped_column(String(128))
+    # A provider that answers one id per SMS part (Vonage): how many parts it was sent as,
+    # and how many of them it refused; delivered means every part delivered (MessagePart).
+    parts_expected: Mapped[int | None] = mapped_column(Integer)
+    parts_unsent: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -351,4 +360,24 @@ class DeliveryEvent(Base):
     # False when a callback arrived too late to change anything (an older status after a final one).
     applied: Mapped[bool] = mapped_column(Boolean, default=True)
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    # What makes a provider callback the same callback again (provider, its message id and
+    # status, or Twilio's idempotency token): a repeat finds it taken and is stored once.
+    dedupe_key: Mapped[str | None] = mapped_column(String(255), unique=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class MessagePart(Base):
+    """One SMS part of a message a provider took as several (one id and one receipt each)."""
+
+    __tablename__ = "message_parts"
+
+    message_sid: Mapped[str] = mapped_column(
+        ForeignKey("messages.sid", ondelete="CASCADE"), primary_key=True
+    )
+    provider_message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # The order the provider answered in; None for a part first seen in a receipt that
+    # overtook the worker's own record of the send.
+    part_index: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from shared.lifecycle import StatusReport, apply_status, sent_from_sending
+from shared.lifecycle import StatusReport, apply_status, record_parts, sent_from_sending
 from shared.models import Account, Message, MessageStatus, OptOut, ProviderAccount, table_of
 from shared.optout import is_opted_out
 from shared.phone import normalise_sender
@@ -380,9 +380,19 @@ def release(session: Session, owned: Claim, delay: timedelta, now: datetime) -> 
 
 
 def record_accepted(
-    session: Session, claim: Claim, provider_message_id: str, provider_status: str, now: datetime
+    session: Session,
+    claim: Claim,
+    provider_message_id: str,
+    provider_status: str,
+    now: datetime,
+    *,
+    parts: tuple[str, ...] = (),
+    unsent_parts: int = 0,
 ) -> None:
-    """The provider has it: status `sent` (unless a callback already said more), smsSent."""
+    """The provider has it: status `sent` (unless a callback already said more), smsSent.
+
+    A message the provider took as several parts keeps every part's id, so each part's
+    receipt counts and `delivered` waits for all of them."""
     report = StatusReport(
         MessageStatus.SENT,
         source="worker",
@@ -390,6 +400,23 @@ def record_accepted(
         provider_message_id=provider_message_id,
         provider_status=provider_status,
     )
+    if len(parts) > 1 or unsent_parts:
+        settled = record_parts(
+            session, claim.sid, parts or (provider_message_id,), unsent_parts, now
+        )
+        if settled is not None:
+            apply_status(
+                session,
+                claim.sid,
+                StatusReport(
+                    settled.status,
+                    source="worker",
+                    provider=claim.provider,
+                    provider_message_id=provider_message_id,
+                    error_code=settled.error_code,
+                ),
+                now,
+            )
     if sent_from_sending(session, claim.sid, report, now):
         return
     # A callback got there first (or the message moved otherwise): the general, careful way.

@@ -123,8 +123,28 @@ class Settings(BaseSettings):
     simulator_latency: Duration = timedelta(milliseconds=50)
     simulator_failure_rate: float = 0.0
     simulator_delivery_delay: Duration = timedelta(milliseconds=200)
-    # Shared by simulator and API to sign callbacks; the default is for local runs only.
-    simulator_signing_secret: SecretStr = SecretStr("local-simulator-secret")
+    # A signed provider webhook (Vonage's `timestamp`, the simulator's) older than this, or
+    # this far in the future, is refused as a replay; repeats inside it are stored once.
+    webhook_max_age: Duration = timedelta(minutes=10)
+
+    # What one request may cost the API before anyone is authenticated.
+    # Request line plus headers; past it the connection is answered 431 and closed.
+    max_header_bytes: int = 16 * 1024
+    # A connection whose request headers are not complete within this is closed (slow clients).
+    header_timeout: Duration = timedelta(seconds=10)
+    # Request bodies (the SOAP envelope and provider webhooks have their own limits); 413 past it.
+    max_body_bytes: int = 64 * 1024
+    # Connections (and requests in progress) per API process; past it requests answer 503.
+    api_max_connections: int = 2048
+    # Key guessing: this many 401s from one client address within auth_failure_window block
+    # that address (429, even with the right key) for auth_block_time.
+    auth_failure_limit: int = 20
+    auth_failure_window: Duration = timedelta(seconds=60)
+    auth_block_time: Duration = timedelta(minutes=5)
+    # Behind a load balancer: the header it writes the client address into (X-Forwarded-For),
+    # believed only from the comma-separated proxy addresses or networks in trusted_proxies.
+    trusted_proxy_header: str | None = None
+    trusted_proxies: str = ""
 
     @model_validator(mode="after")
     def _derive_urls(self) -> Settings:

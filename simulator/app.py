@@ -5,11 +5,15 @@ It speaks three APIs on the same port: its own generic `/messages` JSON API (the
 provider), Twilio's Messages API and Vonage's SMS API, close enough for the official SDKs.
 `/control` steers all three; `/messages` and `/stats` show what the handsets got.
 
+Generic sends authenticate with HTTP Basic account_id:signing_secret; the secret signs that
+message's callbacks (X-Simulator-Signature over timestamp, URL and body). Sends without it
+are taken too, for hand tests, but their callbacks go out unsigned.
+
 It keeps state in memory: it stands for a provider, not for anything we must not lose."""
 
 from __future__ import annotations
 
-import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -21,22 +25,36 @@ from litestar.exceptions import ValidationException
 from litestar.params import FromQuery, JSONBody
 
 from shared.logging import configure_logging
-from shared.providers.simulator import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign
+from shared.providers.simulator import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    sign,
+)
 from shared.settings import Settings, get_settings
 from simulator import twilio_api, vonage_api
 from simulator.state import (
+    CALLBACK_ORDERS,
+    DROP_HEADER,
+    ERROR_FORMATS,
     ERRORS,
+    GATEWAY_BODIES,
     PROVIDERS,
+    RECEIPT_FORMATS,
+    SIGNATURE_METHODS,
     TIMEOUT_BODY,
+    TWILIO_STATUS_WORDS,
     Behaviour,
+    Callback,
     Control,
     Store,
+    VonageAccount,
+    basic_auth,
     decide,
+    delivery_steps,
     new_message,
-    post_callback,
     set_status,
     store_of,
-    twilio_final_status,
 )
 
 # The generic API's answers to scripted errors: (HTTP status, code, message).
@@ -45,6 +63,9 @@ GENERIC_ERRORS: dict[str, tuple[int, str, str]] = {
     "server_error": (503, "20503", "simulated provider outage"),
     "invalid_number": (400, "21211", "The 'To' number is not a valid phone number"),
     "opted_out": (400, "21610", "Attempt to send to unsubscribed recipient"),
+    "sender_queue_full": (400, "21611", "This 'From' number has exceeded the queue limit"),
+    "queue_overflow": (429, "30001", "Queue overflow"),
+    "too_many_binds": (429, "20429", "Too Many Requests"),
 }
 # What POST /messages has always answered with; GET /messages shows more.
 GENERIC_FIELDS = ("id", "to", "from", "body", "status", "idempotencyKey")
@@ -70,6 +91,16 @@ class InboundBody(msgspec.Struct, rename={"sender": "from"}):
     auth_token: str | None = None  # Twilio: the auth token that signs the webhook
 
 
+class VonageAccountBody(msgspec.Struct):
+    """POST /control/vonage/accounts: what the simulator checks and signs for an api_key."""
+
+    api_key: str
+    api_secret: str | None = None
+    signature_secret: str | None = None
+    signature_method: str = "md5hash"
+    require_signature: bool = True
+
+
 def _generic_view(message: dict[str, Any]) -> dict[str, Any]:
     return {name: message[name] for name in GENERIC_FIELDS}
 
@@ -86,40 +117,58 @@ async def send(request: Request[object, object, State], data: JSONBody[SendBody]
     error = await decide(store, "simulator")
     if error == "timeout":
         return Response(TIMEOUT_BODY, status_code=504, media_type=MediaType.TEXT)
-    if error is not None:
+    if error is not None and error.startswith("http_"):
+        status = int(error.removeprefix("http_"))
+        return Response(GATEWAY_BODIES[status], status_code=status, media_type=MediaType.TEXT)
+    if error is not None and error not in ("partial_failure", "drop_connection"):
         status, code, text = GENERIC_ERRORS[error]
         return Response({"code": code, "message": text}, status_code=status)
+    account = basic_auth(request)
     message = new_message(
         "simulator",
         "SIM" + uuid.uuid4().hex,
         to=data.to,
         sender=data.sender,
         body=data.body,
+        account=account[0] if account else None,
         idempotencyKey=key,
         statusCallback=data.statusCallback,
         validityPeriod=data.validityPeriod,
     )
     store.record(message)
+    if account:
+        store.signing_secrets[message["id"]] = account[1]
     if key:
         store.by_key[key] = message["id"]
     if data.statusCallback and store.behaviour.callbacks:
-        store.spawn(_report(store, message, data.statusCallback))
-    return Response(_generic_view(message), status_code=201)
+        _report(store, message, data.statusCallback)
+    headers = {DROP_HEADER: "1"} if error == "drop_connection" else None
+    return Response(_generic_view(message), status_code=201, headers=headers)
 
 
-async def _report(store: Store, message: dict[str, Any], url: str) -> None:
-    """Call the status callback as a provider would: `sent`, then the final status."""
-    delay = store.behaviour.delivery_delay_ms / 2000
-    await asyncio.sleep(delay)
-    for status in ("sent", twilio_final_status(store.behaviour.final_status)):
-        set_status(message, status)
-        body = msgspec.json.encode({"id": message["id"], "status": status, "to": message["to"]})
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(store.secret, url, body),
-        }
-        await post_callback(store, url, body, headers)
-        await asyncio.sleep(delay)
+def _report(store: Store, message: dict[str, Any], url: str) -> None:
+    """Call the status callback as a provider would (by default `sent`, then the final
+    status), signed with the secret the send authenticated with, if any."""
+    secret = store.signing_secrets.get(message["id"])
+
+    def build(reported: str, happened: str) -> Callback:
+        set_status(message, happened)
+        body = msgspec.json.encode(
+            {
+                "id": message["id"],
+                "status": reported,
+                "to": message["to"],
+                "accountId": message["account"],
+            }
+        )
+        headers = {"Content-Type": "application/json"}
+        if secret:
+            timestamp = str(int(time.time()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(secret, timestamp, url, body)
+        return Callback("POST", url, body, headers)
+
+    store.deliver(delivery_steps(store.behaviour, build), store.behaviour.callback_repeats)
 
 
 @get("/messages")
@@ -173,6 +222,23 @@ async def control(
     unknown = sorted(set(data.outage or ()) - set(PROVIDERS))
     if unknown:
         raise ValidationException(f"unknown outage providers {unknown}; choose from {PROVIDERS}")
+    unknown = sorted(set(data.callback_statuses or ()) - TWILIO_STATUS_WORDS)
+    if unknown:
+        raise ValidationException(f"unknown callback_statuses {unknown}")
+    for name, value, allowed in (
+        ("callback_order", data.callback_order, CALLBACK_ORDERS),
+        ("error_format", data.error_format, ERROR_FORMATS),
+        ("receipt_format", data.receipt_format, RECEIPT_FORMATS),
+    ):
+        if value is not None and value not in allowed:
+            raise ValidationException(f"{name} must be one of {list(allowed)}")
+    for name, number in (
+        ("callback_repeats", data.callback_repeats),
+        ("callback_concurrency", data.callback_concurrency),
+        ("callback_queue_limit", data.callback_queue_limit),
+    ):
+        if number is not None and number < 1:
+            raise ValidationException(f"{name} must be at least 1")
     for name, value in msgspec.structs.asdict(data).items():
         if value is not None:
             setattr(store.behaviour, name, list(value) if isinstance(value, list) else value)
@@ -195,7 +261,7 @@ async def inbound(
         body, headers = twilio_api.signed_form(data.url, params, data.auth_token)
     elif data.provider == "vonage":
         params = vonage_api.inbound_params(data.account, data.sender, data.to, data.text)
-        body, headers = vonage_api.signed_form(params, data.account, store.secret)
+        body, headers = vonage_api.signed_form(params, store.vonage_accounts.get(data.account))
     else:
         raise ValidationException("provider must be twilio or vonage")
     try:
@@ -210,9 +276,38 @@ async def inbound(
     )
 
 
+@post("/control/vonage/accounts", status_code=200)
+async def register_vonage_account(
+    request: Request[object, object, State], data: JSONBody[VonageAccountBody]
+) -> dict[str, Any]:
+    """Tell the simulator a Vonage account's secrets (replacing what it knew of the api_key):
+    its sends must then carry the api_secret or a valid `sig`, and its receipts and inbound
+    webhooks are signed with `signature_method`. Accounts it does not know are taken on
+    trust and get unsigned receipts, as a Vonage account without a signature secret does."""
+    if data.signature_method not in SIGNATURE_METHODS:
+        raise ValidationException(f"signature_method must be one of {list(SIGNATURE_METHODS)}")
+    if not data.api_secret and not data.signature_secret:
+        raise ValidationException("api_secret or signature_secret is required")
+    account = VonageAccount(
+        data.api_key,
+        data.api_secret,
+        data.signature_secret,
+        data.signature_method,
+        data.require_signature,
+    )
+    store_of(request).vonage_accounts[data.api_key] = account
+    return {
+        "api_key": account.api_key,
+        "signature_method": account.signature_method,
+        "signed": account.signature_secret is not None,
+        "require_signature": account.require_signature,
+    }
+
+
 @delete("/messages", status_code=204)
 async def reset(request: Request[object, object, State]) -> None:
-    """Forget messages, counters and scripted errors (next_errors and outage)."""
+    """Forget messages, counters, registered Vonage accounts, scripted errors (next_errors and
+    outage) and the realism switches (callback_statuses ... receipt_format)."""
     store_of(request).reset()
 
 
@@ -228,7 +323,6 @@ def create_store(settings: Settings) -> Store:
             failure_rate=settings.simulator_failure_rate,
             delivery_delay_ms=settings.simulator_delivery_delay.total_seconds() * 1000,
         ),
-        secret=settings.simulator_signing_secret.get_secret_value(),
     )
 
 
@@ -246,6 +340,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             get_control,
             control,
             inbound,
+            register_vonage_account,
             reset,
             health,
             *twilio_api.ROUTES,

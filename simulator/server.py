@@ -10,7 +10,8 @@ import contextlib
 import signal
 import socket
 import threading
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from typing import Any
 
 import structlog
 import uvicorn
@@ -18,7 +19,7 @@ from litestar import Litestar
 
 from shared.settings import Settings, get_settings
 from simulator.app import create_app
-from simulator.state import Store
+from simulator.state import DROP_HEADER, Store
 from simulator.tls import ensure_certificate
 
 log = structlog.get_logger("simulator")
@@ -71,10 +72,11 @@ class SimulatorServer:
             raise
         self.port: int = self._http_socket.getsockname()[1]
         self.tls_port: int = self._https_socket.getsockname()[1]
-        self._http = _Server(_config(self.app, self.host, self.port))
+        served = dropping_connections(self.app)
+        self._http = _Server(_config(served, self.host, self.port))
         self._https = _Server(
             _config(
-                self.app,
+                served,
                 self.host,
                 self.tls_port,
                 ssl_certfile=str(self.cert_file),
@@ -140,8 +142,52 @@ class SimulatorServer:
         return store
 
 
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_DROP = DROP_HEADER.encode()
+
+
+def dropping_connections(app: Callable[..., Awaitable[None]]) -> ASGIApp:
+    """`app`, but a response marked with DROP_HEADER (the `drop_connection` script) is never
+    sent: the connection is closed with the request read and no answer, which clients see as
+    RemoteDisconnected, the case where an SDK might send the same request again.
+
+    ASGI has no way to close a connection, so this reaches uvicorn's transport through its
+    `send`; a server without one gets the answer instead."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def guarded(message: Message) -> None:
+            if message["type"] == "http.response.start" and any(
+                name.lower() == _DROP for name, _ in message.get("headers", ())
+            ):
+                cycle = getattr(send, "__self__", None)
+                transport = getattr(cycle, "transport", None)
+                if transport is not None:
+                    log.info("simulator.connection_dropped", path=scope.get("path"))
+                    transport.close()
+                    # uvicorn answers 500 to an app that never started its response, unless
+                    # it has seen the connection go: wait until it has.
+                    for _ in range(200):
+                        if getattr(cycle, "disconnected", True):
+                            break
+                        await asyncio.sleep(0.005)
+                    return
+            await send(message)
+
+        await app(scope, receive, guarded)
+
+    return wrapped
+
+
 def _config(
-    app: Litestar,
+    app: ASGIApp,
     host: str,
     port: int,
     ssl_certfile: str | None = None,

@@ -4,12 +4,16 @@ Vonage's and the generic `/messages` one)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import math
 import random
-from collections.abc import Coroutine, Mapping
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -21,9 +25,56 @@ log = structlog.get_logger("simulator")
 
 Provider = Literal["twilio", "vonage", "simulator"]
 PROVIDERS: Final[tuple[Provider, ...]] = ("twilio", "vonage", "simulator")
-# Scripted answers for /control's next_errors, each mapped onto every API's own wording.
-ERRORS: Final = frozenset({"throttled", "server_error", "timeout", "invalid_number", "opted_out"})
+# Scripted answers for /control's next_errors, each mapped onto every API's own wording:
+# `sender_queue_full` and `queue_overflow` are Twilio's 21611 and 30001 (Vonage: throttled),
+# `too_many_binds` Vonage's status 10 (the others: throttled), `partial_failure` refuses the
+# later parts of a multi-part Vonage send (the others take it), `http_50x` answer that status
+# as a load balancer would, and `drop_connection` takes the message, then closes the
+# connection without an answer.
+ERRORS: Final = frozenset(
+    {
+        "throttled",
+        "server_error",
+        "timeout",
+        "invalid_number",
+        "opted_out",
+        "sender_queue_full",
+        "queue_overflow",
+        "too_many_binds",
+        "partial_failure",
+        "http_502",
+        "http_503",
+        "http_504",
+        "drop_connection",
+    }
+)
 TIMEOUT_BODY = "Gateway Timeout"  # what a load balancer says when the provider never answers
+GATEWAY_BODIES: Final = {502: "Bad Gateway", 503: "Service Unavailable", 504: TIMEOUT_BODY}
+# The response header a handler sets to have simulator.server close the connection instead.
+DROP_HEADER: Final = "x-simulator-drop-connection"
+# Twilio's message statuses (its MessageInstance.Status), which the generic API speaks too.
+TWILIO_STATUS_WORDS: Final = frozenset(
+    {
+        "queued",
+        "sending",
+        "sent",
+        "failed",
+        "delivered",
+        "undelivered",
+        "receiving",
+        "received",
+        "accepted",
+        "scheduled",
+        "read",
+        "partially_delivered",
+        "canceled",
+    }
+)
+CALLBACK_ORDERS: Final = ("in_order", "reversed")
+ERROR_FORMATS: Final = ("classic", "rfc9457")
+RECEIPT_FORMATS: Final = ("post_form", "get", "post_json")
+SIGNATURE_METHODS: Final = ("md5hash", "md5", "sha1", "sha256", "sha512")
+CALLBACK_ATTEMPTS: Final = 4
 
 
 @dataclass
@@ -41,6 +92,34 @@ class Behaviour:
     timeout_ms: float = 20_000.0  # how long a scripted "timeout" keeps the sender waiting
     next_errors: list[str] = field(default_factory=list)  # consumed one per send request
     outage: list[str] = field(default_factory=list)  # providers answering server errors
+    # Realism switches, back to these defaults on DELETE /messages like the scripts above.
+    # Twilio and generic callbacks: the statuses reported before the final one, their order
+    # (`reversed`: final first), how often each is sent (repeats carry the same
+    # I-Twilio-Idempotency-Token), and the final status's ErrorCode (0: 30003 for
+    # undelivered, 30008 for failed, none otherwise).
+    callback_statuses: list[str] = field(default_factory=lambda: ["sent"])
+    callback_order: str = "in_order"
+    callback_repeats: int = 1
+    final_error_code: int = 0
+    error_format: str = "classic"  # Twilio's error body: classic or RFC 9457 problem details
+    receipt_format: str = "post_form"  # Vonage receipts: POST form, GET query or POST JSON
+    # Callback delivery: concurrent posts per target (scheme://host:port) and how many
+    # callbacks may wait for one; beyond that new callbacks are dropped, with a log line.
+    callback_concurrency: int = 32
+    callback_queue_limit: int = 10_000
+
+
+# Restored by DELETE /messages: what one test scripts must not leak into the next.
+RESETTABLE: Final = (
+    "next_errors",
+    "outage",
+    "callback_statuses",
+    "callback_order",
+    "callback_repeats",
+    "final_error_code",
+    "error_format",
+    "receipt_format",
+)
 
 
 class Control(msgspec.Struct, omit_defaults=True):
@@ -53,6 +132,14 @@ class Control(msgspec.Struct, omit_defaults=True):
     timeout_ms: float | None = None
     next_errors: list[str] | None = None
     outage: list[str] | None = None
+    callback_statuses: list[str] | None = None
+    callback_order: str | None = None
+    callback_repeats: int | None = None
+    final_error_code: int | None = None
+    error_format: str | None = None
+    receipt_format: str | None = None
+    callback_concurrency: int | None = None
+    callback_queue_limit: int | None = None
 
 
 @dataclass
@@ -60,20 +147,73 @@ class Counter:
     requests: int = 0
 
 
+@dataclass(frozen=True)
+class VonageAccount:
+    """What the simulator knows of a Vonage account (POST /control/vonage/accounts): requests
+    for its api_key are checked against it, and its receipts are signed when it has a secret."""
+
+    api_key: str
+    api_secret: str | None = None
+    signature_secret: str | None = None
+    signature_method: str = "md5hash"  # the dashboard's default
+    # Whether its requests must be signed (when it has a signature secret), as Vonage can be
+    # told to enforce; otherwise the api_secret is taken too.
+    require_signature: bool = True
+
+
+@dataclass(frozen=True)
+class Callback:
+    """One webhook request; a retry or a repeat sends these very bytes again."""
+
+    method: str
+    url: str
+    content: bytes | None
+    headers: dict[str, str]
+
+
+@dataclass
+class Delivery:
+    """One message's webhooks, each sent `repeats` times, one after the other: a step is
+    built (and its status applied) when due, and waits until the one before it is done."""
+
+    steps: deque[tuple[float, Callable[[], Callback]]]
+    repeats: int = 1
+    current: Callback | None = None
+    sends_left: int = 0
+    attempt: int = 0
+
+
+@dataclass
+class Target:
+    """Everything that goes to one scheme://host:port: one client, a bounded queue and at
+    most `concurrency` posting at once."""
+
+    client: httpx.AsyncClient
+    queue: deque[Delivery] = field(default_factory=deque)
+    workers: set[asyncio.Task[None]] = field(default_factory=set)
+
+
 @dataclass
 class Store:
     """Messages the simulated handsets received, by id, plus each idempotency key's first answer."""
 
     behaviour: Behaviour
-    secret: str
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     by_key: dict[str, str] = field(default_factory=dict)
+    # A generic send's signing secret, by message id: kept apart so GET /messages never shows it.
+    signing_secrets: dict[str, str] = field(default_factory=dict)
+    vonage_accounts: dict[str, VonageAccount] = field(default_factory=dict)
     requests: int = 0
     replays: int = 0
+    callbacks_posted: int = 0
+    callbacks_dropped: int = 0
     by_provider: dict[str, Counter] = field(
         default_factory=lambda: {name: Counter() for name in PROVIDERS}
     )
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    targets: dict[str, Target] = field(default_factory=dict)
+    timers: set[asyncio.TimerHandle] = field(default_factory=set)
+    closed: bool = False
     _client: httpx.AsyncClient | None = None
 
     @property
@@ -91,10 +231,103 @@ class Store:
         self.messages[message["id"]] = message
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` (a callback) in the background, holding on to it until it ends."""
+        """Run `work` in the background, holding on to it until it ends."""
         task = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def deliver(self, steps: list[tuple[float, Callable[[], Callback]]], repeats: int = 1) -> None:
+        """Send a message's webhooks in the background: each step after its delay (seconds,
+        counted from the end of the step before), without a task per message."""
+        if steps:
+            delivery = Delivery(deque(steps), repeats=max(1, repeats))
+            self._later(delivery.steps[0][0], delivery)
+
+    def _later(self, delay: float, delivery: Delivery) -> None:
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+
+        def due() -> None:
+            self.timers.discard(handle)
+            self._enqueue(delivery)
+
+        handle = loop.call_later(max(delay, 0), due)
+        self.timers.add(handle)
+
+    def _enqueue(self, delivery: Delivery) -> None:
+        if self.closed:
+            return
+        if delivery.current is None:
+            _, build = delivery.steps.popleft()
+            delivery.current, delivery.sends_left, delivery.attempt = build(), delivery.repeats, 0
+        callback = delivery.current
+        target = self._target(callback.url)
+        behaviour = self.behaviour
+        if len(target.queue) >= behaviour.callback_queue_limit:
+            # Refusing the newest keeps those already waiting in order; a provider that
+            # cannot keep up with its callbacks loses some too, and status lookups remain.
+            self.callbacks_dropped += 1
+            log.warning("simulator.callback_dropped", url=callback.url, queued=len(target.queue))
+            self._next_step(delivery)
+            return
+        target.queue.append(delivery)
+        if len(target.workers) < max(1, behaviour.callback_concurrency):
+            worker = asyncio.get_running_loop().create_task(self._work(target))
+            target.workers.add(worker)
+            worker.add_done_callback(target.workers.discard)
+
+    def _target(self, url: str) -> Target:
+        parts = urlsplit(url)
+        key = f"{parts.scheme}://{parts.netloc}"
+        target = self.targets.get(key)
+        if target is None:
+            limit = max(1, self.behaviour.callback_concurrency)
+            client = httpx.AsyncClient(
+                timeout=10,
+                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+            )
+            target = self.targets[key] = Target(client)
+        return target
+
+    async def _work(self, target: Target) -> None:
+        while target.queue:
+            delivery = target.queue.popleft()
+            callback = delivery.current
+            assert callback is not None
+            try:
+                response = await target.client.request(
+                    callback.method,
+                    callback.url,
+                    content=callback.content,
+                    headers=callback.headers,
+                )
+                error = None if response.status_code < 500 else f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                error = str(exc) or type(exc).__name__
+            self.callbacks_posted += 1
+            if error is None:
+                delivery.sends_left -= 1
+                delivery.attempt = 0
+                if delivery.sends_left > 0:
+                    self._later(0, delivery)  # a repeat: the same bytes, the same token
+                else:
+                    self._next_step(delivery)
+                continue
+            # As real providers do: a few tries with backoff on connection errors and 5xx.
+            delivery.attempt += 1
+            log.warning(
+                "simulator.callback_failed", url=callback.url, error=error, attempt=delivery.attempt
+            )
+            if delivery.attempt < CALLBACK_ATTEMPTS:
+                self._later(0.5 * 2 ** (delivery.attempt - 1), delivery)
+            else:
+                self._next_step(delivery)
+
+    def _next_step(self, delivery: Delivery) -> None:
+        delivery.current = None
+        if delivery.steps:
+            self._later(delivery.steps[0][0], delivery)
 
     def stats(self) -> dict[str, Any]:
         sent = {name: 0 for name in PROVIDERS}
@@ -104,6 +337,7 @@ class Store:
             "requests": self.requests,
             "messages": len(self.messages),
             "replays": self.replays,
+            "callbacks": {"posted": self.callbacks_posted, "dropped": self.callbacks_dropped},
             "by_provider": {
                 name: {"requests": self.by_provider[name].requests, "messages": sent[name]}
                 for name in PROVIDERS
@@ -111,20 +345,32 @@ class Store:
         }
 
     def reset(self) -> None:
-        """Forget messages, counters and scripts (next_errors, outage); keep the rest."""
+        """Forget messages, counters, registered Vonage accounts, scripts (next_errors, outage)
+        and realism switches (see RESETTABLE); keep the rest. Callbacks under way go on."""
         self.messages.clear()
         self.by_key.clear()
-        self.requests = self.replays = 0
+        self.signing_secrets.clear()
+        self.vonage_accounts.clear()
+        self.requests = self.replays = self.callbacks_posted = self.callbacks_dropped = 0
         for counter in self.by_provider.values():
             counter.requests = 0
-        self.behaviour.next_errors.clear()
-        self.behaviour.outage.clear()
+        defaults = Behaviour(latency_ms=0, failure_rate=0)
+        for name in RESETTABLE:
+            setattr(self.behaviour, name, getattr(defaults, name))
 
     async def aclose(self) -> None:
-        """Drop callbacks still pending and close the HTTP client."""
-        for task in list(self.tasks):
+        """Drop callbacks still pending and close the HTTP clients."""
+        self.closed = True
+        for handle in self.timers:
+            handle.cancel()
+        self.timers.clear()
+        workers = [task for target in self.targets.values() for task in target.workers]
+        for task in [*self.tasks, *workers]:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, *workers, return_exceptions=True)
+        for target in self.targets.values():
+            await target.client.aclose()
+        self.targets.clear()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -204,22 +450,26 @@ def vonage_final_status(status: str) -> str:
     return {"undelivered": "expired"}.get(status, status)
 
 
-async def post_callback(
-    store: Store, url: str, body: bytes, headers: Mapping[str, str], attempts: int = 4
-) -> None:
-    """POST one callback, retrying a few times with backoff on connection errors and 5xx,
-    as real providers do."""
-    for attempt in range(attempts):
-        try:
-            response = await store.client.post(url, content=body, headers=dict(headers))
-            if response.status_code < 500:
-                return
-            error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            error = str(exc) or type(exc).__name__
-        log.warning("simulator.callback_failed", url=url, error=error, attempt=attempt + 1)
-        if attempt + 1 < attempts:
-            await asyncio.sleep(0.5 * 2**attempt)
+def callback_statuses(behaviour: Behaviour) -> tuple[list[str], list[str]]:
+    """(what each callback reports, what the message's status has become by then): the
+    scripted intermediate statuses and the final one, in the scripted order."""
+    happened = [*behaviour.callback_statuses, twilio_final_status(behaviour.final_status)]
+    reported = list(reversed(happened)) if behaviour.callback_order == "reversed" else happened
+    return reported, happened
+
+
+def delivery_steps(
+    behaviour: Behaviour, build: Callable[[str, str], Callback]
+) -> list[tuple[float, Callable[[], Callback]]]:
+    """The steps of Twilio-style callbacks, spread over the delivery delay; `build(reported,
+    happened)` makes each one when it is due."""
+    reported, happened = callback_statuses(behaviour)
+    delay = behaviour.delivery_delay_ms / 1000 / len(reported)
+
+    def step(report: str, status: str) -> Callable[[], Callback]:
+        return lambda: build(report, status)
+
+    return [(delay, step(r, h)) for r, h in zip(reported, happened, strict=True)]
 
 
 def utc_now() -> datetime:
@@ -243,3 +493,16 @@ def count_segments(text: str) -> int:
         units = len(text.encode("utf-16-le")) // 2
         single, part = 70, 67
     return 1 if units <= single else math.ceil(units / part)
+
+
+def basic_auth(request: Request[Any, Any, State]) -> tuple[str, str] | None:
+    """(user, password) of a request's HTTP Basic authorization, if it carries a usable one."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep and user and password else None

@@ -1,12 +1,14 @@
 """Enough of Twilio's Programmable Messaging API for the official `twilio` SDK: send and fetch
-a Message, status callbacks and inbound-SMS webhooks signed with X-Twilio-Signature."""
+a Message, status callbacks and inbound-SMS webhooks signed with X-Twilio-Signature.
+
+Callbacks can be made as real ones come (see Behaviour): intermediate statuses, out of
+order, repeated with the same I-Twilio-Idempotency-Token, with an ErrorCode on the final one;
+errors can be answered in the classic body or as RFC 9457 problem details."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -20,19 +22,24 @@ from litestar.params import FromPath
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped, unused-ignore]
 
 from simulator.state import (
+    DROP_HEADER,
+    GATEWAY_BODIES,
     TIMEOUT_BODY,
+    Callback,
     Store,
+    basic_auth,
     count_segments,
     decide,
+    delivery_steps,
     new_message,
-    post_callback,
     set_status,
     store_of,
-    twilio_final_status,
 )
 
 API_VERSION: Final = "2010-04-01"
 SIGNATURE_HEADER: Final = "X-Twilio-Signature"
+# The same on every retry of one webhook, so a receiver can tell a repeat from a new event.
+IDEMPOTENCY_TOKEN_HEADER: Final = "I-Twilio-Idempotency-Token"  # noqa: S105 - a header name
 ACCOUNT_PATH: Final = f"/{API_VERSION}/Accounts/{{account_sid:str}}"
 # Loose E.164: Twilio refuses what cannot be a phone number with 21211.
 PHONE = re.compile(r"\+?[1-9]\d{5,14}")
@@ -44,34 +51,41 @@ SCRIPTED: Final[dict[str, tuple[int, int, str]]] = {
     "server_error": (500, 20500, "An internal server error has occurred"),
     "invalid_number": (400, 21211, "The 'To' number {to} is not a valid phone number."),
     "opted_out": (400, 21610, "Attempt to send to unsubscribed recipient"),
+    "sender_queue_full": (
+        400,
+        21611,
+        "This 'From' number has exceeded the maximum number of queued messages",
+    ),
+    "queue_overflow": (400, 30001, "Queue overflow"),
+    "too_many_binds": (429, 20429, "Too Many Requests"),
 }
 
 
-def twilio_error(code: int, message: str, status: int) -> Response[Any]:
-    """An error as Twilio's REST API words it (the SDK's TwilioRestException reads it)."""
+def twilio_error(
+    code: int, message: str, status: int, request: Request[Any, Any, State] | None = None
+) -> Response[Any]:
+    """An error as Twilio's REST API words it: the classic body (the SDK's
+    TwilioRestException), or RFC 9457 problem details (its TwilioServiceException) when
+    /control's error_format says so."""
     headers = {"WWW-Authenticate": 'Basic realm="Twilio API"'} if status == 401 else None
-    return Response(
-        {
-            "code": code,
-            "message": message,
-            "more_info": f"https://www.twilio.com/docs/errors/{code}",
+    info = f"https://www.twilio.com/docs/errors/{code}"
+    if request is not None and store_of(request).behaviour.error_format == "rfc9457":
+        problem = {
+            "type": info,
+            "title": message,
             "status": status,
-        },
+            "code": code,
+            "detail": message,
+            "instance": request.url.path,
+        }
+        return Response(
+            problem, status_code=status, headers=headers, media_type="application/problem+json"
+        )
+    return Response(
+        {"code": code, "message": message, "more_info": info, "status": status},
         status_code=status,
         headers=headers,
     )
-
-
-def _basic_auth(request: Request[Any, Any, State]) -> tuple[str, str] | None:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, sep, password = decoded.partition(":")
-    return (user, password) if sep and user and password else None
 
 
 def _authenticate(request: Request[Any, Any, State], account_sid: str) -> str | Response[Any]:
@@ -79,7 +93,7 @@ def _authenticate(request: Request[Any, Any, State], account_sid: str) -> str | 
 
     Any token is accepted for any AccountSid (this is a stand-in, not a vault); the user must
     be the AccountSid in the URL, or an API key (SK...) acting for it."""
-    credentials = _basic_auth(request)
+    credentials = basic_auth(request)
     if credentials is None:
         return twilio_error(20003, "Authenticate", 401)
     user, token = credentials
@@ -164,9 +178,12 @@ async def twilio_send(
     error = await decide(store, "twilio")
     if error == "timeout":
         return Response(TIMEOUT_BODY, status_code=504, media_type=MediaType.TEXT)
-    if error is not None:
+    if error is not None and error.startswith("http_"):
+        status = int(error.removeprefix("http_"))
+        return Response(GATEWAY_BODIES[status], status_code=status, media_type=MediaType.TEXT)
+    if error is not None and error not in ("partial_failure", "drop_connection"):
         status, code, text = SCRIPTED[error]
-        return twilio_error(code, text.format(to=to), status)
+        return twilio_error(code, text.format(to=to), status, request)
 
     callback = form.get("StatusCallback") or None
     message = new_message(
@@ -185,8 +202,9 @@ async def twilio_send(
     )
     store.record(message)
     if callback and store.behaviour.callbacks:
-        store.spawn(_report(store, message, callback, token))
-    return Response(message_resource(message), status_code=201)
+        _report(store, message, callback, token)
+    headers = {DROP_HEADER: "1"} if error == "drop_connection" else None
+    return Response(message_resource(message), status_code=201, headers=headers)
 
 
 @get(f"{ACCOUNT_PATH}/Messages/{{resource:str}}")
@@ -199,7 +217,9 @@ async def twilio_fetch(
         return token
     message = store_of(request).messages.get(resource.removesuffix(".json"))
     if message is None or message["provider"] != "twilio" or message["account"] != account_sid:
-        return twilio_error(20404, f"The requested resource {request.url.path} was not found", 404)
+        return twilio_error(
+            20404, f"The requested resource {request.url.path} was not found", 404, request
+        )
     return Response(message_resource(message), status_code=200)
 
 
@@ -216,12 +236,13 @@ def signed_form(
     return urlencode(params).encode(), headers
 
 
-async def _report(store: Store, message: dict[str, Any], url: str, auth_token: str) -> None:
-    """Status callbacks as Twilio makes them: `sent`, then the final status."""
-    delay = store.behaviour.delivery_delay_ms / 2000
-    await asyncio.sleep(delay)
-    for status in ("sent", twilio_final_status(store.behaviour.final_status)):
-        set_status(message, status)
+def _report(store: Store, message: dict[str, Any], url: str, auth_token: str) -> None:
+    """Status callbacks as Twilio makes them: by default `sent`, then the final status."""
+    behaviour = store.behaviour
+    scripted_code = behaviour.final_error_code
+
+    def build(reported: str, happened: str) -> Callback:
+        set_status(message, happened)
         params = {
             "ApiVersion": API_VERSION,
             "AccountSid": message["account"],
@@ -229,17 +250,20 @@ async def _report(store: Store, message: dict[str, Any], url: str, auth_token: s
             "SmsSid": message["id"],
             "From": message["from"],
             "To": message["to"],
-            "MessageStatus": status,
-            "SmsStatus": status,
+            "MessageStatus": reported,
+            "SmsStatus": reported,
         }
         if message.get("messagingServiceSid"):
             params["MessagingServiceSid"] = message["messagingServiceSid"]
-        if status in STATUS_ERROR_CODES:
-            message["errorCode"] = STATUS_ERROR_CODES[status]
-            params["ErrorCode"] = str(STATUS_ERROR_CODES[status])
+        if reported in STATUS_ERROR_CODES:
+            code = scripted_code or STATUS_ERROR_CODES[reported]
+            message["errorCode"] = code
+            params["ErrorCode"] = str(code)
         body, headers = signed_form(url, params, auth_token)
-        await post_callback(store, url, body, headers)
-        await asyncio.sleep(delay)
+        headers[IDEMPOTENCY_TOKEN_HEADER] = f"{uuid.uuid4()}-{int(time.time())}"
+        return Callback("POST", url, body, headers)
+
+    store.deliver(delivery_steps(behaviour, build), behaviour.callback_repeats)
 
 
 def inbound_params(account_sid: str, sender: str, to: str, text: str) -> dict[str, str]:

@@ -78,7 +78,6 @@ def settings(
         "SMSD_PROVIDER_CA_FILE": str(tls_dir / "bundle.pem"),
         "SMSD_SIMULATOR_LATENCY": "0.01",
         "SMSD_SIMULATOR_DELIVERY_DELAY": "0.05",
-        "SMSD_SIMULATOR_SIGNING_SECRET": os.urandom(16).hex(),
         "SMSD_LOG_JSON": "true",
         "SMSD_LOG_LEVEL": "INFO",
         # Short bounds so crash-recovery tests run in seconds, not minutes.

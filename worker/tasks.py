@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from shared.accounts import CALLBACK_TOKEN
 from shared.db import Database
 from shared.models import Message, MessageStatus, utcnow
 from shared.optout import add_opt_out
@@ -141,7 +142,13 @@ def send_message(sid: str) -> None:
     state.succeeded(_breaker_key(owned.provider_account_id))
     with db.transaction() as session:
         record_accepted(
-            session, owned, result.provider_message_id, result.provider_status, utcnow()
+            session,
+            owned,
+            result.provider_message_id,
+            result.provider_status,
+            utcnow(),
+            parts=result.parts,
+            unsent_parts=result.unsent_parts,
         )
     count_send(owned.provider, "sent")
 
@@ -215,12 +222,20 @@ def _request(owned: Claim, public_base_url: str) -> SendRequest:
         to=owned.to_number,
         sender=owned.from_number,
         body=owned.body,
-        # Our sid rides in the callback URL, so a receipt that overtakes the worker still matches.
-        status_callback_url=(
-            f"{public_base_url.rstrip('/')}/callbacks/{owned.provider}?messageSid={owned.sid}"
-        ),
+        status_callback_url=status_callback_url(owned, public_base_url),
         validity_seconds=validity,
     )
+
+
+def status_callback_url(owned: Claim, public_base_url: str) -> str:
+    """Where the provider reports on this message.
+
+    Our sid rides in the query, so a receipt that overtakes the worker still matches. Vonage
+    mostly cannot sign receipts, so their path carries the provider account's secret token."""
+    path = f"/callbacks/{owned.provider}"
+    if token := owned.credentials.get(CALLBACK_TOKEN):
+        path += f"/{token}"
+    return f"{public_base_url.rstrip('/')}{path}?messageSid={owned.sid}"
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)

@@ -28,6 +28,12 @@ class SendResult:
     provider_message_id: str
     provider_status: str
     raw: Mapping[str, Any]
+    # A message the provider split into several SMS (Vonage answers one id per part): every
+    # part's id in order, the first being `provider_message_id`. Empty for a single part.
+    parts: tuple[str, ...] = ()
+    # Parts the provider refused while taking the others (Vonage's partial failure): the
+    # message is not re-sent, since the parts that went out would reach the handset twice.
+    unsent_parts: int = 0
 
 
 class ProviderError(Exception):

@@ -1,10 +1,16 @@
 """The simulator provider: talks HTTP to `sms-dispatch simulator`, a stand-in for a real SMS
-provider with configurable latency and failures that calls our status callback like one."""
+provider with configurable latency and failures that calls our status callback like one.
+
+Credentials: `account_id` (public, "SA" + 32 hex) and `signing_secret`, sent as HTTP Basic
+auth on every send, as Twilio takes AccountSid:AuthToken; the simulator signs that message's
+callbacks with the secret. Without them it still takes the send, but its callbacks go out
+unsigned (and the API refuses them). Optionally `base_url` (another simulator)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -23,27 +29,50 @@ from shared.settings import Settings
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 OPTED_OUT = "21610"
+# Twilio's codes for a sender whose queue is full: nothing was sent, so a later try is fine.
+TRANSIENT_CODES = frozenset({"20429", "21611", "30001"})
 SIGNATURE_HEADER = "X-Simulator-Signature"
+TIMESTAMP_HEADER = "X-Simulator-Timestamp"
+ACCOUNT_ID_PREFIX = "SA"
 
 # The simulator's statuses are Twilio's words; this is how they map onto our lifecycle.
 SIMULATOR_STATUSES: dict[str, MessageStatus] = {
     "accepted": MessageStatus.QUEUED,
+    "scheduled": MessageStatus.QUEUED,
     "queued": MessageStatus.QUEUED,
     "sending": MessageStatus.SENDING,
     "sent": MessageStatus.SENT,
+    "partially_delivered": MessageStatus.SENT,
     "delivered": MessageStatus.DELIVERED,
+    "read": MessageStatus.DELIVERED,
     "undelivered": MessageStatus.UNDELIVERED,
     "failed": MessageStatus.FAILED,
+    "canceled": MessageStatus.FAILED,
 }
 
 
-def sign(secret: str, url: str, body: bytes) -> str:
-    """Hex HMAC-SHA256 over the full callback URL followed by the raw body."""
-    return hmac.new(secret.encode(), url.encode() + body, hashlib.sha256).hexdigest()
+def new_credentials() -> dict[str, str]:
+    """A fresh simulator provider account: its public id and the secret that signs its callbacks."""
+    return {
+        "account_id": ACCOUNT_ID_PREFIX + secrets.token_hex(16),
+        "signing_secret": secrets.token_hex(32),
+    }
 
 
-def verify_signature(secret: str, url: str, body: bytes, signature: str | None) -> bool:
-    return signature is not None and hmac.compare_digest(sign(secret, url, body), signature)
+def sign(secret: str, timestamp: str | int, url: str, body: bytes) -> str:
+    """Hex HMAC-SHA256 over "<timestamp>." + the full callback URL + the raw body: the
+    timestamp is signed so a captured callback cannot be replayed later as a fresh one."""
+    message = f"{timestamp}.".encode() + url.encode() + body
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify_signature(
+    secret: str, timestamp: str | int | None, url: str, body: bytes, signature: str | None
+) -> bool:
+    """Constant-time check of a callback's signature; the caller judges the timestamp's age."""
+    if not secret or not signature or timestamp is None or timestamp == "":
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, url, body), signature)
 
 
 class SimulatorProvider:
@@ -53,8 +82,10 @@ class SimulatorProvider:
 
     def __init__(self, credentials: Mapping[str, Any], settings: Settings) -> None:
         base_url = str(credentials.get("base_url") or settings.simulator_url)
+        account_id, secret = credentials.get("account_id"), credentials.get("signing_secret")
         self._client = httpx.Client(
             base_url=base_url,
+            auth=(str(account_id), str(secret)) if account_id and secret else None,
             timeout=settings.provider_timeout.total_seconds(),
             limits=httpx.Limits(max_connections=settings.worker_concurrency),
         )
@@ -85,7 +116,7 @@ class SimulatorProvider:
             )
         code = str(data.get("code", response.status_code))
         text = str(data.get("message", response.reason_phrase))
-        if response.status_code == 429 or response.status_code >= 500:
+        if response.status_code == 429 or response.status_code >= 500 or code in TRANSIENT_CODES:
             raise TransientProviderError(code, text)
         if code == OPTED_OUT:  # the simulator speaks Twilio's error codes
             raise RecipientOptedOut(code, text)

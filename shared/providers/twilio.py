@@ -9,7 +9,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import requests
-from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.base.exceptions import (
+    TwilioException,
+    TwilioRestException,
+    TwilioServiceException,
+)
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
@@ -28,6 +32,11 @@ from shared.settings import Settings
 # Twilio says these are safe to retry: never processed (20429) or a server-side failure.
 THROTTLED = 20429
 OPTED_OUT = 21610
+# A status callback carrying one of these: the recipient replied STOP to our sender.
+OPT_OUT_ERROR_CODES = frozenset({str(OPTED_OUT)})
+# Refused before anything went out: too many throttled (21611) or queued (30001) messages
+# for the sender. Worth trying again later.
+TRANSIENT_CODES = frozenset({THROTTLED, 21611, 30001})
 MAX_VALIDITY_SECONDS = 36_000
 
 
@@ -63,7 +72,10 @@ class TwilioProvider:
                 **sender,
             )
         except TwilioRestException as exc:
-            raise _classify(exc) from exc
+            raise _classify(exc.status, exc.code, str(exc.msg)) from exc
+        except TwilioServiceException as exc:
+            # The RFC 9457 problem-details body the SDK reads into its own class.
+            raise _classify(exc.status, exc.code, str(exc.detail or exc.title)) from exc
         except (requests.Timeout, requests.ConnectionError) as exc:
             raise TransientProviderError("timeout", str(exc) or type(exc).__name__) from exc
         except TwilioException as exc:
@@ -82,14 +94,23 @@ class TwilioProvider:
         self._http.session = None
 
 
-def _classify(exc: TwilioRestException) -> Exception:
-    code = str(exc.code or exc.status)
-    text = str(exc.msg)
-    if exc.status == 429 or exc.code == THROTTLED or exc.status >= 500:
-        return TransientProviderError(code, text)
-    if exc.code == OPTED_OUT:
-        return RecipientOptedOut(code, text)
-    return PermanentProviderError(code, text)
+def _classify(status: Any, code: Any, text: str) -> Exception:
+    """The same for either error body Twilio answers with (classic or RFC 9457)."""
+    http_status = _int(status) or 0
+    number = _int(code)
+    code_text = str(number or http_status)
+    if http_status == 429 or http_status >= 500 or number in TRANSIENT_CODES:
+        return TransientProviderError(code_text, text)
+    if code_text in OPT_OUT_ERROR_CODES:
+        return RecipientOptedOut(code_text, text)
+    return PermanentProviderError(code_text, text)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 @register("twilio", requires=("account_sid", "auth_token"))
@@ -97,19 +118,24 @@ def _twilio(credentials: Mapping[str, Any], settings: Settings) -> TwilioProvide
     return TwilioProvider(credentials, settings)
 
 
-# How Twilio's message statuses map onto our lifecycle (callbacks repeat and come in any order;
-# apply_status keeps only forward moves).
+# How Twilio's message statuses (every value of the SDK's MessageInstance.Status) map onto
+# our lifecycle (callbacks repeat and come in any order; apply_status keeps only forward moves).
 TWILIO_STATUSES: dict[str, MessageStatus] = {
     "accepted": MessageStatus.QUEUED,
     "scheduled": MessageStatus.QUEUED,
     "queued": MessageStatus.QUEUED,
     "sending": MessageStatus.SENDING,
     "sent": MessageStatus.SENT,
+    # Some parts of a long text reached the handset and the rest may still: not final.
+    "partially_delivered": MessageStatus.SENT,
     "delivered": MessageStatus.DELIVERED,
     "read": MessageStatus.DELIVERED,
     "undelivered": MessageStatus.UNDELIVERED,
     "failed": MessageStatus.FAILED,
     "canceled": MessageStatus.FAILED,
+    # Inbound words, never ours to apply: stored, as Vonage's "unknown" is.
+    "receiving": MessageStatus.QUEUED,
+    "received": MessageStatus.QUEUED,
 }
 SIGNATURE_HEADER = "X-Twilio-Signature"
 

@@ -1,12 +1,17 @@
 """Vonage SMS API through the official `vonage` SDK.
 
 Credentials: `api_key`, `api_secret`, optionally `signature_secret` and `signature_method`
-(requests are then signed, and delivery receipts must be: unsigned ones are refused), and
+(`md5hash`, the dashboard's "MD5 hash", or HMAC `md5`, `sha1`, `sha256` (the default here),
+`sha512`): requests are then signed, and so are the account's delivery receipts. Also
 `rest_host` (another API host: the simulator)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -14,11 +19,12 @@ import requests
 from vonage import Auth, HttpClientOptions, Vonage
 from vonage_http_client.errors import HttpRequestError, RateLimitedError, ServerError
 from vonage_sms import SmsMessage
-from vonage_sms.errors import SmsError
+from vonage_sms.errors import PartialFailureError, SmsError
 
 from shared.models import MessageStatus
 from shared.providers import (
     PermanentProviderError,
+    ProviderError,
     SendRequest,
     SendResult,
     TransientProviderError,
@@ -27,10 +33,64 @@ from shared.providers import (
 from shared.segments import measure
 from shared.settings import Settings
 
-# Per-message status codes Vonage documents as worth retrying: throttled, internal error.
-TRANSIENT_STATUSES = {"1", "5"}
+# Per-message status codes Vonage documents as worth retrying: throttled, internal error,
+# too many existing binds. 14 (invalid signature) is a configuration error: final.
+TRANSIENT_STATUSES = {"1", "5", "10"}
+# A load balancer's answers while Vonage is unreachable or overloaded: nothing was sent.
+TRANSIENT_HTTP_STATUSES = {429, 500, 502, 503, 504}
 MAX_CALLBACK_LENGTH = 100  # the SMS API refuses longer callback URLs
+HMAC_METHODS = ("md5", "sha1", "sha256", "sha512")
+SIGNATURE_METHODS = ("md5hash", *HMAC_METHODS)
+DEFAULT_SIGNATURE_METHOD = "sha256"
 _STATUS = re.compile(r"error code (\d+)")
+
+
+def _signing_string(params: Mapping[str, Any]) -> str:
+    # Vonage's canonical form: "&key=value" sorted by key, '&' and '=' in values as '_'.
+    parts = []
+    for key in sorted(params):
+        value = params[key]
+        if isinstance(value, str):
+            value = value.replace("&", "_").replace("=", "_")
+        parts.append(f"&{key}={value}")
+    return "".join(parts)
+
+
+def signature(params: Mapping[str, Any], secret: str, method: str) -> str:
+    """`sig` over `params` (without `sig`; `timestamp` included) as Vonage computes it: the MD5
+    hash of the canonical string with the secret appended, or the SDK's HMAC for the others."""
+    if method == "md5hash":
+        text = _signing_string(params) + secret
+        return hashlib.md5(text.encode()).hexdigest()  # noqa: S324 - Vonage's own algorithm
+    if method not in HMAC_METHODS:
+        raise ValueError(f"unknown signature method {method!r}")
+    signer = Auth(api_key="signer", signature_secret=secret, signature_method=method)
+    return str(signer.sign_params(dict(params)))
+
+
+class _SigningAuth(Auth):  # type: ignore[misc]
+    """The SDK's Auth (its supported way in: `Vonage(auth, ...)`), signing requests with the
+    account's method, "MD5 hash" included, over the parameters that are actually sent: the
+    SDK signs the None fields of its SmsMessage, which its form encoding then leaves out."""
+
+    def __init__(self, credentials: Mapping[str, Any]) -> None:
+        method = str(credentials.get("signature_method") or DEFAULT_SIGNATURE_METHOD)
+        if method not in SIGNATURE_METHODS:
+            raise PermanentProviderError("configuration", f"unknown signature_method {method!r}")
+        super().__init__(
+            api_key=str(credentials["api_key"]),
+            api_secret=str(credentials["api_secret"]),
+            signature_secret=credentials.get("signature_secret") or None,
+            signature_method="md5" if method == "md5hash" else method,
+        )
+        self._method = method
+
+    def sign_params(self, params: dict[str, Any]) -> str:
+        for key in [key for key, value in params.items() if value is None]:
+            del params[key]
+        if not params.get("timestamp"):
+            params["timestamp"] = int(time.time())
+        return signature(params, str(self._signature_secret), self._method)
 
 
 class VonageProvider:
@@ -39,17 +99,25 @@ class VonageProvider:
     idempotent: ClassVar[bool] = False
 
     def __init__(self, credentials: Mapping[str, Any], settings: Settings) -> None:
-        auth = Auth(
-            api_key=str(credentials["api_key"]),
-            api_secret=str(credentials["api_secret"]),
-            signature_secret=credentials.get("signature_secret"),
-            signature_method=credentials.get("signature_method", "sha256"),
-        )
-        options = HttpClientOptions(
+        self._auth = _SigningAuth(credentials)
+        # The SDK POSTs again, up to pool_maxsize times, when the connection drops after the
+        # request went out (RemoteDisconnected): the message would reach the handset twice.
+        # One connection per client turns that off; a client per thread keeps sends parallel
+        # (and keeps the threads off each other's headers, which the SDK's client mutates).
+        self._options = HttpClientOptions(
             rest_host=str(credentials.get("rest_host") or "rest.nexmo.com"),
             timeout=max(1, int(settings.provider_timeout.total_seconds())),
+            pool_connections=1,
+            pool_maxsize=1,
         )
-        self._vonage = Vonage(auth, options)
+        self._local = threading.local()
+        self._client()  # the SDK builds every API client up front: not on the first send
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "vonage", None)
+        if client is None:
+            client = self._local.vonage = Vonage(self._auth, self._options)
+        return client
 
     def send(self, request: SendRequest) -> SendResult:
         message = SmsMessage(
@@ -63,27 +131,57 @@ class VonageProvider:
             ttl=min(max(request.validity_seconds * 1000, 20_000), 604_800_000),
         )
         try:
-            response = self._vonage.sms.send(message)
+            response = self._client().sms.send(message)
+        except PartialFailureError as exc:
+            return _partial(exc.response)
         except SmsError as exc:
-            status = _status_of(exc)
-            if status in TRANSIENT_STATUSES:
-                raise TransientProviderError(status, str(exc)) from exc
-            raise PermanentProviderError(status, str(exc)) from exc
-        except (RateLimitedError, ServerError) as exc:
-            raise TransientProviderError(str(exc.response.status_code), str(exc)) from exc
-        except HttpRequestError as exc:
-            raise PermanentProviderError(str(exc.response.status_code), str(exc)) from exc
+            raise _refusal(_status_of(exc), str(exc)) from exc
+        except (RateLimitedError, ServerError, HttpRequestError) as exc:
+            status = exc.response.status_code
+            error = (
+                TransientProviderError
+                if status in TRANSIENT_HTTP_STATUSES
+                else PermanentProviderError
+            )
+            raise error(str(status), str(exc)) from exc
         except (requests.Timeout, requests.ConnectionError) as exc:
             raise TransientProviderError("timeout", str(exc) or type(exc).__name__) from exc
         sent = response.messages[0]
+        parts = tuple(str(part.message_id) for part in response.messages)
         return SendResult(
             provider_message_id=str(sent.message_id),
             provider_status=str(sent.status),
             raw=sent.model_dump(mode="json", by_alias=True),
+            parts=parts if len(parts) > 1 else (),
         )
 
     def close(self) -> None:
         pass
+
+
+def _partial(answer: Mapping[str, Any]) -> SendResult:
+    """A long text Vonage took only some parts of: what went out is sent, so it must not be
+    sent again; only when no part went out is it an error, judged by the first refusal."""
+    messages: list[Mapping[str, Any]] = list(answer.get("messages") or [])
+    taken = [part for part in messages if str(part.get("status")) == "0"]
+    refused = [part for part in messages if str(part.get("status")) != "0"]
+    if not taken:
+        first = refused[0] if refused else {}
+        status = str(first.get("status", "error"))
+        raise _refusal(status, str(first.get("error-text", "every part refused")))
+    return SendResult(
+        provider_message_id=str(taken[0]["message-id"]),
+        provider_status="0",
+        raw=dict(answer),
+        parts=tuple(str(part["message-id"]) for part in taken),
+        unsent_parts=len(refused),
+    )
+
+
+def _refusal(status: str, text: str) -> ProviderError:
+    if status in TRANSIENT_STATUSES:
+        return TransientProviderError(status, text)
+    return PermanentProviderError(status, text)
 
 
 def _status_of(exc: SmsError) -> str:
@@ -118,13 +216,16 @@ VONAGE_STATUSES: dict[str, MessageStatus] = {
 
 
 def verify_webhook(credentials: Mapping[str, Any], params: Mapping[str, str]) -> bool:
-    """Vonage's own check of `sig` with the signature secret; unsigned receipts never pass."""
+    """Vonage's check of `sig` with the signature secret and the account's method (an
+    unknown method never passes); unsigned webhooks never pass."""
     secret = credentials.get("signature_secret")
-    if not secret or not params.get("sig"):
+    sig = params.get("sig")
+    method = str(credentials.get("signature_method") or DEFAULT_SIGNATURE_METHOD)
+    if not secret or not sig or method not in SIGNATURE_METHODS or not params.get("timestamp"):
         return False
-    auth = Auth(
-        api_key=str(credentials["api_key"]),
-        signature_secret=str(secret),
-        signature_method=credentials.get("signature_method", "sha256"),
-    )
-    return bool(auth.check_signature(dict(params)))
+    signed = {key: value for key, value in params.items() if key != "sig"}
+    try:
+        expected = signature(signed, str(secret), method)
+    except Exception:  # a malformed webhook is refused, never an error
+        return False
+    return hmac.compare_digest(expected, sig.lower())

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from shared import accounts
 from shared.db import Database
-from shared.models import DeflectedCall, Message
+from shared.models import DeflectedCall, Message, ProviderAccount
 from tests.conftest import CALLER, OTHER_KEY, OTHER_TENANT, TENANT, headers
 from worker.queue import Publisher
 
@@ -136,3 +136,15 @@ def put_campaign(
             valid_from=valid_from,
             valid_until=valid_until,
         )
+
+
+def simulator_credentials(db: Database, tenant: str) -> tuple[str, str]:
+    """(account id, signing secret) of the simulator account the tenant's settings were issued."""
+    with db.transaction() as session:
+        account = accounts.get_account(session, tenant)
+        credentials = session.scalars(
+            select(ProviderAccount.credentials).where(
+                ProviderAccount.account_id == account.id, ProviderAccount.provider == "simulator"
+            )
+        ).one()
+        return str(credentials["account_id"]), str(credentials["signing_secret"])

@@ -4,10 +4,12 @@ that sign webhooks the way each provider does (with the SDKs' own code where the
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from sqlalchemy import delete
 from twilio.request_validator import RequestValidator
 from vonage_http_client.auth import Auth
@@ -15,7 +17,7 @@ from vonage_http_client.auth import Auth
 from shared import accounts
 from shared.db import Database
 from shared.models import ProviderAccount
-from shared.providers.simulator import SIGNATURE_HEADER, sign
+from shared.providers.simulator import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from shared.settings import Settings
 from tests.conftest import SENDER, TENANT
 
@@ -26,6 +28,11 @@ TWILIO_SID = "AC" + "5" * 32
 TWILIO_TOKEN = "twilio-auth-token-for-tests"
 VONAGE_KEY = "vonagekey"
 VONAGE_SECRET = "vonagesecret"
+# This test run's own secrets: nothing signs with a default the API might also know.
+VONAGE_SIGNATURE_SECRET = secrets.token_hex(16)
+VONAGE_CALLBACK_TOKEN = secrets.token_urlsafe(24)
+SIMULATOR_ACCOUNT_ID = "SA" + secrets.token_hex(16)
+SIMULATOR_SECRET = secrets.token_hex(32)
 
 
 def credentials(provider: str, settings: Settings) -> dict[str, Any]:
@@ -40,17 +47,35 @@ def credentials(provider: str, settings: Settings) -> dict[str, Any]:
         return {
             "api_key": VONAGE_KEY,
             "api_secret": VONAGE_SECRET,
-            "signature_secret": settings.simulator_signing_secret.get_secret_value(),
+            "signature_secret": VONAGE_SIGNATURE_SECRET,
+            "signature_method": "sha256",
+            "callback_token": VONAGE_CALLBACK_TOKEN,
             "rest_host": f"127.0.0.1:{settings.simulator_tls_port}",
         }
-    return {}
+    return {"account_id": SIMULATOR_ACCOUNT_ID, "signing_secret": SIMULATOR_SECRET}
+
+
+def register_vonage(settings: Settings, credentials: dict[str, Any]) -> None:
+    """Tell the simulator the Vonage account's secrets: it then checks the requests' `sig`
+    and signs the receipts, as Vonage does for an account with a signature secret."""
+    account = {
+        "api_key": credentials["api_key"],
+        "api_secret": credentials.get("api_secret"),
+        "signature_secret": credentials.get("signature_secret"),
+        "signature_method": credentials.get("signature_method", "sha256"),
+    }
+    response = httpx.post(f"{settings.simulator_url}/control/vonage/accounts", json=account)
+    response.raise_for_status()
 
 
 def use_providers(
     db: Database, settings: Settings, providers: list[str], **rates: float
 ) -> list[int]:
-    """Make the demo account send through `providers`, in that priority order."""
+    """Make the demo account send through `providers`, in that priority order (a Vonage
+    account is registered with the simulator, which DELETE /messages forgets)."""
     ids = []
+    if "vonage" in providers:
+        register_vonage(settings, credentials("vonage", settings))
     with db.transaction() as session:
         account = accounts.get_account(session, TENANT)
         session.execute(delete(ProviderAccount).where(ProviderAccount.account_id == account.id))
@@ -83,7 +108,6 @@ def status_webhook(
     provider: str, settings: Settings, sid: str, provider_id: str, status: str, *, forged: bool
 ) -> Webhook:
     """A delivery report for our message `sid`, signed as the provider signs (or forged)."""
-    secret = settings.simulator_signing_secret.get_secret_value()
     if provider == "twilio":
         path = f"/callbacks/twilio?messageSid={sid}"
         params = {
@@ -113,14 +137,22 @@ def status_webhook(
             # Signed too; without it the SDK's signer would add its own clock reading.
             "timestamp": str(int(time.time())),
         }
-        key = "not-the-secret" if forged else secret
+        key = "not-the-secret" if forged else VONAGE_SIGNATURE_SECRET
         params["sig"] = Auth(
             api_key=VONAGE_KEY, signature_secret=key, signature_method="sha256"
         ).sign_params(dict(params))
-        return Webhook("/callbacks/vonage", params, {})
+        # The receipt URL the adapter gives Vonage: the account's token binds it.
+        return Webhook(f"/callbacks/vonage/{VONAGE_CALLBACK_TOKEN}?messageSid={sid}", params, {})
     path = f"/callbacks/simulator?messageSid={sid}"
-    body = json.dumps({"id": provider_id, "status": status}).encode()
+    body = json.dumps(
+        {"id": provider_id, "status": status, "accountId": SIMULATOR_ACCOUNT_ID}
+    ).encode()
     url = settings.public_base_url + path
-    signature = sign("not-the-secret" if forged else secret, url, body)
-    headers = {SIGNATURE_HEADER: signature, "Content-Type": "application/json"}
+    timestamp = str(int(time.time()))
+    signature = sign("not-the-secret" if forged else SIMULATOR_SECRET, timestamp, url, body)
+    headers = {
+        SIGNATURE_HEADER: signature,
+        TIMESTAMP_HEADER: timestamp,
+        "Content-Type": "application/json",
+    }
     return Webhook(path, {}, headers, content=body)

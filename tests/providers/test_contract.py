@@ -35,6 +35,7 @@ from tests.providers.support import (
     VONAGE_KEY,
     Webhook,
     credentials,
+    register_vonage,
     status_webhook,
     use_providers,
 )
@@ -54,6 +55,8 @@ def trust_simulator(migrated: Settings, monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.fixture
 def adapter(provider: str, migrated: Settings, simulator: httpx.Client) -> Iterator[Provider]:
     quick = migrated.model_copy(update={"provider_timeout": timedelta(seconds=1)})
+    if provider == "vonage":  # so the simulator checks every request's `sig`
+        register_vonage(migrated, credentials(provider, migrated))
     built = provider_factory(provider)(credentials(provider, migrated), quick)
     yield built
     built.close()
@@ -89,7 +92,20 @@ def test_a_send_reaches_the_handset_and_returns_the_provider_id(
     assert (received["id"], received["to"]) == (result.provider_message_id, CALLER_E164)
 
 
-@pytest.mark.parametrize("answer", ["throttled", "server_error", "timeout"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "throttled",
+        "server_error",
+        "timeout",
+        "http_502",
+        "http_503",
+        "http_504",
+        "sender_queue_full",  # Twilio 21611
+        "queue_overflow",  # Twilio 30001
+        "too_many_binds",  # Vonage status 10
+    ],
+)
 def test_throttling_server_errors_and_timeouts_are_transient(
     provider: str, answer: str, adapter: Provider, migrated: Settings, simulator: httpx.Client
 ) -> None:
@@ -97,6 +113,19 @@ def test_throttling_server_errors_and_timeouts_are_transient(
     with pytest.raises(TransientProviderError):
         adapter.send(request_for(migrated, provider))
     assert handset(simulator, provider) == []
+
+
+def test_a_connection_dropped_after_the_request_is_never_posted_again(
+    provider: str, adapter: Provider, migrated: Settings, simulator: httpx.Client
+) -> None:
+    # The provider took the message and the answer was lost: an SDK that re-POSTs on
+    # RemoteDisconnected (Vonage's does, by default) would reach the handset twice.
+    simulator.post("/control", json={"next_errors": ["drop_connection"]})
+    with pytest.raises(TransientProviderError):
+        adapter.send(request_for(migrated, provider))
+    stats = simulator.get("/stats").json()
+    assert stats["by_provider"][provider]["requests"] == 1
+    assert len(handset(simulator, provider)) == 1
 
 
 def test_an_invalid_number_is_permanent(
@@ -150,7 +179,10 @@ def test_a_forged_callback_is_refused_and_changes_nothing(
     simulator.post("/control", json={"callbacks": False})  # only the forged report arrives
     use_providers(db, migrated, [provider])
     sent = accept_message(db, migrated, utcnow())
-    tasks.send_message(sent)
+    try:
+        tasks.send_message(sent)
+    finally:  # DELETE /messages keeps `callbacks`: later tests in the session need them
+        simulator.post("/control", json={"callbacks": True})
     before = _events(db)
     hook = status_webhook(provider, migrated, sent, "whatever", "delivered", forged=True)
     response = _post(client, hook)

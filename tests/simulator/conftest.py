@@ -3,6 +3,7 @@ for our API, and the CA bundle the provider SDKs need to trust the simulator."""
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -10,16 +11,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from shared.settings import Settings
 from simulator.server import SimulatorServer
 
-SIGNING_SECRET = "test-signing-secret"
 # What each test starts from: quick answers and quick callbacks, no failures, no scripts.
 DEFAULT_BEHAVIOUR = {
     "latency_ms": 0,
@@ -47,7 +46,6 @@ def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorSe
     settings = Settings(
         simulator_host="127.0.0.1",
         simulator_tls_dir=tmp_path_factory.mktemp("simulator-tls"),
-        simulator_signing_secret=SecretStr(SIGNING_SECRET),
         simulator_latency=timedelta(0),
         simulator_delivery_delay=timedelta(milliseconds=20),
         log_level="WARNING",
@@ -87,9 +85,16 @@ class Hook:
     path: str
     headers: dict[str, str]
     body: bytes
+    method: str = "POST"
 
     @property
     def params(self) -> dict[str, str]:
+        """The webhook's parameters, however it came: query (GET), JSON or form."""
+        if self.method == "GET":
+            return dict(parse_qsl(urlsplit(self.path).query, keep_blank_values=True))
+        if self.headers.get("content-type", "").startswith("application/json"):
+            data: dict[str, str] = json.loads(self.body)
+            return data
         return dict(parse_qsl(self.body.decode(), keep_blank_values=True))
 
 
@@ -115,13 +120,14 @@ def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
-            hook = Hook(
-                self.path, {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length)
-            )
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            hook = Hook(self.path, headers, self.rfile.read(length), self.command)
             box[0].hooks.put(hook)
             self.send_response(box[0].status)
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+        do_GET = do_POST  # noqa: N815 - Vonage's receipts may come as GET
 
         def log_message(self, format: str, *args: object) -> None:
             pass
