@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck pytest bench lock clean
+.PHONY: run test lint typecheck pytest bench soak lock clean
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -37,6 +37,12 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || apt-get install -y -qq wrk >/dev/null 2>&1 \
 	  || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; } || true
 	$(BIN)/python -m bench.run
+
+# Thousands of messages under repeated real faults (worker kills, a Redis restart, a provider
+# outage, sends in doubt), ending with the ledger; docs/operations.md records the last figures.
+# SMSD_SOAK_MESSAGES sets its size (default 3000).
+soak: $(STAMP)
+	$(BIN)/pytest -m soak -s -p no:cacheprovider --timeout 1800 tests/faults/test_soak.py
 
 # Re-resolve the pinned, hashed dependency sets after editing pyproject.toml: the development
 # set (everything `make` installs), then the runtime set for images, held to the same versions.

@@ -78,18 +78,24 @@ def unexpected_response(_request: Request[Any, Any, Any], exc: Exception) -> Res
 SERVICE_UNAVAILABLE = b"service unavailable"
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """The database is down, unreachable, saturated or too slow (a pool wait, a connection
+    error, a statement timeout, the API's accept deadline): retrying later may succeed."""
+    if isinstance(exc, PoolTimeout | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
 def database_error_response(
     request: Request[Any, Any, Any], exc: DBAPIError | PoolTimeout
 ) -> Response[bytes]:
     """The database is down, unreachable or saturated: 503 at once, so callers retry later.
 
-    Nothing was accepted (the transaction never committed). Other database errors are bugs
-    and stay the seed's 500 `exception`."""
-    unavailable = (
-        isinstance(exc, PoolTimeout | OperationalError | InterfaceError)
-        or exc.connection_invalidated
-    )
-    if not unavailable:
+    Nothing was accepted (the transaction never committed), except when the API's accept
+    deadline passed while a COMMIT was in flight: a retry with the same Idempotency-Key then
+    answers the original messageSid. Other database errors are bugs and stay the seed's 500
+    `exception`."""
+    if not database_unavailable(exc):
         return unexpected_response(request, exc)
     cause = getattr(exc, "orig", None) or exc
     log.warning(

@@ -3,9 +3,9 @@ generateToken."""
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta
 
-import anyio.to_thread
 import msgspec
 from litestar import MediaType, Request, Response, post
 from litestar.datastructures import State
@@ -141,7 +141,9 @@ async def _send(
         idempotency_key=idempotency_key,
         version=version,
     )
-    accepted = await anyio.to_thread.run_sync(placement.place, command)
+    accepted = await placement.within_deadline(
+        lambda abandoned: placement.place(command, abandoned)
+    )
     return placed_response(request, accepted)
 
 
@@ -236,8 +238,8 @@ async def generate_token(
     placement: Placement = request.app.state.placement
     settings = placement.settings
 
-    def issue() -> IssuedToken:
-        with placement.db.transaction() as session:
+    def issue(abandoned: threading.Event) -> IssuedToken:
+        with placement.db.transaction(abandoned) as session:
             account = authenticate(session, account_id, tenant_id, application_key)
             if body.invalid:
                 raise InvalidParameter(body.invalid)
@@ -253,7 +255,7 @@ async def generate_token(
                 lifetime = timedelta(seconds=lifetime_seconds)
             return issue_token(session, account, environment, caller, lifetime, utcnow())
 
-    issued = await anyio.to_thread.run_sync(issue)
+    issued = await placement.within_deadline(issue)
     return TokenJson(
         jpToken=issued.token,
         callerId=issued.caller,
@@ -339,11 +341,11 @@ async def notify_sms(
         region=placement.settings.default_region,
     )
 
-    def notify() -> str:
-        with placement.db.transaction() as session:
+    def notify(abandoned: threading.Event) -> str:
+        with placement.db.transaction(abandoned) as session:
             return notify_external_send(session, command, placement.settings, utcnow())
 
-    token = await anyio.to_thread.run_sync(notify)
+    token = await placement.within_deadline(notify)
     return f"Recorded campaign {{{campaign_id}}} SMS as sent for jpToken: {token}"
 
 
@@ -392,8 +394,8 @@ async def get_interaction_link(
         invalid_parameter=body.invalid,
     )
 
-    def link() -> str:
-        with placement.db.transaction() as session:
+    def link(abandoned: threading.Event) -> str:
+        with placement.db.transaction(abandoned) as session:
             return interaction_link_for(session, command, shorten_it, placement.settings, utcnow())
 
-    return await anyio.to_thread.run_sync(link)
+    return await placement.within_deadline(link)

@@ -173,8 +173,10 @@ def documented(
                 responses["200"] = success
             implied: dict[int, OpenAPIResponse] = {}
             if 401 in errors:
-                # Whoever can fail authentication can be throttled for failing it too often.
+                # Whoever can fail authentication can be throttled for failing it too often,
+                # and every authenticated answer needs the database.
                 implied[429] = TOO_MANY_FAILURES
+                implied[503] = UNAVAILABLE
             if body is not None:
                 implied[413] = BODY_TOO_LARGE
             responses.update({str(code): response for code, response in (implied | errors).items()})

@@ -10,7 +10,6 @@ from typing import Annotated
 from xml.etree.ElementTree import Element, ParseError
 from xml.sax.saxutils import escape
 
-import anyio.to_thread
 import structlog
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
@@ -18,7 +17,7 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import HeaderParameter
 
-from api.errors import log_refusal
+from api.errors import SERVICE_UNAVAILABLE, database_unavailable, log_refusal
 from api.guard import note_auth_failure
 from api.headers import ApplicationKey, EnvironmentName, TenantId
 from api.openapi import SID_EXAMPLE, TOO_MANY_FAILURES, documented, text, xml
@@ -174,7 +173,9 @@ SOAP_FAULTS = {
     ),
     500: xml(
         "A SOAP fault, as SOAP 1.1 answers them: missing or wrong credentials (0x7000000), a "
-        "malformed envelope (SOAP-ENV:Client) or anything unexpected (SOAP-ENV:Server)",
+        "malformed envelope (SOAP-ENV:Client), the database unreachable or not answering in "
+        "time (SOAP-ENV:Server `service unavailable`: retry later) or anything unexpected "
+        "(SOAP-ENV:Server `exception`)",
         fault(UNAUTHORIZED_CODE, UNAUTHORIZED_MESSAGE),
     ),
 }
@@ -234,13 +235,20 @@ async def soap_endpoint(
     placement: Placement = request.app.state.placement
     command = command_from(fields, tenant_id, application_key, environment_name)
     try:
-        accepted = await anyio.to_thread.run_sync(placement.place, command)
+        accepted = await placement.within_deadline(
+            lambda abandoned: placement.place(command, abandoned)
+        )
     except RequestRefused as exc:
         log_refusal(request, exc)
         if isinstance(exc, Unauthenticated):
             note_auth_failure(request.scope)
         return refused_envelope(exc)
-    except Exception:
+    except Exception as exc:
+        if database_unavailable(exc):
+            # Down, saturated or past SMSD_API_ACCEPT_DEADLINE: a Server fault (SOAP 1.1 answers
+            # faults with 500) that says so; nothing was accepted, retry later.
+            log.warning("request.database_unavailable", error=type(exc).__name__)
+            return _xml(fault("SOAP-ENV:Server", SERVICE_UNAVAILABLE.decode()), 500)
         log.exception("request.failed")
         return _xml(fault("SOAP-ENV:Server", "exception"), 500)
     return _xml(

@@ -145,14 +145,146 @@ def worker(
     if beat:
         VAR_DIR.mkdir(exist_ok=True)
         args += ["-B", "--schedule", str(VAR_DIR / "celerybeat-schedule")]
-    _celery(*args, *celery_args, quiet=quiet)
+    sys.exit(_supervise("worker", _celery_command(*args, *celery_args, quiet=quiet)))
 
 
 @main.command()
 def beat() -> None:
     """Run the periodic sweeper schedule (exactly one per deployment)."""
     VAR_DIR.mkdir(exist_ok=True)
-    _celery("beat", "--schedule", str(VAR_DIR / "celerybeat-schedule"))
+    sys.exit(
+        _supervise(
+            "beat", _celery_command("beat", "--schedule", str(VAR_DIR / "celerybeat-schedule"))
+        )
+    )
+
+
+def _celery_command(*args: str, quiet: bool = False) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app",
+        *(["--quiet"] if quiet else []), *args,
+    ]  # fmt: skip
+
+
+# Exit codes that a restart cannot cure: a usage or configuration mistake (click, sysexits).
+_NO_RESTART_CODES = frozenset({2, 64, 78})
+_RESTART_BACKOFF_FIRST = 1.0
+_RESTART_BACKOFF_MAX = 30.0
+# A child that ran this long before it died starts again after the shortest backoff.
+_RESTART_STABLE_AFTER = 60.0
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _supervise(name: str, command: list[str]) -> int:
+    """Run `command` (a Celery worker or beat) in a child process and start it again, after a
+    short backoff, whenever it exits without being asked to; returns its last exit code.
+
+    The child stays in our process group, so signalling the group (a terminal's Ctrl-C, `dev`,
+    the tests) reaches everything. SIGTERM or SIGINT to this process alone is passed on as
+    SIGTERM (Celery's warm shutdown; a second one asks for a cold shutdown) and we exit when
+    the child has. Processes the child started (the embedded beat) are left behind when it is
+    killed: as their subreaper we inherit them and stop them before the next start."""
+    import structlog
+
+    from shared.logging import configure_logging
+
+    configure_logging(get_settings())
+    log = structlog.get_logger("sms_dispatch.supervisor").bind(process=name)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    stopping: list[int] = []
+    child: subprocess.Popen[bytes] | None = None
+
+    def on_stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        if child is not None and child.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM if len(stopping) == 1 else signal.SIGQUIT)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    backoff = _RESTART_BACKOFF_FIRST
+    restarts = 0
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        log.info("supervisor.started", pid=child.pid, restarts=restarts)
+        code = child.wait()  # signal handlers run meanwhile (PEP 475)
+        _stop_orphans(log)
+        if stopping:
+            log.info("supervisor.stopped", pid=child.pid, exit_code=code)
+            return 0 if code < 0 else code
+        if code in _NO_RESTART_CODES:
+            log.error("supervisor.gave_up", pid=child.pid, exit_code=code)
+            return code
+        if time.monotonic() - started >= _RESTART_STABLE_AFTER:
+            backoff = _RESTART_BACKOFF_FIRST
+        restarts += 1
+        log.warning(
+            "supervisor.restarting",
+            pid=child.pid,
+            exit_code=code,
+            signal=signal.Signals(-code).name if code < 0 else None,
+            delay=backoff,
+            restarts=restarts,
+        )
+        deadline = time.monotonic() + backoff
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if stopping:
+            return 0
+        backoff = min(backoff * 2, _RESTART_BACKOFF_MAX)
+
+
+def _prctl(option: int, value: int) -> None:
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: should the supervisor itself be killed, the child is asked to
+    # stop (SIGTERM, a warm shutdown) rather than run on unsupervised.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _orphans() -> list[int]:
+    """Our children still alive: what a killed child left (we are their subreaper)."""
+    me = str(os.getpid())
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else []:
+        if not entry.name.isdigit():
+            continue
+        with suppress(OSError):
+            stat = (entry / "stat").read_text()
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+            if stat[stat.rindex(")") + 2 :].split()[1] == me:
+                found.append(int(entry.name))
+    return found
+
+
+def _stop_orphans(log: Any) -> None:
+    orphans = _orphans()
+    if not orphans:
+        return
+    log.warning("supervisor.stopping_orphans", pids=orphans)
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        for pid in orphans:
+            with suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while orphans and time.monotonic() < deadline:
+            for pid in list(orphans):
+                with suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                        continue
+                orphans.remove(pid)
+            time.sleep(0.05)
+        if not orphans:
+            return
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -96,7 +96,7 @@ def apply_status(
     elif applied:
         log.info("message.status", status=report.status.value, source=report.source)
         if sid and report.status in (MessageStatus.SENT, MessageStatus.DELIVERED):
-            first_acceptance = MessageStatus(current).rank < MessageStatus.SENT.rank
+            first_acceptance = MessageStatus(current) in _NOT_YET_ACCEPTED
             _mark_deflected_call(session, sid, report.status, now, first_acceptance)
     else:
         log.info("message.status_ignored", status=report.status.value, current=current)
@@ -144,6 +144,10 @@ _SENT_FROM_SENDING = (
         updated_at=bindparam("now"),
         lease_expires_at=None,
         sent_at=func.coalesce(_messages.c.sent_at, bindparam("now")),
+        # What failed attempts left behind no longer describes the message.
+        error_code=None,
+        error_message=None,
+        in_doubt_since=None,
         provider_message_id=func.coalesce(
             _messages.c.provider_message_id, bindparam("provider_message_id_")
         ),
@@ -207,8 +211,14 @@ def _event_columns(
     )
 
 
+# Statuses from which a provider's "sent" or "delivered" is its first word that it has it.
+_NOT_YET_ACCEPTED = (MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus.IN_DOUBT)
+
+
 def _is_forward(old: MessageStatus, new: MessageStatus) -> bool:
-    return not old.is_final and new.rank > old.rank
+    # `sent` settles an `in_doubt` (the provider has it after all); nothing undoes a `sent`.
+    settles_doubt = old is MessageStatus.IN_DOUBT and new is MessageStatus.SENT
+    return not old.is_final and (new.rank > old.rank or settles_doubt)
 
 
 def _status_columns(report: StatusReport, now: datetime) -> dict[str, Any]:
@@ -218,6 +228,10 @@ def _status_columns(report: StatusReport, now: datetime) -> dict[str, Any]:
     if report.status in (MessageStatus.SENT, MessageStatus.DELIVERED):
         # A delivery receipt can overtake the worker's own "sent": both imply the provider has it.
         values["sent_at"] = func.coalesce(Message.sent_at, now)
+        # What failed attempts left behind no longer describes the message.
+        values["error_code"] = None
+        values["error_message"] = None
+        values["in_doubt_since"] = None
     if report.status is MessageStatus.DELIVERED:
         values["delivered_at"] = now
     if report.status.is_final:

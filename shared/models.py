@@ -76,17 +76,24 @@ class Base(DeclarativeBase):
 
 
 class MessageStatus(enum.StrEnum):
-    """One lifecycle for every provider. Order of rank: queued < sending < sent < a final status."""
+    """One lifecycle for every provider. Order of rank: queued < sending < sent / in_doubt <
+    a final status."""
 
     QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"
+    # A provider call that may have reached the provider, which cannot be asked whether it
+    # did (Vonage): not sent again; a receipt may still settle it, else it ends `unknown`.
+    IN_DOUBT = "in_doubt"
     DELIVERED = "delivered"
     UNDELIVERED = "undelivered"
     FAILED = "failed"
     EXPIRED = "expired"
     REJECTED = "rejected"
     OPTED_OUT = "opted_out"
+    # The provider took it (or may have) but never gave a final word within the receipt window,
+    # and cannot be asked: final, so nothing waits on it forever.
+    UNKNOWN = "unknown"
 
     @property
     def rank(self) -> int:
@@ -97,7 +104,12 @@ class MessageStatus(enum.StrEnum):
         return self.rank == 3
 
 
-_RANK = {MessageStatus.QUEUED: 0, MessageStatus.SENDING: 1, MessageStatus.SENT: 2}
+_RANK = {
+    MessageStatus.QUEUED: 0,
+    MessageStatus.SENDING: 1,
+    MessageStatus.SENT: 2,
+    MessageStatus.IN_DOUBT: 2,
+}
 
 
 class Account(Base):
@@ -211,6 +223,17 @@ class ConfigGeneration(Base):
     generation: Mapped[str] = mapped_column(String(36))
 
 
+class OutboxState(Base):
+    """One row: the broker epoch the sweeper last saw. A different epoch in the broker means
+    the broker lost what it held, so what was published must be published again."""
+
+    __tablename__ = "outbox_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    broker_epoch: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class InteractionToken(Base):
     """A per-call `jpToken` issued by generateToken; it ties an SMS back to the call."""
 
@@ -296,6 +319,7 @@ class Message(Base):
         Index("ix_messages_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_messages_provider_message_id", "provider", "provider_message_id"),
         Index("ix_messages_account_id_created_at", "account_id", "created_at"),
+        Index("ix_messages_status_updated_at", "status", "updated_at"),
     )
 
     sid: Mapped[str] = mapped_column(String(34), primary_key=True)
@@ -334,6 +358,11 @@ class Message(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Since when a provider call that may have reached the provider is unresolved: the next
+    # claim looks the message up (or resends through a provider that deduplicates).
+    in_doubt_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the reconciler last asked the provider about it (or gave up on it: `unknown`).
+    reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     final_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

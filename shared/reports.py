@@ -42,6 +42,8 @@ class MessageView:
     createdAt: datetime  # noqa: N815
     sentAt: datetime | None  # noqa: N815
     deliveredAt: datetime | None  # noqa: N815
+    # When the reconciler last asked the provider about it (no receipt came in time).
+    reconciledAt: datetime | None  # noqa: N815
     events: list[EventView]
 
 
@@ -57,6 +59,10 @@ class DeflectedCallView:
     smsDeliveredAt: datetime | None  # noqa: N815
     messageSid: str | None  # noqa: N815 - the call's latest SMS
     smsCount: int  # noqa: N815
+    # The latest SMS's status, and whether it came from asking the provider (reconciliation)
+    # rather than from a receipt; None for a call without one.
+    smsStatus: str | None  # noqa: N815
+    smsReconciled: bool  # noqa: N815
     linkClicks: int  # noqa: N815
     linkFirstClickedAt: datetime | None  # noqa: N815
 
@@ -92,6 +98,7 @@ def message_view(session: Session, account: Account, sid: str) -> MessageView | 
         createdAt=message.created_at,
         sentAt=message.sent_at,
         deliveredAt=message.delivered_at,
+        reconciledAt=message.reconciled_at,
         events=[
             EventView(
                 at=e.created_at,
@@ -111,8 +118,15 @@ def deflected_calls(
 ) -> list[DeflectedCallView]:
     """Calls whose token was issued in [since, until), oldest first."""
     rows = session.execute(
-        select(DeflectedCall, InteractionToken.token, InteractionToken.caller)
+        select(
+            DeflectedCall,
+            InteractionToken.token,
+            InteractionToken.caller,
+            Message.status,
+            Message.reconciled_at,
+        )
         .join(InteractionToken, InteractionToken.id == DeflectedCall.token_id)
+        .outerjoin(Message, Message.sid == DeflectedCall.last_message_sid)
         .where(
             DeflectedCall.account_id == account.id,
             DeflectedCall.token_issued_at >= since,
@@ -133,8 +147,10 @@ def deflected_calls(
             smsDeliveredAt=call.sms_delivered_at,
             messageSid=call.last_message_sid,
             smsCount=call.sms_count,
+            smsStatus=status,
+            smsReconciled=reconciled_at is not None,
             linkClicks=call.link_clicks,
             linkFirstClickedAt=call.link_first_clicked_at,
         )
-        for call, token, caller in rows
+        for call, token, caller, status, reconciled_at in rows
     ]

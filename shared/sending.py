@@ -17,6 +17,7 @@ from sqlalchemy import (
     CursorResult,
     and_,
     bindparam,
+    func,
     or_,
     select,
     text,
@@ -25,7 +26,15 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from shared.lifecycle import StatusReport, apply_status, record_parts, sent_from_sending
-from shared.models import Account, Message, MessageStatus, OptOut, ProviderAccount, table_of
+from shared.models import (
+    Account,
+    Message,
+    MessageStatus,
+    OptOut,
+    OutboxState,
+    ProviderAccount,
+    table_of,
+)
 from shared.optout import is_opted_out
 from shared.phone import normalise_sender
 from shared.providers import ProviderError
@@ -48,7 +57,8 @@ class Claim:
     credentials: dict[str, Any]
     attempts: int
     expires_at: datetime
-    # The previous owner's lease ran out mid-send: the provider may or may not have it.
+    # A provider call before this one may have reached the provider (the previous owner's
+    # lease ran out mid-send, or the call timed out): it may or may not have the message.
     in_doubt: bool
     tenant_id: str = ""
     campaign_id: str = ""
@@ -59,6 +69,8 @@ class Claim:
     owner_id: int = 0
     sender_rate: float | None = None
     account_rate: float | None = None
+    # When the doubtful call was made, for looking the message up at the provider.
+    doubt_since: datetime | None = None
 
     def rates(self) -> list[Rate]:
         """The throughput limits this send counts against (in segments per second)."""
@@ -108,6 +120,7 @@ _CLAIM_QUEUED = (
         _messages.c.campaign_id,
         _messages.c.segments,
         _messages.c.provider_failures,
+        _messages.c.in_doubt_since,
         _providers.c.id.label("provider_account_id"),
         _providers.c.provider,
         _providers.c.credentials,
@@ -154,7 +167,8 @@ def _claim_queued(session: Session, sid: str, settings: Settings, now: datetime)
         credentials=dict(row.credentials or {}),
         attempts=row.attempts,
         expires_at=row.expires_at,
-        in_doubt=False,
+        in_doubt=row.in_doubt_since is not None,
+        doubt_since=row.in_doubt_since,
         tenant_id=row.tenant_id,
         campaign_id=row.campaign_id,
         segments=row.segments,
@@ -235,13 +249,15 @@ def _claim_any(session: Session, sid: str, settings: Settings, now: datetime) ->
     if result.rowcount != 1:
         log.info("send.claim_lost")
         return None
+    lost_mid_send = status is MessageStatus.SENDING
     return _claim_of(
         message,
         provider_account,
         tenant_id=tenant_id,
         attempts=message.attempts + 1,
         max_attempts=max_attempts,
-        in_doubt=status is MessageStatus.SENDING,
+        in_doubt=lost_mid_send or message.in_doubt_since is not None,
+        doubt_since=message.in_doubt_since or (message.claimed_at if lost_mid_send else None),
     )
 
 
@@ -255,6 +271,7 @@ def _claim_of(
     in_doubt: bool,
     from_number: str | None = None,
     provider_failures: int | None = None,
+    doubt_since: datetime | None = None,
 ) -> Claim:
     return Claim(
         sid=message.sid,
@@ -277,6 +294,7 @@ def _claim_of(
         owner_id=provider_account.account_id,
         sender_rate=provider_account.sender_rate,
         account_rate=provider_account.account_rate,
+        doubt_since=doubt_since,
     )
 
 
@@ -360,6 +378,7 @@ def fail_over(
         in_doubt=owned.in_doubt,
         from_number=sender,
         provider_failures=0,
+        doubt_since=owned.doubt_since,
     )
 
 
@@ -471,10 +490,13 @@ def schedule_retry(
     *,
     provider_failed: bool = True,
 ) -> timedelta | None:
-    """Hand the message back for a later attempt; None when it is out of attempts or time."""
+    """Hand the message back for a later attempt; None when its validity ends first.
+
+    Transient failures are retried for as long as the message is valid, not a fixed number
+    of times: an outage of any length within validity loses nothing."""
     delay = retry_delay(claim.attempts, settings)
-    if claim.attempts >= claim.max_attempts or now + delay >= claim.expires_at:
-        record_failed(session, claim, error, now)
+    if now + delay >= claim.expires_at:
+        record_failed(session, claim, error, now, status=MessageStatus.EXPIRED)
         return None
     session.execute(
         update(Message)
@@ -486,6 +508,8 @@ def schedule_retry(
             lease_expires_at=None,
             published_at=None,
             next_attempt_at=now + delay,
+            # The doubt is resolved (the provider said no, or never had it): a plain retry.
+            in_doubt_since=None,
             error_code=error.code,
             error_message=error.message,
             updated_at=now,
@@ -496,13 +520,62 @@ def schedule_retry(
 
 
 def retry_delay(attempt: int, settings: Settings) -> timedelta:
-    """Exponential backoff with full jitter, capped well below the broker's visibility timeout."""
+    """Exponential backoff with full jitter, capped at SMSD_RETRY_BACKOFF_MAX. Long waits are
+    kept in the database (`next_attempt_at`) and published by the sweeper when due, never held
+    by the broker, so no cap below the broker's visibility timeout is needed."""
+    exponent = min(max(attempt - 1, 0), 30)
     ceiling = min(
-        settings.retry_backoff_base.total_seconds() * 2 ** (attempt - 1),
+        settings.retry_backoff_base.total_seconds() * 2**exponent,
         settings.retry_backoff_max.total_seconds(),
-        settings.broker_visibility_timeout.total_seconds() / 2,
     )
     return timedelta(seconds=ceiling * (0.5 + random.random() / 2))
+
+
+def look_up_later(
+    session: Session, claim: Claim, error: ProviderError, settings: Settings, now: datetime
+) -> timedelta:
+    """A call that may have reached a provider that can be searched: look for the message
+    there once the provider has surely finished with the request, before sending anything."""
+    delay = settings.in_doubt_lookup_after
+    session.execute(
+        update(Message)
+        .where(Message.sid == claim.sid, Message.status == MessageStatus.SENDING.value)
+        .values(
+            status=MessageStatus.QUEUED.value,
+            attempts=Message.attempts - 1,  # not a failed attempt: an unanswered question
+            lease_expires_at=None,
+            published_at=None,
+            next_attempt_at=now + delay,
+            in_doubt_since=func.coalesce(Message.in_doubt_since, claim.doubt_since or now),
+            error_code="in-doubt",
+            error_message=f"{error.code}: {error.message}",
+            updated_at=now,
+        )
+    )
+    log.warning("send.in_doubt", lookup_in=delay.total_seconds(), error=str(error))
+    return delay
+
+
+def record_in_doubt(session: Session, claim: Claim, error: ProviderError, now: datetime) -> None:
+    """A call that may have reached a provider that can neither be searched nor deduplicates:
+    never sent again. A receipt may still settle it; otherwise it ends `unknown`."""
+    apply_status(
+        session,
+        claim.sid,
+        StatusReport(
+            MessageStatus.IN_DOUBT,
+            source="worker",
+            provider=claim.provider,
+            error_code="in-doubt",
+            error_message=f"{error.code}: {error.message}",
+        ),
+        now,
+    )
+    session.execute(
+        update(Message)
+        .where(Message.sid == claim.sid, Message.in_doubt_since.is_(None))
+        .values(in_doubt_since=claim.doubt_since or now, updated_at=now)
+    )
 
 
 def mark_published(
@@ -518,7 +591,10 @@ def mark_published(
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
     where: list[ColumnElement[bool]] = [Message.sid.in_(sids)]
     if unchanged_since is not None:
-        where += [Message.published_at.is_(None), Message.updated_at <= unchanged_since]
+        where += [
+            or_(Message.published_at.is_(None), Message.published_at < unchanged_since),
+            Message.updated_at <= unchanged_since,
+        ]
     session.execute(
         update(Message)
         .where(*where)
@@ -530,11 +606,13 @@ def mark_published(
 def due_for_publish(session: Session, settings: Settings, now: datetime) -> list[str]:
     """What the sweeper must (re-)publish; publishing marks them, so the next sweep skips them.
 
-    - committed but never published (the API died between commit and publish, or the broker
-      was down), once its retry time has come;
-    - published but never claimed for a long time (the broker lost it);
-    - claimed by a worker whose lease ran out (the worker died mid-send).
-    """
+    - committed but not on the queue (the API died between commit and publish, the broker was
+      down, a retry waiting in the database, or the broker lost it: see `note_broker_epoch`),
+      once its time has come;
+    - claimed by a worker whose lease ran out (the worker died mid-send), once.
+
+    A message on the queue is never published again because it waits long: a backlog of any
+    length stays as it is."""
     due = or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now)
     query = (
         select(Message.sid)
@@ -547,18 +625,12 @@ def due_for_publish(session: Session, settings: Settings, now: datetime) -> list
                     due,
                 ),
                 and_(
-                    Message.status == MessageStatus.QUEUED.value,
-                    Message.published_at <= now - settings.sweep_unclaimed_after,
-                    due,
-                ),
-                and_(
                     Message.status == MessageStatus.SENDING.value,
                     Message.lease_expires_at <= now,
-                    # Not yet re-published since the lease ran out (or that copy was lost too).
+                    # Not yet re-published since the lease ran out.
                     or_(
                         Message.published_at.is_(None),
                         Message.published_at < Message.lease_expires_at,
-                        Message.published_at <= now - settings.sweep_unclaimed_after,
                     ),
                 ),
             )
@@ -568,3 +640,170 @@ def due_for_publish(session: Session, settings: Settings, now: datetime) -> list
     )
     # Two overlapping sweeps may pick the same rows; the duplicate tasks lose the claim.
     return list(session.scalars(query))
+
+
+def note_broker_epoch(session: Session, epoch: str, born: datetime, now: datetime) -> int:
+    """Compare the broker's epoch with the one last seen; returns how many messages must be
+    published again because the broker lost them (0 when it is the same broker state).
+
+    The epoch is a key the sweeper keeps in Redis: a Redis that restarted empty has lost it,
+    and every task it held. Messages published before the new epoch was born and not yet
+    claimed are unmarked, so the sweeper publishes each once more, in batches."""
+    state = session.get(OutboxState, 1, with_for_update=True)
+    if state is None:
+        # A new installation: nothing published before can have been lost to it.
+        session.add(OutboxState(id=1, broker_epoch=epoch, updated_at=now))
+        return 0
+    if state.broker_epoch == epoch:
+        return 0
+    count = _unmark_published_before(session, born)
+    state.broker_epoch = epoch
+    state.updated_at = now
+    log.warning("sweep.broker_lost", epoch=epoch, republish=count)
+    return count
+
+
+def note_lost_in_flight(session: Session, cutoff: datetime) -> int:
+    """Queued messages published before `cutoff` and never claimed: no broker copy of them is
+    left (a worker died between taking a task and recording it unacked, a Redis that kept its
+    data but not that). Unmarked, so the sweeper publishes each once more; returns how many.
+
+    The caller picks `cutoff` so that it cannot touch a backlog: before the oldest task still
+    on the queue (the queue is first in, first out) and older than anything a live worker may
+    still hold unacknowledged."""
+    count = _unmark_published_before(session, cutoff)
+    if count:
+        log.warning("sweep.lost_in_flight", republish=count)
+    return count
+
+
+def _unmark_published_before(session: Session, before: datetime) -> int:
+    """Queued messages published before `before`, made due for the sweeper again."""
+    result = session.execute(
+        update(Message)
+        .where(
+            Message.status == MessageStatus.QUEUED.value,
+            Message.published_at.is_not(None),
+            Message.published_at < before,
+        )
+        .values(published_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return int(result.rowcount)
+
+
+def provider_ids_taken(session: Session, claim: Claim, since: datetime) -> frozenset[str]:
+    """Provider ids our other messages to the same number from the same sender already hold:
+    a lookup of a message in doubt must not take one of them for its own (their texts may be
+    identical)."""
+    return frozenset(
+        session.scalars(
+            select(Message.provider_message_id).where(
+                Message.provider_account_id == claim.provider_account_id,
+                Message.to_number == claim.to_number,
+                Message.from_number == claim.from_number,
+                Message.sid != claim.sid,
+                Message.provider_message_id.is_not(None),
+                Message.created_at >= since - timedelta(days=1),
+            )
+        )
+    )
+
+
+def published_at_of(session: Session, sid: str) -> datetime | None:
+    return session.scalar(select(Message.published_at).where(Message.sid == sid))
+
+
+@dataclass(frozen=True, slots=True)
+class Silent:
+    """A message the provider took (or may have) that never got a final word."""
+
+    sid: str
+    status: MessageStatus
+    provider: str
+    provider_account_id: int
+    credentials: dict[str, Any]
+    provider_message_id: str | None
+    since: datetime
+
+
+def silent_messages(session: Session, settings: Settings, now: datetime) -> list[Silent]:
+    """`sent` or `in_doubt` messages with no word from the provider for SMSD_RECONCILE_AFTER
+    and not asked about since: the reconciler's work, oldest first."""
+    rows = session.execute(
+        select(
+            Message.sid,
+            Message.status,
+            Message.provider_message_id,
+            Message.updated_at,
+            Message.sent_at,
+            ProviderAccount.id,
+            ProviderAccount.provider,
+            ProviderAccount.credentials,
+        )
+        .join(ProviderAccount, ProviderAccount.id == Message.provider_account_id)
+        .where(
+            Message.status.in_([MessageStatus.SENT.value, MessageStatus.IN_DOUBT.value]),
+            Message.updated_at <= now - settings.reconcile_after,
+            or_(
+                Message.reconciled_at.is_(None),
+                Message.reconciled_at <= now - settings.reconcile_after,
+            ),
+        )
+        .order_by(Message.updated_at)
+        .limit(settings.sweep_batch_size)
+    ).all()
+    return [
+        Silent(
+            sid=row.sid,
+            status=MessageStatus(row.status),
+            provider=row.provider,
+            provider_account_id=row.id,
+            credentials=dict(row.credentials or {}),
+            provider_message_id=row.provider_message_id,
+            since=row.sent_at or row.updated_at,
+        )
+        for row in rows
+    ]
+
+
+def record_reconciled(
+    session: Session,
+    silent: Silent,
+    status: MessageStatus | None,
+    provider_status: str | None,
+    settings: Settings,
+    now: datetime,
+) -> MessageStatus | None:
+    """What asking the provider gave (`status`, None when it could not be asked or said
+    nothing new); past the receipt window a message with no final word ends `unknown`.
+    Returns the status applied, if any."""
+    session.execute(
+        update(Message)
+        .where(Message.sid == silent.sid)
+        # Asking is not news from the provider: the silence still counts from before.
+        .values(reconciled_at=now, updated_at=Message.updated_at)
+    )
+    report: StatusReport | None = None
+    if status is not None and status.rank > silent.status.rank:
+        report = StatusReport(
+            status,
+            source="reconcile",
+            provider=silent.provider,
+            provider_status=provider_status,
+            provider_message_id=silent.provider_message_id,
+        )
+    elif silent.since <= now - settings.receipt_window:
+        report = StatusReport(
+            MessageStatus.UNKNOWN,
+            source="reconcile",
+            provider=silent.provider,
+            provider_status=provider_status,
+            error_code="no-receipt",
+            error_message="no final status from the provider within SMSD_RECEIPT_WINDOW",
+        )
+    if report is None:
+        return None
+    applied = apply_status(session, silent.sid, report, now)
+    return report.status if applied else None

@@ -87,9 +87,19 @@ class Settings(BaseSettings):
     # How long one claim on a message lasts; a worker that died mid-send loses it after this.
     send_lease: Duration = timedelta(seconds=60)
     provider_timeout: Duration = timedelta(seconds=15)
+    # Claims of a message whose worker was lost mid-send before it fails (a poison message
+    # that kills its worker). Provider failures do not count: they retry until validity ends.
     max_send_attempts: int = 5
     retry_backoff_base: Duration = timedelta(seconds=2)
     retry_backoff_max: Duration = timedelta(minutes=5)
+    # A send in doubt with a provider that can be searched (Twilio) is looked up after this,
+    # once the provider has surely finished with the request and lists it.
+    in_doubt_lookup_after: Duration = timedelta(seconds=30)
+    # A message `sent` (or `in_doubt`) with no final receipt after this is asked about, where
+    # the provider can be asked (Twilio, the simulator); again every this long.
+    reconcile_after: Duration = timedelta(minutes=10)
+    # ...and after this it ends `unknown` with code `no-receipt`: no final word is coming.
+    receipt_window: Duration = timedelta(hours=24)
 
     # Where workers share send-rate limits and circuit breakers. Default: the broker, when the
     # broker is Redis; otherwise (the embedded default, one worker) each process keeps its own.
@@ -104,10 +114,11 @@ class Settings(BaseSettings):
     sweep_interval: Duration = timedelta(seconds=10)
     # A committed message still unpublished after this is published by the sweeper.
     sweep_unpublished_after: Duration = timedelta(seconds=15)
-    # A published message nobody claimed after this is published again (the broker lost it).
-    sweep_unclaimed_after: Duration = timedelta(minutes=15)
     sweep_batch_size: int = 500
-    broker_visibility_timeout: Duration = timedelta(hours=1)
+    # Redis: a task a worker took but never acknowledged (it was killed) is delivered again
+    # after this. Every countdown we hand the broker stays far below it (long waits are kept
+    # in the database), so a dead worker's prefetched tasks are sent within about a minute.
+    broker_visibility_timeout: Duration = timedelta(seconds=60)
 
     # Default: http://{simulator_host}:{simulator_port}.
     simulator_url: str = ""
@@ -145,6 +156,23 @@ class Settings(BaseSettings):
     # believed only from the comma-separated proxy addresses or networks in trusted_proxies.
     trusted_proxy_header: str | None = None
     trusted_proxies: str = ""
+
+    # A stalled database (PostgreSQL only; every pooled connection of every process).
+    # Server side: a statement, a lock wait or a transaction left idle ends after these.
+    database_statement_timeout: Duration = timedelta(seconds=5)
+    database_lock_timeout: Duration = timedelta(seconds=3)
+    database_idle_in_transaction_timeout: Duration = timedelta(seconds=60)
+    # Client side (libpq, whole seconds): TCP keepalives find a dead host or a partition on an
+    # idle connection (idle + interval x count); tcp_user_timeout ends a connection whose sent
+    # data stays unacknowledged this long. Neither catches a frozen server whose kernel still
+    # ACKs: api_accept_deadline does, for the API.
+    database_keepalives_idle: Duration = timedelta(seconds=10)
+    database_keepalives_interval: Duration = timedelta(seconds=3)
+    database_keepalives_count: int = 3
+    database_tcp_user_timeout: Duration = timedelta(seconds=10)
+    # An API accept (Send SMS v3/v2, Notify, SOAP, generateToken, Interaction Link) not finished
+    # within this answers 503 `service unavailable`; a later commit is never answered 200.
+    api_accept_deadline: Duration = timedelta(seconds=3)
 
     @model_validator(mode="after")
     def _derive_urls(self) -> Settings:

@@ -13,6 +13,7 @@ It keeps state in memory: it stands for a provider, not for anything we must not
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -22,7 +23,7 @@ import msgspec
 from litestar import Litestar, MediaType, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.exceptions import ValidationException
-from litestar.params import FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from shared.logging import configure_logging
 from shared.providers.simulator import (
@@ -35,13 +36,13 @@ from shared.settings import Settings, get_settings
 from simulator import twilio_api, vonage_api
 from simulator.state import (
     CALLBACK_ORDERS,
-    DROP_HEADER,
     ERROR_FORMATS,
     ERRORS,
-    GATEWAY_BODIES,
+    FAULTS,
     PROVIDERS,
     RECEIPT_FORMATS,
     SIGNATURE_METHODS,
+    TAKEN_ANYWAY,
     TIMEOUT_BODY,
     TWILIO_STATUS_WORDS,
     Behaviour,
@@ -49,9 +50,13 @@ from simulator.state import (
     Control,
     Store,
     VonageAccount,
+    answer_taken,
     basic_auth,
+    callback_statuses,
     decide,
     delivery_steps,
+    gateway_answer,
+    hold,
     new_message,
     set_status,
     store_of,
@@ -66,6 +71,8 @@ GENERIC_ERRORS: dict[str, tuple[int, str, str]] = {
     "sender_queue_full": (400, "21611", "This 'From' number has exceeded the queue limit"),
     "queue_overflow": (429, "30001", "Queue overflow"),
     "too_many_binds": (429, "20429", "Too Many Requests"),
+    # The provider's own "not processed, try later" (what an outage answers).
+    "unavailable": (503, "20503", "Service Unavailable"),
 }
 # What POST /messages has always answered with; GET /messages shows more.
 GENERIC_FIELDS = ("id", "to", "from", "body", "status", "idempotencyKey")
@@ -110,17 +117,39 @@ async def send(request: Request[object, object, State], data: JSONBody[SendBody]
     store = store_of(request)
     store.count_request("simulator")
     key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key and key in store.by_key:
+    if not key:
+        return await _send(request, store, data, None)
+    # A copy that arrives while the first is still being decided waits for it, so the
+    # handset never gets two: it then replays the first's message, or is decided itself.
+    while (first := store.pending_keys.get(key)) is not None:
+        await first.wait()
+    if key in store.by_key:
         # The same send again (a retry after a lost answer): the handset gets nothing new.
         store.replays += 1
         return Response(_generic_view(store.messages[store.by_key[key]]), status_code=200)
+    store.pending_keys[key] = asyncio.Event()
+    try:
+        return await _send(request, store, data, key)
+    finally:
+        _release(store, key)
+
+
+def _release(store: Store, key: str | None) -> None:
+    if key is not None and (event := store.pending_keys.pop(key, None)) is not None:
+        event.set()
+
+
+async def _send(
+    request: Request[object, object, State], store: Store, data: SendBody, key: str | None
+) -> Response[Any]:
     error = await decide(store, "simulator")
-    if error == "timeout":
+    if (gateway := gateway_answer(error)) is not None:
+        return gateway
+    if error == "blackhole":
+        _release(store, key)  # nothing was taken: a copy is decided on its own
+        await hold(request)
         return Response(TIMEOUT_BODY, status_code=504, media_type=MediaType.TEXT)
-    if error is not None and error.startswith("http_"):
-        status = int(error.removeprefix("http_"))
-        return Response(GATEWAY_BODIES[status], status_code=status, media_type=MediaType.TEXT)
-    if error is not None and error not in ("partial_failure", "drop_connection"):
+    if error is not None and error not in TAKEN_ANYWAY:
         status, code, text = GENERIC_ERRORS[error]
         return Response({"code": code, "message": text}, status_code=status)
     account = basic_auth(request)
@@ -140,10 +169,12 @@ async def send(request: Request[object, object, State], data: JSONBody[SendBody]
         store.signing_secrets[message["id"]] = account[1]
     if key:
         store.by_key[key] = message["id"]
-    if data.statusCallback and store.behaviour.callbacks:
+        _release(store, key)  # taken: copies from now on are replays, even during a slow answer
+    if data.statusCallback and store.callbacks_on("simulator"):
         _report(store, message, data.statusCallback)
-    headers = {DROP_HEADER: "1"} if error == "drop_connection" else None
-    return Response(_generic_view(message), status_code=201, headers=headers)
+    else:
+        store.deliver_silently(message, callback_statuses(store.behaviour)[1])
+    return await answer_taken(store, error, Response(_generic_view(message), status_code=201))
 
 
 def _report(store: Store, message: dict[str, Any], url: str) -> None:
@@ -186,6 +217,17 @@ async def list_messages(
     return messages
 
 
+@get("/messages/{message_id:str}")
+async def get_message(
+    request: Request[object, object, State], message_id: FromPath[str]
+) -> Response[Any]:
+    """One message, whichever API took it, with its status now (what a status lookup asks)."""
+    message = store_of(request).messages.get(message_id)
+    if message is None:
+        return Response({"code": "20404", "message": "no such message"}, status_code=404)
+    return Response(message, status_code=200)
+
+
 @get("/stats")
 async def stats(request: Request[object, object, State]) -> dict[str, Any]:
     return store_of(request).stats()
@@ -199,6 +241,11 @@ def _behaviour_view(store: Store) -> dict[str, Any]:
                 **vars(behaviour),
                 "next_errors": list(behaviour.next_errors),
                 "outage": list(behaviour.outage),
+                "next_errors_by_provider": {
+                    name: list(errors) for name, errors in behaviour.next_errors_by_provider.items()
+                },
+                "faults": dict(behaviour.faults),
+                "callbacks_by_provider": dict(behaviour.callbacks_by_provider),
             }
         )
     )
@@ -214,11 +261,29 @@ async def control(
     request: Request[object, object, State], data: JSONBody[Control]
 ) -> dict[str, Any]:
     """Change what the simulator does next; fields left out keep their value. `next_errors`
-    and `outage` replace the current lists."""
+    and `outage` replace the current lists. `faults`, `next_errors_by_provider` and
+    `callbacks_by_provider` change the providers they name (null forgets one's entry);
+    an empty object clears them all."""
     store = store_of(request)
-    unknown = sorted(set(data.next_errors or ()) - ERRORS)
+    by_provider = [
+        *(data.next_errors_by_provider or {}),
+        *(data.faults or {}),
+        *(data.callbacks_by_provider or {}),
+    ]
+    unknown = sorted(set(by_provider) - set(PROVIDERS))
+    if unknown:
+        raise ValidationException(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    scripted = [*(data.next_errors or ())]
+    for errors in (data.next_errors_by_provider or {}).values():
+        scripted += errors or ()
+    unknown = sorted(set(scripted) - ERRORS)
     if unknown:
         raise ValidationException(f"unknown next_errors {unknown}; choose from {sorted(ERRORS)}")
+    unknown = sorted({fault for fault in (data.faults or {}).values() if fault} - FAULTS)
+    if unknown:
+        raise ValidationException(f"unknown faults {unknown}; choose from {sorted(FAULTS)}")
+    if data.slow_answer_ms is not None and data.slow_answer_ms < 0:
+        raise ValidationException("slow_answer_ms must not be negative")
     unknown = sorted(set(data.outage or ()) - set(PROVIDERS))
     if unknown:
         raise ValidationException(f"unknown outage providers {unknown}; choose from {PROVIDERS}")
@@ -240,8 +305,19 @@ async def control(
         if number is not None and number < 1:
             raise ValidationException(f"{name} must be at least 1")
     for name, value in msgspec.structs.asdict(data).items():
-        if value is not None:
-            setattr(store.behaviour, name, list(value) if isinstance(value, list) else value)
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            current: dict[str, Any] = getattr(store.behaviour, name)
+            if not value:
+                current.clear()
+            for provider, setting in value.items():
+                if setting is None:
+                    current.pop(provider, None)
+                else:
+                    current[provider] = list(setting) if isinstance(setting, list) else setting
+            continue
+        setattr(store.behaviour, name, list(value) if isinstance(value, list) else value)
     return _behaviour_view(store)
 
 
@@ -336,6 +412,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             send,
             list_messages,
+            get_message,
             stats,
             get_control,
             control,

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import struct
 import threading
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
@@ -148,12 +149,24 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _DROP = DROP_HEADER.encode()
+_RESET = b"reset"
+
+
+def _reset(transport: Any) -> None:
+    """Close with a TCP RST rather than a FIN (SO_LINGER 0, then abort): what a peer or a
+    middlebox that lost the connection's state does; the client reads ECONNRESET."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def dropping_connections(app: Callable[..., Awaitable[None]]) -> ASGIApp:
-    """`app`, but a response marked with DROP_HEADER (the `drop_connection` script) is never
-    sent: the connection is closed with the request read and no answer, which clients see as
-    RemoteDisconnected, the case where an SDK might send the same request again.
+    """`app`, but a response marked with DROP_HEADER (the `drop_connection` and
+    `reset_after_accept` scripts) is never sent: the connection is closed with the request
+    read and no answer, which clients see as RemoteDisconnected (or, reset, as ECONNRESET),
+    the case where an SDK might send the same request again.
 
     ASGI has no way to close a connection, so this reaches uvicorn's transport through its
     `send`; a server without one gets the answer instead."""
@@ -164,14 +177,21 @@ def dropping_connections(app: Callable[..., Awaitable[None]]) -> ASGIApp:
             return
 
         async def guarded(message: Message) -> None:
-            if message["type"] == "http.response.start" and any(
-                name.lower() == _DROP for name, _ in message.get("headers", ())
-            ):
+            drop = None
+            if message["type"] == "http.response.start":
+                drop = next(
+                    (value for name, value in message.get("headers", ()) if name.lower() == _DROP),
+                    None,
+                )
+            if drop is not None:
                 cycle = getattr(send, "__self__", None)
                 transport = getattr(cycle, "transport", None)
                 if transport is not None:
-                    log.info("simulator.connection_dropped", path=scope.get("path"))
-                    transport.close()
+                    log.info("simulator.connection_dropped", path=scope.get("path"), how=drop)
+                    if drop == _RESET:
+                        _reset(transport)
+                    else:
+                        transport.close()
                     # uvicorn answers 500 to an app that never started its response, unless
                     # it has seen the connection go: wait until it has.
                     for _ in range(200):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import math
 import random
 from collections import deque
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 import structlog
-from litestar import Request
+from litestar import MediaType, Request, Response
 from litestar.datastructures import State
 
 log = structlog.get_logger("simulator")
@@ -30,9 +31,16 @@ PROVIDERS: Final[tuple[Provider, ...]] = ("twilio", "vonage", "simulator")
 # `too_many_binds` Vonage's status 10 (the others: throttled), `partial_failure` refuses the
 # later parts of a multi-part Vonage send (the others take it), `http_50x` answer that status
 # as a load balancer would, and `drop_connection` takes the message, then closes the
-# connection without an answer.
+# connection without an answer. The rest stand for faults where the sender cannot know what
+# happened (see FAULTS): `http_500`; `unavailable`, the provider's own 503 "not processed"
+# (what an outage answers); `slow_answer`, `reset_after_accept` and `blackhole`.
 ERRORS: Final = frozenset(
     {
+        "http_500",
+        "unavailable",
+        "slow_answer",
+        "reset_after_accept",
+        "blackhole",
         "throttled",
         "server_error",
         "timeout",
@@ -48,10 +56,34 @@ ERRORS: Final = frozenset(
         "drop_connection",
     }
 )
+# Faults a provider can be put in until cleared (/control `faults`, by provider), or for one
+# send (`next_errors`, `next_errors_by_provider`), each standing for what a sender may meet:
+# - slow_answer: the message is taken, recorded and delivered, but the answer comes only
+#   after `slow_answer_ms`, past the client's timeout: sent, yet in doubt to the sender.
+# - reset_after_accept: the message is taken and recorded, then the connection is reset
+#   (TCP RST) instead of answered.
+# - blackhole: the request is read and nothing is recorded or answered until the client
+#   gives up (a provider hung behind its load balancer).
+# - outage: refused at once with the API's own 503 "not processed" (nothing recorded).
+# Any name of ERRORS may be made persistent the same way (e.g. "http_502").
+PERSISTENT_ONLY: Final = frozenset({"outage"})
+FAULTS: Final = ERRORS | PERSISTENT_ONLY
+# Errors after which the message is taken (recorded, and delivered) all the same.
+TAKEN_ANYWAY: Final = frozenset(
+    {"partial_failure", "drop_connection", "reset_after_accept", "slow_answer"}
+)
 TIMEOUT_BODY = "Gateway Timeout"  # what a load balancer says when the provider never answers
-GATEWAY_BODIES: Final = {502: "Bad Gateway", 503: "Service Unavailable", 504: TIMEOUT_BODY}
-# The response header a handler sets to have simulator.server close the connection instead.
+GATEWAY_BODIES: Final = {
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: TIMEOUT_BODY,
+}
+# The response header a handler sets to have simulator.server close the connection instead
+# ("1": an orderly close, "reset": a TCP reset).
 DROP_HEADER: Final = "x-simulator-drop-connection"
+# The longest a blackholed request is held when its client never hangs up.
+BLACKHOLE_MAX_SECONDS: Final = 600.0
 # Twilio's message statuses (its MessageInstance.Status), which the generic API speaks too.
 TWILIO_STATUS_WORDS: Final = frozenset(
     {
@@ -91,7 +123,16 @@ class Behaviour:
     callbacks: bool = True
     timeout_ms: float = 20_000.0  # how long a scripted "timeout" keeps the sender waiting
     next_errors: list[str] = field(default_factory=list)  # consumed one per send request
-    outage: list[str] = field(default_factory=list)  # providers answering server errors
+    outage: list[str] = field(default_factory=list)  # providers refusing with their own 503
+    # One-shot errors for one provider's API only, taken before `next_errors`.
+    next_errors_by_provider: dict[str, list[str]] = field(default_factory=dict)
+    # Persistent faults by provider (see FAULTS), until changed or cleared.
+    faults: dict[str, str] = field(default_factory=dict)
+    # How long a `slow_answer` holds the answer back: past any client timeout we use.
+    slow_answer_ms: float = 5_000.0
+    # Receipts off for some providers only (`callbacks` turns them off for all): messages
+    # still move to their final status, as the handset gets them, but nobody is told.
+    callbacks_by_provider: dict[str, bool] = field(default_factory=dict)
     # Realism switches, back to these defaults on DELETE /messages like the scripts above.
     # Twilio and generic callbacks: the statuses reported before the final one, their order
     # (`reversed`: final first), how often each is sent (repeats carry the same
@@ -113,6 +154,10 @@ class Behaviour:
 RESETTABLE: Final = (
     "next_errors",
     "outage",
+    "next_errors_by_provider",
+    "faults",
+    "slow_answer_ms",
+    "callbacks_by_provider",
     "callback_statuses",
     "callback_order",
     "callback_repeats",
@@ -132,6 +177,10 @@ class Control(msgspec.Struct, omit_defaults=True):
     timeout_ms: float | None = None
     next_errors: list[str] | None = None
     outage: list[str] | None = None
+    next_errors_by_provider: dict[str, list[str]] | None = None
+    faults: dict[str, str | None] | None = None
+    slow_answer_ms: float | None = None
+    callbacks_by_provider: dict[str, bool | None] | None = None
     callback_statuses: list[str] | None = None
     callback_order: str | None = None
     callback_repeats: int | None = None
@@ -200,6 +249,9 @@ class Store:
     behaviour: Behaviour
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     by_key: dict[str, str] = field(default_factory=dict)
+    # Idempotency keys whose first request is still being decided: a copy arriving meanwhile
+    # waits for it, then answers as a replay (or is decided itself if the first took nothing).
+    pending_keys: dict[str, asyncio.Event] = field(default_factory=dict)
     # A generic send's signing secret, by message id: kept apart so GET /messages never shows it.
     signing_secrets: dict[str, str] = field(default_factory=dict)
     vonage_accounts: dict[str, VonageAccount] = field(default_factory=dict)
@@ -229,6 +281,28 @@ class Store:
 
     def record(self, message: dict[str, Any]) -> None:
         self.messages[message["id"]] = message
+
+    def callbacks_on(self, provider: Provider) -> bool:
+        """Whether `provider`'s messages get receipts (`callbacks` and its own switch)."""
+        behaviour = self.behaviour
+        return behaviour.callbacks and behaviour.callbacks_by_provider.get(provider, True)
+
+    def deliver_silently(self, message: dict[str, Any], statuses: list[str]) -> None:
+        """A message whose receipts are off still reaches its handset: its status moves on
+        through `statuses` over the delivery delay, for status lookups, and nobody is told."""
+        if self.closed or not statuses:
+            return
+        loop = asyncio.get_running_loop()
+        step = self.behaviour.delivery_delay_ms / 1000 / len(statuses)
+        handles: list[asyncio.TimerHandle] = []
+
+        def due(index: int) -> None:
+            self.timers.discard(handles[index])
+            set_status(message, statuses[index])
+
+        for index in range(len(statuses)):
+            handles.append(loop.call_later(step * (index + 1), due, index))
+        self.timers.update(handles)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` in the background, holding on to it until it ends."""
@@ -384,13 +458,19 @@ def store_of(request: Request[Any, Any, State]) -> Store:
 async def decide(store: Store, provider: Provider) -> str | None:
     """The error this send is answered with, or None to accept it, after the latency.
 
-    In order: the next scripted error (any API takes it), an outage of `provider`, then the
-    random failure rates. A "timeout" has already kept the caller waiting when it returns."""
+    In order: the next scripted error for `provider`, the next for any API, `provider`'s
+    persistent fault, an outage of `provider`, then the random failure rates. A "timeout"
+    has already kept the caller waiting when it returns."""
     behaviour = store.behaviour
     # Taken on arrival, so concurrent sends consume the script in the order they came.
-    error = behaviour.next_errors.pop(0) if behaviour.next_errors else None
-    if error is None and provider in behaviour.outage:
-        error = "server_error"
+    own = behaviour.next_errors_by_provider.get(provider)
+    error = own.pop(0) if own else None
+    if error is None and behaviour.next_errors:
+        error = behaviour.next_errors.pop(0)
+    if error is None:
+        error = behaviour.faults.get(provider)
+    if error == "outage" or (error is None and provider in behaviour.outage):
+        error = "unavailable"
     await asyncio.sleep(behaviour.latency_ms / 1000)
     if error is None:
         roll = random.random()
@@ -403,6 +483,41 @@ async def decide(store: Store, provider: Provider) -> str | None:
     if error is not None:
         log.info("simulator.scripted_error", provider=provider, error=error)
     return error
+
+
+async def hold(request: Request[Any, Any, State]) -> None:
+    """A blackhole: keep the request unanswered until its client hangs up (or, for a client
+    that never does, BLACKHOLE_MAX_SECONDS)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(BLACKHOLE_MAX_SECONDS):
+            while True:
+                # The body has been read, so the next message is the client going away.
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+
+def gateway_answer(error: str | None) -> Response[Any] | None:
+    """What a load balancer in front of any of the APIs answers for `error`, if it is one
+    of its own (a timeout, an HTTP status); None for the API's own answers."""
+    if error == "timeout":
+        return Response(TIMEOUT_BODY, status_code=504, media_type=MediaType.TEXT)
+    if error is not None and error.startswith("http_"):
+        status = int(error.removeprefix("http_"))
+        return Response(GATEWAY_BODIES[status], status_code=status, media_type=MediaType.TEXT)
+    return None
+
+
+async def answer_taken(store: Store, error: str | None, response: Response[Any]) -> Response[Any]:
+    """The answer to a send that was taken, as the scripted fault shapes it: held back past
+    the client's timeout (slow_answer), or replaced by a closed or reset connection."""
+    if error == "slow_answer":
+        await asyncio.sleep(store.behaviour.slow_answer_ms / 1000)
+    elif error == "drop_connection":
+        response.headers[DROP_HEADER] = "1"
+    elif error == "reset_after_accept":
+        response.headers[DROP_HEADER] = "reset"
+    return response
 
 
 def new_message(
@@ -435,9 +550,18 @@ def new_message(
     }
 
 
+# Statuses that mean the message has left for the handset: the first sets its sentAt (what
+# Twilio calls date_sent, null until then).
+SENT_STATUSES: Final = frozenset(
+    {"sent", "delivered", "undelivered", "partially_delivered", "read"}
+)
+
+
 def set_status(message: dict[str, Any], status: str) -> None:
     message["status"] = status
     message["updatedAt"] = utc_now().isoformat()
+    if status in SENT_STATUSES and not message.get("sentAt"):
+        message["sentAt"] = message["updatedAt"]
 
 
 def twilio_final_status(status: str) -> str:

@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime
 from email.utils import format_datetime
 from typing import Any, Final
 from urllib.parse import urlencode
@@ -22,15 +22,18 @@ from litestar.params import FromPath
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped, unused-ignore]
 
 from simulator.state import (
-    DROP_HEADER,
-    GATEWAY_BODIES,
+    TAKEN_ANYWAY,
     TIMEOUT_BODY,
     Callback,
     Store,
+    answer_taken,
     basic_auth,
+    callback_statuses,
     count_segments,
     decide,
     delivery_steps,
+    gateway_answer,
+    hold,
     new_message,
     set_status,
     store_of,
@@ -45,6 +48,8 @@ ACCOUNT_PATH: Final = f"/{API_VERSION}/Accounts/{{account_sid:str}}"
 PHONE = re.compile(r"\+?[1-9]\d{5,14}")
 # What undelivered and failed messages carry as ErrorCode (unreachable handset, unknown error).
 STATUS_ERROR_CODES: Final = {"undelivered": 30003, "failed": 30008}
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 1000
 
 SCRIPTED: Final[dict[str, tuple[int, int, str]]] = {
     "throttled": (429, 20429, "Too Many Requests"),
@@ -58,6 +63,7 @@ SCRIPTED: Final[dict[str, tuple[int, int, str]]] = {
     ),
     "queue_overflow": (400, 30001, "Queue overflow"),
     "too_many_binds": (429, 20429, "Too Many Requests"),
+    "unavailable": (503, 20503, "Service Unavailable"),
 }
 
 
@@ -120,9 +126,7 @@ def message_resource(message: Mapping[str, Any]) -> dict[str, Any]:
         "api_version": API_VERSION,
         "body": message["body"],
         "date_created": _rfc2822(message["createdAt"]),
-        "date_sent": _rfc2822(message["updatedAt"])
-        if status in ("sent", "delivered", "undelivered")
-        else None,
+        "date_sent": _rfc2822(message.get("sentAt")),
         "date_updated": _rfc2822(message["updatedAt"]),
         "direction": "outbound-api",
         "error_code": message.get("errorCode"),
@@ -176,12 +180,12 @@ async def twilio_send(
             return twilio_error(21624, "Invalid validity period value", 400)
 
     error = await decide(store, "twilio")
-    if error == "timeout":
+    if (gateway := gateway_answer(error)) is not None:
+        return gateway
+    if error == "blackhole":
+        await hold(request)
         return Response(TIMEOUT_BODY, status_code=504, media_type=MediaType.TEXT)
-    if error is not None and error.startswith("http_"):
-        status = int(error.removeprefix("http_"))
-        return Response(GATEWAY_BODIES[status], status_code=status, media_type=MediaType.TEXT)
-    if error is not None and error not in ("partial_failure", "drop_connection"):
+    if error is not None and error not in TAKEN_ANYWAY:
         status, code, text = SCRIPTED[error]
         return twilio_error(code, text.format(to=to), status, request)
 
@@ -201,10 +205,11 @@ async def twilio_send(
         errorCode=None,
     )
     store.record(message)
-    if callback and store.behaviour.callbacks:
+    if callback and store.callbacks_on("twilio"):
         _report(store, message, callback, token)
-    headers = {DROP_HEADER: "1"} if error == "drop_connection" else None
-    return Response(message_resource(message), status_code=201, headers=headers)
+    else:
+        store.deliver_silently(message, callback_statuses(store.behaviour)[1])
+    return await answer_taken(store, error, Response(message_resource(message), status_code=201))
 
 
 @get(f"{ACCOUNT_PATH}/Messages/{{resource:str}}")
@@ -221,6 +226,76 @@ async def twilio_fetch(
             20404, f"The requested resource {request.url.path} was not found", 404, request
         )
     return Response(message_resource(message), status_code=200)
+
+
+@get(f"{ACCOUNT_PATH}/Messages.json")
+async def twilio_list(
+    request: Request[Any, Any, State], account_sid: FromPath[str]
+) -> Response[Any]:
+    """List the account's Messages, newest first, as Twilio pages them: filters To, From,
+    DateSent, DateSent< and DateSent> (day-granular, inclusive, on date_sent, as Twilio
+    reads them: a message not yet sent has no date_sent and matches no DateSent filter),
+    PageSize (50 by default, at most 1000) and Page; `next_page_uri` leads on."""
+    token = _authenticate(request, account_sid)
+    if isinstance(token, Response):
+        return token
+    query = {name: str(value) for name, value in request.query_params.items()}
+    try:
+        page_size = min(max(int(query.get("PageSize") or DEFAULT_PAGE_SIZE), 1), MAX_PAGE_SIZE)
+        page = max(int(query.get("Page") or 0), 0)
+    except ValueError:
+        return twilio_error(20001, "Invalid paging parameter", 400, request)
+    days = {}
+    for name in ("DateSent", "DateSent<", "DateSent>"):
+        if query.get(name):
+            try:
+                days[name] = date.fromisoformat(query[name][:10])
+            except ValueError:
+                return twilio_error(20001, f"Invalid {name}", 400, request)
+    found = []
+    for message in store_of(request).messages.values():
+        if message["provider"] != "twilio" or message["account"] != account_sid:
+            continue
+        if query.get("To") and message["to"] != query["To"]:
+            continue
+        if query.get("From") and message["from"] != query["From"]:
+            continue
+        if days:
+            sent = message.get("sentAt")
+            day = datetime.fromisoformat(sent).date() if sent else None
+            if day is None:
+                continue
+            if "DateSent" in days and day != days["DateSent"]:
+                continue
+            if "DateSent<" in days and day > days["DateSent<"]:
+                continue
+            if "DateSent>" in days and day < days["DateSent>"]:
+                continue
+        found.append(message)
+    found.reverse()  # newest first, as Twilio lists
+    records = found[page * page_size : (page + 1) * page_size]
+    path = request.url.path
+    kept = {name: value for name, value in query.items() if name not in ("Page", "PageToken")}
+
+    def uri(number: int) -> str:
+        params = urlencode({**kept, "PageSize": page_size, "Page": number})
+        return f"{path}?{params}"
+
+    more = (page + 1) * page_size < len(found)
+    return Response(
+        {
+            "messages": [message_resource(message) for message in records],
+            "end": page * page_size + max(len(records) - 1, 0),
+            "first_page_uri": uri(0),
+            "next_page_uri": uri(page + 1) if more else None,
+            "page": page,
+            "page_size": page_size,
+            "previous_page_uri": uri(page - 1) if page > 0 else None,
+            "start": page * page_size,
+            "uri": uri(page),
+        },
+        status_code=200,
+    )
 
 
 def signed_form(
@@ -284,4 +359,4 @@ def inbound_params(account_sid: str, sender: str, to: str, text: str) -> dict[st
     }
 
 
-ROUTES: Final = [twilio_send, twilio_fetch]
+ROUTES: Final = [twilio_send, twilio_list, twilio_fetch]

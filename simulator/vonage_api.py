@@ -26,15 +26,16 @@ from litestar.datastructures import State
 
 from shared.providers.vonage import signature
 from simulator.state import (
-    DROP_HEADER,
-    GATEWAY_BODIES,
     TIMEOUT_BODY,
     Callback,
     Store,
     VonageAccount,
+    answer_taken,
     basic_auth,
     count_segments,
     decide,
+    gateway_answer,
+    hold,
     new_message,
     set_status,
     store_of,
@@ -143,11 +144,13 @@ async def vonage_send(request: Request[Any, Any, State]) -> Response[Any]:
         return vonage_error("3", "Invalid client-ref")
 
     error = await decide(store, "vonage")
-    if error == "timeout":
+    if error == "unavailable":  # Vonage's front door: nothing was processed
+        error = "http_503"
+    if (gateway := gateway_answer(error)) is not None:
+        return gateway
+    if error == "blackhole":
+        await hold(request)
         return Response(TIMEOUT_BODY, status_code=504, media_type=MediaType.TEXT)
-    if error is not None and error.startswith("http_"):
-        status = int(error.removeprefix("http_"))
-        return Response(GATEWAY_BODIES[status], status_code=status, media_type=MediaType.TEXT)
     refusal = SCRIPTED.get(error or "")
     parts = count_segments(text)
     if refusal is not None and parts == 1:
@@ -189,13 +192,12 @@ async def vonage_send(request: Request[Any, Any, State]) -> Response[Any]:
         unsentParts=parts - taken,
     )
     store.record(message)
-    if callback and store.behaviour.callbacks:
+    if callback and store.callbacks_on("vonage"):
         for part_id in part_ids:
             _receipt(store, message, part_id, callback, sender=sender)
-    response = vonage_answer(answers)
-    if error == "drop_connection":
-        response.headers[DROP_HEADER] = "1"
-    return response
+    else:
+        store.deliver_silently(message, [vonage_final_status(store.behaviour.final_status)])
+    return await answer_taken(store, error, vonage_answer(answers))
 
 
 def sign_webhook(params: Mapping[str, str], account: VonageAccount | None) -> dict[str, str]:

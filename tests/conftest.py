@@ -84,7 +84,6 @@ def settings(
         "SMSD_SEND_LEASE": "3",
         "SMSD_SWEEP_INTERVAL": "1",
         "SMSD_SWEEP_UNPUBLISHED_AFTER": "1",
-        "SMSD_SWEEP_UNCLAIMED_AFTER": "5",
         "SMSD_RETRY_BACKOFF_BASE": "0.2",
         "SMSD_RETRY_BACKOFF_MAX": "1",
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from typing import Any
 
 import structlog
@@ -50,6 +51,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The sweeper gets its own queue so a backlog of sends never holds it up.
         task_routes={SEND_TASK: {"queue": settings.send_queue}, SWEEP_TASK: {"queue": sweep_queue}},
         broker_connection_retry_on_startup=True,
+        # A worker never gives up on a lost broker (Celery's default stops after 100 tries,
+        # about 25 minutes into an outage, and the process exits): it keeps reconnecting.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        # A send still running when the broker connection drops is left to finish: its task
+        # cannot be acked any more and comes back (acks_late), but that copy loses the claim.
+        # Cancelling it (Celery 6's default) would cut a provider call short and leave the
+        # message in doubt instead; a thread pool cannot cancel it anyway.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # A publish that cannot reach the broker gives up fast: the message is already committed
         # and the sweeper publishes it later, so the caller should not wait on the outage.
         broker_connection_timeout=2,
@@ -59,6 +69,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_step": 0.2,
             "interval_max": 0.2,
         },
+        **_redis_transport(settings.broker_url),
         broker_transport_options=_transport_options(settings),
         beat_schedule={
             "sweep": {
@@ -70,10 +81,48 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     )
 
 
+# How often each worker looks for tasks whose worker vanished (kombu's defaults, 10 s x 10,
+# scan every 100 s): every 5 s, so a killed worker's tasks are sent again about
+# visibility_timeout + 5 s after it took them. The scan is one ZRANGEBYSCORE under a mutex.
+UNACKED_RESTORE_INTERVAL = 5
+UNACKED_RESTORE_THROTTLE = 1
+
+
+def _redis_transport(broker_url: str) -> dict[str, Any]:
+    """On Redis, our transport: kombu's, but it survives the broker going away
+    (see worker/redis_transport.py)."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return {}
+    config: dict[str, Any] = {"broker_transport": "worker.redis_transport:Transport"}
+    if broker_url.startswith("rediss://") and "ssl_cert_reqs" not in broker_url:
+        # Naming the transport hides the rediss scheme from kombu, which would otherwise turn
+        # TLS on by itself (unverified): turn it on here, verifying the server's certificate.
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
+
+
 def _transport_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        # Unacked tasks come back after this; every countdown we use stays well below it.
-        return {"visibility_timeout": settings.broker_visibility_timeout.total_seconds()}
+        return {
+            # A task a worker took but never acked (the worker was killed with it prefetched
+            # or running) goes back on the queue this long after it was taken. Short (60 s,
+            # SMSD_BROKER_VISIBILITY_TIMEOUT) so a dead worker's tasks are sent within about a
+            # minute. The price: a task still waiting in a live worker's prefetch buffer, or
+            # running, after this long is delivered a second time (the copy loses the claim,
+            # so that costs a query, never a send); and every countdown must stay well below
+            # it, or the task is redelivered before it is due (retry_delay caps at half).
+            "visibility_timeout": settings.broker_visibility_timeout.total_seconds(),
+            "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
+            "unacked_restore_throttle": UNACKED_RESTORE_THROTTLE,
+            # A broker that vanishes without closing the connection (failover, a NAT or
+            # firewall dropping it): a command waits at most socket_timeout (a publish never
+            # hangs forever), the consumer's BRPOP connection is dropped and reconnected after
+            # brpop_timeout (1 s) + 2 x health_check_interval, and TCP keepalive finds dead
+            # idle connections. (broker_heartbeat is AMQP-only: the Redis transport has none.)
+            "socket_timeout": 10,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        }
     # The embedded SQL broker hands its options to create_engine, which takes none of these.
     return {}
 

@@ -38,7 +38,17 @@ log = structlog.get_logger(__name__)
 
 # How each claimed send ended for this worker; `throttled` went back on the queue for its
 # rate-limit slot, `retry` failed transiently and was scheduled again.
-OUTCOMES = ("sent", "retry", "failed", "opted_out", "expired", "throttled")
+OUTCOMES = (
+    "sent",
+    "retry",
+    "failed",
+    "opted_out",
+    "expired",
+    "throttled",
+    # A call that may have reached the provider; its breaker open, so the message waits.
+    "in_doubt",
+    "paused",
+)
 # kombu's Redis transport keeps one list per priority step: `queue`, `queue\x06\x163`, ...
 REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 REDIS_PRIORITY_SEPARATOR = "\x06\x16"

@@ -25,7 +25,7 @@ def publish_sends(
     sids: list[str],
     countdown: timedelta | None = None,
     *,
-    mark_only_unchanged: bool = False,
+    mark_only_unchanged: bool = True,
 ) -> list[str]:
     """Publish one send task per sid, then mark the rows published; return those published.
 

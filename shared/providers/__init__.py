@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
 from shared.settings import Settings
@@ -49,6 +50,13 @@ class TransientProviderError(ProviderError):
     """Worth retrying: timeouts, throttling, the provider's 5xx."""
 
 
+class InDoubtProviderError(ProviderError):
+    """The request may have reached the provider and we do not know what it did: a read
+    timeout, a connection reset after the request was written, a gateway's 5xx that may have
+    been forwarded. Never retried blindly: resolved by the provider's own means (`find`, an
+    idempotency key), or the message is marked `in_doubt`."""
+
+
 class PermanentProviderError(ProviderError):
     """Final at once: invalid number, rejected content, bad credentials."""
 
@@ -65,7 +73,25 @@ class Provider(Protocol):
     # only then may a send that a dead worker left in doubt be tried again.
     idempotent: ClassVar[bool]
 
+    # True when `find` can tell whether the provider has a message we sent (Twilio can list
+    # messages by recipient, sender and time); then a send in doubt is looked up, not guessed.
+    searchable: ClassVar[bool]
+
     def send(self, request: SendRequest) -> SendResult: ...
+
+    def find(
+        self, request: SendRequest, sent_after: datetime, taken: frozenset[str] = frozenset()
+    ) -> SendResult | None:
+        """The provider's record of this message if it has one (None: it provably has not),
+        skipping the provider ids in `taken` (our other messages of the same text to the same
+        number hold them). Only called when `searchable`; raises a ProviderError when the
+        provider cannot be asked right now."""
+        ...
+
+    def status_of(self, provider_message_id: str) -> str | None:
+        """The provider's status word for a message now, for messages whose receipts never
+        came; None when the provider cannot be asked (most cannot)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -4,7 +4,24 @@ provider with configurable latency and failures that calls our status callback l
 Credentials: `account_id` (public, "SA" + 32 hex) and `signing_secret`, sent as HTTP Basic
 auth on every send, as Twilio takes AccountSid:AuthToken; the simulator signs that message's
 callbacks with the secret. Without them it still takes the send, but its callbacks go out
-unsigned (and the API refuses them). Optionally `base_url` (another simulator)."""
+unsigned (and the API refuses them). Optionally `base_url` (another simulator).
+
+How a failed send is classified (httpx; see shared.providers.http_errors):
+
+| failure                                                        | error      |
+|----------------------------------------------------------------|------------|
+| httpx.ConnectError (refused, DNS, TLS handshake),              | transient  |
+| ConnectTimeout, PoolTimeout: never written                     |            |
+| HTTP 429, HTTP 503 (the simulator's "not processed"), Twilio's | transient  |
+| codes 20429, 21611, 30001                                      |            |
+| ReadTimeout, WriteTimeout, ReadError, WriteError,              | in doubt   |
+| RemoteProtocolError (closed or reset before the answer)        |            |
+| HTTP 500, 502, 504 and other 5xx                               | in doubt   |
+| 21610 (recipient opted out)                                    | opted out  |
+| other 4xx                                                      | permanent  |
+
+In doubt is cheap here: the simulator deduplicates on the Idempotency-Key (`idempotent`),
+so the send is simply made again and answers with the first copy's message."""
 
 from __future__ import annotations
 
@@ -12,12 +29,15 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import httpx
 
 from shared.models import MessageStatus
 from shared.providers import (
+    InDoubtProviderError,
     PermanentProviderError,
     RecipientOptedOut,
     SendRequest,
@@ -25,12 +45,15 @@ from shared.providers import (
     TransientProviderError,
     register,
 )
+from shared.providers.http_errors import classify_httpx_error
 from shared.settings import Settings
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 OPTED_OUT = "21610"
 # Twilio's codes for a sender whose queue is full: nothing was sent, so a later try is fine.
 TRANSIENT_CODES = frozenset({"20429", "21611", "30001"})
+# The simulator's answers that say the send was refused unprocessed.
+NOT_PROCESSED_HTTP_STATUSES = frozenset({429, 503})
 SIGNATURE_HEADER = "X-Simulator-Signature"
 TIMESTAMP_HEADER = "X-Simulator-Timestamp"
 ACCOUNT_ID_PREFIX = "SA"
@@ -79,6 +102,8 @@ class SimulatorProvider:
     name: ClassVar[str] = "simulator"
     # The simulator keeps the first answer for an Idempotency-Key, as Stripe-style APIs do.
     idempotent: ClassVar[bool] = True
+    # No need to look a send in doubt up: sending it again is safe.
+    searchable: ClassVar[bool] = False
 
     def __init__(self, credentials: Mapping[str, Any], settings: Settings) -> None:
         base_url = str(credentials.get("base_url") or settings.simulator_url)
@@ -103,10 +128,8 @@ class SimulatorProvider:
                 },
                 headers={IDEMPOTENCY_HEADER: request.idempotency_key},
             )
-        except httpx.TimeoutException as exc:
-            raise TransientProviderError("timeout", str(exc) or "provider timed out") from exc
         except httpx.TransportError as exc:
-            raise TransientProviderError("connection", str(exc) or type(exc).__name__) from exc
+            raise classify_httpx_error(exc) from exc
         data: dict[str, Any] = _json(response)
         if response.status_code in (200, 201):
             return SendResult(
@@ -116,11 +139,30 @@ class SimulatorProvider:
             )
         code = str(data.get("code", response.status_code))
         text = str(data.get("message", response.reason_phrase))
-        if response.status_code == 429 or response.status_code >= 500 or code in TRANSIENT_CODES:
+        if response.status_code in NOT_PROCESSED_HTTP_STATUSES or code in TRANSIENT_CODES:
             raise TransientProviderError(code, text)
+        if response.status_code >= 500:
+            # Its own 500, or a gateway's 502/504 that may have passed the request on.
+            raise InDoubtProviderError(code, text)
         if code == OPTED_OUT:  # the simulator speaks Twilio's error codes
             raise RecipientOptedOut(code, text)
         raise PermanentProviderError(code, text)
+
+    def find(
+        self, request: SendRequest, sent_after: datetime, taken: frozenset[str] = frozenset()
+    ) -> SendResult | None:
+        raise NotImplementedError("the simulator is idempotent: a send in doubt is sent again")
+
+    def status_of(self, provider_message_id: str) -> str | None:
+        """The simulator's status word for the message now (it can be asked, as Twilio can)."""
+        try:
+            response = self._client.get(f"/messages/{quote(provider_message_id, safe='')}")
+        except httpx.HTTPError as exc:
+            raise TransientProviderError("lookup", str(exc) or type(exc).__name__) from exc
+        if response.status_code != 200:
+            raise TransientProviderError(str(response.status_code), response.text[:200])
+        status = _json(response).get("status")
+        return str(status) if status is not None else None
 
     def close(self) -> None:
         self._client.close()

@@ -1,11 +1,33 @@
 """Twilio Programmable Messaging through the official `twilio` SDK.
 
 Credentials: `account_sid`, `auth_token`, optionally `messaging_service_sid` (sends through the
-service instead of a From number) and `base_url` (another API host: the simulator)."""
+service instead of a From number) and `base_url` (another API host: the simulator).
+
+How a failed send is classified (the SDK speaks `requests`; see shared.providers.http_errors):
+
+| failure                                                        | error      |
+|----------------------------------------------------------------|------------|
+| connection refused, DNS failure (NewConnectionError,           | transient  |
+| NameResolutionError), requests.ConnectTimeout, TLS handshake   |            |
+| HTTP 429, Twilio 20429 (throttled), 21611 and 30001 (sender's  | transient  |
+| queue full: refused before sending), HTTP 503 (Twilio's        |            |
+| "Service Unavailable": not processed)                          |            |
+| requests.ReadTimeout; ConnectionError wrapping urllib3         | in doubt   |
+| ProtocolError (RemoteDisconnected, ECONNRESET after the        |            |
+| request was written); any other transport error               |            |
+| HTTP 500, 502, 504 and other 5xx (Twilio's own, or a gateway's | in doubt   |
+| that may have forwarded the request)                           |            |
+| 21610 (recipient opted out)                                    | opted out  |
+| any other 4xx (invalid number, content, credentials)           | permanent  |
+
+A send in doubt is not repeated blindly: `find` lists the account's messages to see whether
+Twilio has it (`searchable`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from itertools import islice
 from typing import Any, ClassVar
 
 import requests
@@ -20,13 +42,16 @@ from twilio.rest import Client
 
 from shared.models import MessageStatus
 from shared.providers import (
+    InDoubtProviderError,
     PermanentProviderError,
+    ProviderError,
     RecipientOptedOut,
     SendRequest,
     SendResult,
     TransientProviderError,
     register,
 )
+from shared.providers.http_errors import classify_requests_error
 from shared.settings import Settings
 
 # Twilio says these are safe to retry: never processed (20429) or a server-side failure.
@@ -37,13 +62,26 @@ OPT_OUT_ERROR_CODES = frozenset({str(OPTED_OUT)})
 # Refused before anything went out: too many throttled (21611) or queued (30001) messages
 # for the sender. Worth trying again later.
 TRANSIENT_CODES = frozenset({THROTTLED, 21611, 30001})
+# Twilio's "Service Unavailable": the request was refused, not processed.
+NOT_PROCESSED_HTTP_STATUSES = frozenset({429, 503})
 MAX_VALIDITY_SECONDS = 36_000
+# Twilio's clock against ours: a message it dates up to this much before the send began is
+# still taken as that send's. Wider risks matching an identical earlier text to the same
+# recipient; narrower, missing ours when the clocks disagree.
+CLOCK_SKEW = timedelta(seconds=60)
+# How many of the recipient's newest messages `find` reads at most (it stops at the first
+# older than the send): a bound on one lookup, not a page of history.
+FIND_LIMIT = 200
+FIND_PAGE_SIZE = 50
 
 
 class TwilioProvider:
     name: ClassVar[str] = "twilio"
     # Message creation takes no idempotency key: a send in doubt must not be repeated.
     idempotent: ClassVar[bool] = False
+    # But Twilio lists an account's messages by recipient and sender: a send in doubt can be
+    # looked up.
+    searchable: ClassVar[bool] = True
 
     def __init__(self, credentials: Mapping[str, Any], settings: Settings) -> None:
         self._http = TwilioHttpClient(timeout=settings.provider_timeout.total_seconds())
@@ -76,31 +114,95 @@ class TwilioProvider:
         except TwilioServiceException as exc:
             # The RFC 9457 problem-details body the SDK reads into its own class.
             raise _classify(exc.status, exc.code, str(exc.detail or exc.title)) from exc
-        except (requests.Timeout, requests.ConnectionError) as exc:
-            raise TransientProviderError("timeout", str(exc) or type(exc).__name__) from exc
+        except requests.RequestException as exc:
+            raise classify_requests_error(exc) from exc
         except TwilioException as exc:
-            raise TransientProviderError("error", str(exc)) from exc
-        return SendResult(
-            provider_message_id=str(message.sid),
-            provider_status=str(message.status),
-            raw={
-                "sid": message.sid,
-                "status": message.status,
-                "num_segments": message.num_segments,
-            },
-        )
+            # Raised by the SDK around a request (an answer it cannot read): it may have gone.
+            raise InDoubtProviderError("error", str(exc)) from exc
+        return _result(message)
+
+    def find(
+        self, request: SendRequest, sent_after: datetime, taken: frozenset[str] = frozenset()
+    ) -> SendResult | None:
+        """Twilio's record of this send, if it has one: the recipient's newest messages from
+        our sender (or, through a Messaging Service, from that service), matched on the exact
+        body and on a creation time no earlier than the send (less CLOCK_SKEW).
+
+        No DateSent filter: Twilio's is day-granular, and a message still queued has no
+        date_sent at all, so it would hide the very message we look for. The list comes
+        newest first; reading stops at the first message created before the send."""
+        since = _utc(sent_after) - CLOCK_SKEW
+        sender: dict[str, str] = {} if self._messaging_service_sid else {"from_": request.sender}
+        try:
+            listed = self._messages.stream(to=request.to, page_size=FIND_PAGE_SIZE, **sender)
+            for message in islice(listed, FIND_LIMIT):
+                created = message.date_created
+                if created is not None and _utc(created) < since:
+                    break
+                if self._messaging_service_sid and (
+                    str(message.messaging_service_sid) != str(self._messaging_service_sid)
+                ):
+                    continue
+                if (
+                    message.body == request.body
+                    and _outbound(message.direction)
+                    and str(message.sid) not in taken
+                ):
+                    return _result(message)
+        except (TwilioException, requests.RequestException) as exc:
+            raise _asking_failed(exc) from exc
+        return None
+
+    def status_of(self, provider_message_id: str) -> str | None:
+        """Twilio's status word for the message now (queued, sent, delivered, ...)."""
+        try:
+            message = self._messages(provider_message_id).fetch()
+        except (TwilioException, requests.RequestException) as exc:
+            raise _asking_failed(exc) from exc
+        return str(message.status) if message.status is not None else None
 
     def close(self) -> None:
         self._http.session = None
 
 
-def _classify(status: Any, code: Any, text: str) -> Exception:
+def _result(message: Any) -> SendResult:
+    return SendResult(
+        provider_message_id=str(message.sid),
+        provider_status=str(message.status),
+        raw={
+            "sid": message.sid,
+            "status": message.status,
+            "num_segments": message.num_segments,
+        },
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    # Twilio's dates are UTC; a naive datetime of ours is taken as UTC too.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _outbound(direction: Any) -> bool:
+    return str(getattr(direction, "value", direction) or "").startswith("outbound")
+
+
+def _asking_failed(exc: Exception) -> TransientProviderError:
+    """Any failure to look something up: nothing was sent, so asking again later is safe."""
+    if isinstance(exc, TwilioRestException | TwilioServiceException):
+        return TransientProviderError(str(exc.code or exc.status), str(exc))
+    return TransientProviderError("lookup", str(exc) or type(exc).__name__)
+
+
+def _classify(status: Any, code: Any, text: str) -> ProviderError:
     """The same for either error body Twilio answers with (classic or RFC 9457)."""
     http_status = _int(status) or 0
     number = _int(code)
     code_text = str(number or http_status)
-    if http_status == 429 or http_status >= 500 or number in TRANSIENT_CODES:
+    if http_status in NOT_PROCESSED_HTTP_STATUSES or number in TRANSIENT_CODES:
         return TransientProviderError(code_text, text)
+    if http_status >= 500:
+        # Twilio's own 500, or a gateway's 502/504 that may have passed the request on.
+        return InDoubtProviderError(code_text, text)
     if code_text in OPT_OUT_ERROR_CODES:
         return RecipientOptedOut(code_text, text)
     return PermanentProviderError(code_text, text)

@@ -3,7 +3,27 @@
 Credentials: `api_key`, `api_secret`, optionally `signature_secret` and `signature_method`
 (`md5hash`, the dashboard's "MD5 hash", or HMAC `md5`, `sha1`, `sha256` (the default here),
 `sha512`): requests are then signed, and so are the account's delivery receipts. Also
-`rest_host` (another API host: the simulator)."""
+`rest_host` (another API host: the simulator).
+
+How a failed send is classified (the SDK speaks `requests`; see shared.providers.http_errors):
+
+| failure                                                        | error      |
+|----------------------------------------------------------------|------------|
+| connection refused, DNS failure (NewConnectionError,           | transient  |
+| NameResolutionError), requests.ConnectTimeout, TLS handshake   |            |
+| HTTP 429 (RateLimitedError), HTTP 503 (Vonage's front door     | transient  |
+| refusing: not processed); status 1 (throttled), 10 (too many   |            |
+| binds): refused before sending                                 |            |
+| requests.ReadTimeout; ConnectionError wrapping urllib3         | in doubt   |
+| ProtocolError (RemoteDisconnected, ECONNRESET after the        |            |
+| request was written); any other transport error               |            |
+| HTTP 500 (ServerError), 502, 504 and other 5xx; status 5       | in doubt   |
+| ("internal error": Vonage may have taken it)                   |            |
+| every other status (invalid number, 14 bad signature, ...) and | permanent  |
+| other 4xx                                                      |            |
+
+A send in doubt cannot be resolved here: the SMS API lists no messages and answers no status
+lookups (`searchable` False, `status_of` None)."""
 
 from __future__ import annotations
 
@@ -13,6 +33,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, ClassVar
 
 import requests
@@ -23,6 +44,7 @@ from vonage_sms.errors import PartialFailureError, SmsError
 
 from shared.models import MessageStatus
 from shared.providers import (
+    InDoubtProviderError,
     PermanentProviderError,
     ProviderError,
     SendRequest,
@@ -30,14 +52,18 @@ from shared.providers import (
     TransientProviderError,
     register,
 )
+from shared.providers.http_errors import classify_requests_error
 from shared.segments import measure
 from shared.settings import Settings
 
-# Per-message status codes Vonage documents as worth retrying: throttled, internal error,
-# too many existing binds. 14 (invalid signature) is a configuration error: final.
-TRANSIENT_STATUSES = {"1", "5", "10"}
-# A load balancer's answers while Vonage is unreachable or overloaded: nothing was sent.
-TRANSIENT_HTTP_STATUSES = {429, 500, 502, 503, 504}
+# Per-message status codes Vonage documents as worth retrying and that say nothing went out:
+# throttled, too many existing binds. 14 (invalid signature) is a configuration error: final.
+TRANSIENT_STATUSES = {"1", "10"}
+# "Internal error": Vonage failed somewhere after taking the request; it may have sent it.
+IN_DOUBT_STATUSES = {"5"}
+# Refusals at Vonage's front door (throttled, unavailable): nothing was processed. Other 5xx
+# (500, a gateway's 502/504) may come after the request was passed on: in doubt.
+TRANSIENT_HTTP_STATUSES = {429, 503}
 MAX_CALLBACK_LENGTH = 100  # the SMS API refuses longer callback URLs
 HMAC_METHODS = ("md5", "sha1", "sha256", "sha512")
 SIGNATURE_METHODS = ("md5hash", *HMAC_METHODS)
@@ -97,6 +123,8 @@ class VonageProvider:
     name: ClassVar[str] = "vonage"
     # client-ref is only echoed back, not deduplicated: a send in doubt must not be repeated.
     idempotent: ClassVar[bool] = False
+    # And the SMS API cannot list what was sent: a send in doubt stays in doubt.
+    searchable: ClassVar[bool] = False
 
     def __init__(self, credentials: Mapping[str, Any], settings: Settings) -> None:
         self._auth = _SigningAuth(credentials)
@@ -138,14 +166,16 @@ class VonageProvider:
             raise _refusal(_status_of(exc), str(exc)) from exc
         except (RateLimitedError, ServerError, HttpRequestError) as exc:
             status = exc.response.status_code
-            error = (
+            error: type[ProviderError] = (
                 TransientProviderError
                 if status in TRANSIENT_HTTP_STATUSES
+                else InDoubtProviderError
+                if status >= 500
                 else PermanentProviderError
             )
             raise error(str(status), str(exc)) from exc
-        except (requests.Timeout, requests.ConnectionError) as exc:
-            raise TransientProviderError("timeout", str(exc) or type(exc).__name__) from exc
+        except requests.RequestException as exc:
+            raise classify_requests_error(exc) from exc
         sent = response.messages[0]
         parts = tuple(str(part.message_id) for part in response.messages)
         return SendResult(
@@ -154,6 +184,15 @@ class VonageProvider:
             raw=sent.model_dump(mode="json", by_alias=True),
             parts=parts if len(parts) > 1 else (),
         )
+
+    def find(
+        self, request: SendRequest, sent_after: datetime, taken: frozenset[str] = frozenset()
+    ) -> SendResult | None:
+        raise NotImplementedError("the Vonage SMS API cannot list sent messages")
+
+    def status_of(self, provider_message_id: str) -> str | None:
+        # The SMS API answers no status lookups: only delivery receipts tell.
+        return None
 
     def close(self) -> None:
         pass
@@ -181,6 +220,8 @@ def _partial(answer: Mapping[str, Any]) -> SendResult:
 def _refusal(status: str, text: str) -> ProviderError:
     if status in TRANSIENT_STATUSES:
         return TransientProviderError(status, text)
+    if status in IN_DOUBT_STATUSES:
+        return InDoubtProviderError(status, text)
     return PermanentProviderError(status, text)
 
 

@@ -4,7 +4,7 @@ send task run in-process against the real database and broker with a scripted pr
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import pytest
@@ -37,6 +37,7 @@ class ScriptedProvider:
 
     name: ClassVar[str] = PROVIDER
     idempotent: ClassVar[bool] = True
+    searchable: ClassVar[bool] = False
     script: ClassVar[list[ProviderError]] = []
 
     def __init__(self, _credentials: Mapping[str, Any], _settings: Settings) -> None:
@@ -46,6 +47,14 @@ class ScriptedProvider:
         if ScriptedProvider.script:
             raise ScriptedProvider.script.pop(0)
         return SendResult(f"scripted-{request.idempotency_key}", "queued", {})
+
+    def find(
+        self, request: SendRequest, sent_after: datetime, taken: frozenset[str] = frozenset()
+    ) -> SendResult | None:
+        raise NotImplementedError  # not searchable
+
+    def status_of(self, provider_message_id: str) -> str | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -137,23 +146,23 @@ def test_a_provider_error_counts_its_outcome(
     assert moved(before) == {**outcome, "calls": 1}
 
 
-def test_the_last_transient_failure_counts_failed(
-    scripted: None, db: Database, migrated: Settings
+def test_a_transient_failure_when_validity_runs_out_counts_expired(
+    scripted: None, db: Database, migrated: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sid = accept_message(db, migrated, utcnow(), with_token=False)
+    # Its validity ends in a few seconds; the next retry could come only after a minute.
+    patient = migrated.model_copy(
+        update={"retry_backoff_base": timedelta(minutes=2), "retry_backoff_max": timedelta(hours=1)}
+    )
+    monkeypatch.setattr(tasks, "get_settings", lambda: patient)
+    accepted_at = utcnow() - migrated.message_validity + timedelta(seconds=5)
+    sid = accept_message(db, migrated, accepted_at, with_token=False)
     ScriptedProvider.script = [TransientProviderError("503", "try later")] * 99
     before = counts()
-    for _ in range(migrated.max_send_attempts):
-        tasks.send_message(sid)
+    tasks.send_message(sid)
 
-    attempts = migrated.max_send_attempts
-    assert load_message(db, sid).status == "failed"
-    assert moved(before) == {
-        "retry": attempts - 1,
-        "retries": attempts - 1,
-        "failed": 1,
-        "calls": attempts,
-    }
+    message = load_message(db, sid)
+    assert (message.status, message.error_code) == ("expired", "503")
+    assert moved(before) == {"expired": 1, "calls": 1}
 
 
 def test_a_message_past_its_validity_counts_expired(

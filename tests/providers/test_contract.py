@@ -18,6 +18,7 @@ from shared.db import Database
 from shared.models import DeliveryEvent, OptOut, utcnow
 from shared.optout import add_opt_out
 from shared.providers import (
+    InDoubtProviderError,
     PermanentProviderError,
     Provider,
     RecipientOptedOut,
@@ -96,17 +97,14 @@ def test_a_send_reaches_the_handset_and_returns_the_provider_id(
     "answer",
     [
         "throttled",
-        "server_error",
-        "timeout",
-        "http_502",
+        "unavailable",  # the provider's own 503: not processed
         "http_503",
-        "http_504",
         "sender_queue_full",  # Twilio 21611
         "queue_overflow",  # Twilio 30001
         "too_many_binds",  # Vonage status 10
     ],
 )
-def test_throttling_server_errors_and_timeouts_are_transient(
+def test_throttling_and_refusals_are_transient(
     provider: str, answer: str, adapter: Provider, migrated: Settings, simulator: httpx.Client
 ) -> None:
     simulator.post("/control", json={"next_errors": [answer], "timeout_ms": 2500})
@@ -115,13 +113,24 @@ def test_throttling_server_errors_and_timeouts_are_transient(
     assert handset(simulator, provider) == []
 
 
+@pytest.mark.parametrize("answer", ["timeout", "http_500", "http_502", "http_504"])
+def test_gateway_errors_and_timeouts_are_in_doubt(
+    provider: str, answer: str, adapter: Provider, migrated: Settings, simulator: httpx.Client
+) -> None:
+    # A 500, or a gateway's 502/504, may come after the provider took the message.
+    simulator.post("/control", json={"next_errors": [answer], "timeout_ms": 50})
+    with pytest.raises(InDoubtProviderError):
+        adapter.send(request_for(migrated, provider))
+
+
+@pytest.mark.parametrize("answer", ["drop_connection", "reset_after_accept"])
 def test_a_connection_dropped_after_the_request_is_never_posted_again(
-    provider: str, adapter: Provider, migrated: Settings, simulator: httpx.Client
+    provider: str, answer: str, adapter: Provider, migrated: Settings, simulator: httpx.Client
 ) -> None:
     # The provider took the message and the answer was lost: an SDK that re-POSTs on
     # RemoteDisconnected (Vonage's does, by default) would reach the handset twice.
-    simulator.post("/control", json={"next_errors": ["drop_connection"]})
-    with pytest.raises(TransientProviderError):
+    simulator.post("/control", json={"next_errors": [answer]})
+    with pytest.raises(InDoubtProviderError):
         adapter.send(request_for(migrated, provider))
     stats = simulator.get("/stats").json()
     assert stats["by_provider"][provider]["requests"] == 1

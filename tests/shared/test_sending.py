@@ -196,60 +196,70 @@ def test_requeued_message_can_be_claimed_again(
     assert load_message(db, sid).attempts == 2
 
 
-def retry_until_out_of_attempts(
+def retry_until_out_of_time(
     db: Database, sid: str, settings: Settings, t0: datetime
-) -> list[timedelta | None]:
-    """Claim and fail transiently until the message can no longer be claimed; the delays."""
-    delays: list[timedelta | None] = []
+) -> list[tuple[datetime, timedelta | None]]:
+    """Claim and fail transiently until the message can no longer be claimed; when each
+    attempt failed and the delay it got."""
+    attempts: list[tuple[datetime, timedelta | None]] = []
     now = t0
     while (owned := claim_at(db, sid, settings, now)) is not None:
         with db.transaction() as session:
             delay = schedule_retry(session, owned, TIMEOUT, settings, now)
-        delays.append(delay)
+        attempts.append((now, delay))
         now += delay or timedelta(0)
-    return delays
+    return attempts
 
 
-def test_message_is_tried_max_send_attempts_times(
-    db: Database, sid: str, settings: Settings, t0: datetime
+@pytest.fixture
+def patient(settings: Settings) -> Settings:
+    """Backoff capped at 20 minutes, so four hours of retries are a dozen or so attempts."""
+    return settings.model_copy(update={"retry_backoff_max": timedelta(minutes=20)})
+
+
+def test_transient_failures_are_retried_until_the_validity_ends_not_a_fixed_count(
+    db: Database, sid: str, patient: Settings, t0: datetime
 ) -> None:
-    delays = retry_until_out_of_attempts(db, sid, settings, t0)
-    assert len(delays) == settings.max_send_attempts
-    assert load_message(db, sid).attempts == settings.max_send_attempts
+    attempts = retry_until_out_of_time(db, sid, patient, t0)
+    assert len(attempts) > patient.max_send_attempts
+    last_try = attempts[-1][0]
+    expires_at = t0 + patient.message_validity
+    # The last try came within one (capped) backoff of the end of the message's validity.
+    assert expires_at - patient.retry_backoff_max <= last_try < expires_at
 
 
-def test_schedule_retry_fails_the_message_after_its_last_attempt(
-    db: Database, sid: str, settings: Settings, t0: datetime
+def test_schedule_retry_expires_the_message_when_its_validity_ends_first(
+    db: Database, sid: str, patient: Settings, t0: datetime
 ) -> None:
-    delays = retry_until_out_of_attempts(db, sid, settings, t0)
-    assert delays[-1] is None
-    assert all(delay is not None for delay in delays[:-1])
+    attempts = retry_until_out_of_time(db, sid, patient, t0)
+    assert attempts[-1][1] is None
+    assert all(delay is not None for _, delay in attempts[:-1])
     message = load_message(db, sid)
-    assert (message.status, message.error_code) == ("failed", "timeout")
+    assert (message.status, message.error_code) == ("expired", "timeout")
     assert message.final_at is not None
 
 
-def test_failure_after_max_attempts_is_recorded_as_a_worker_event(
-    db: Database, sid: str, settings: Settings, t0: datetime
+def test_running_out_of_time_is_recorded_as_a_worker_event(
+    db: Database, sid: str, patient: Settings, t0: datetime
 ) -> None:
-    retry_until_out_of_attempts(db, sid, settings, t0)
+    retry_until_out_of_time(db, sid, patient, t0)
     last = load_events(db, sid)[-1]
     assert (last.status, last.source, last.error_code, last.applied) == (
-        "failed",
+        "expired",
         "worker",
         "timeout",
         True,
     )
 
 
-def test_schedule_retry_fails_a_message_whose_retry_would_land_after_expiry(
+def test_schedule_retry_expires_a_message_whose_retry_would_land_after_expiry(
     db: Database, sid: str, settings: Settings, t0: datetime
 ) -> None:
     almost_expired = t0 + settings.message_validity - timedelta(milliseconds=1)
     owned = claimed(db, sid, settings, almost_expired)
     with db.transaction() as session:
         assert schedule_retry(session, owned, TIMEOUT, settings, almost_expired) is None
-    assert load_message(db, sid).status == "failed"
+    assert load_message(db, sid).status == "expired"
 
 
 def test_retry_delay_ceiling_grows_with_attempts(
@@ -283,16 +293,6 @@ def test_retry_delay_grows_between_attempts(settings: Settings) -> None:
 def test_retry_delay_never_exceeds_retry_backoff_max(settings: Settings) -> None:
     delays = [retry_delay(attempt, settings) for attempt in range(1, 40) for _ in range(20)]
     assert max(delays) <= settings.retry_backoff_max
-
-
-def test_retry_delay_stays_under_half_the_broker_visibility_timeout(settings: Settings) -> None:
-    tight = settings.model_copy(
-        update={
-            "retry_backoff_max": timedelta(hours=10),
-            "broker_visibility_timeout": timedelta(seconds=60),
-        }
-    )
-    assert max(retry_delay(attempt, tight) for attempt in range(1, 30)) <= timedelta(seconds=30)
 
 
 def test_record_accepted_marks_the_message_sent(

@@ -10,7 +10,14 @@ from shared.db import Database
 from shared.lifecycle import StatusReport, apply_status
 from shared.models import MessageStatus
 from shared.providers import TransientProviderError
-from shared.sending import claim, due_for_publish, mark_published, record_accepted, schedule_retry
+from shared.sending import (
+    claim,
+    due_for_publish,
+    mark_published,
+    note_broker_epoch,
+    record_accepted,
+    schedule_retry,
+)
 from shared.settings import Settings
 from tests.conftest import Demo
 from tests.shared.support import accept_message
@@ -51,18 +58,57 @@ def test_never_published_message_is_due_after_sweep_unpublished_after(
     assert due(db, settings, t0 + settings.sweep_unpublished_after) == [sid]
 
 
-def test_published_message_is_not_due_before_sweep_unclaimed_after(
+def test_published_message_is_never_due_however_long_it_waits_on_the_queue(
+    db: Database, sid: str, settings: Settings, t0: datetime
+) -> None:
+    # A backlog is not a loss: re-publishing it would only grow the queue.
+    publish(db, sid, t0)
+    assert due(db, settings, t0 + timedelta(days=1)) == []
+
+
+def epoch(db: Database, value: str, born: datetime, now: datetime) -> int:
+    with db.transaction() as session:
+        return note_broker_epoch(session, value, born, now)
+
+
+def test_first_broker_epoch_republishes_nothing(
     db: Database, sid: str, settings: Settings, t0: datetime
 ) -> None:
     publish(db, sid, t0)
-    assert due(db, settings, t0 + settings.sweep_unclaimed_after - TICK) == []
+    assert epoch(db, "a", t0 + SECOND, t0 + SECOND) == 0
+    assert due(db, settings, t0 + timedelta(hours=1)) == []
 
 
-def test_published_but_unclaimed_message_is_due_after_sweep_unclaimed_after(
+def test_same_broker_epoch_republishes_nothing(
     db: Database, sid: str, settings: Settings, t0: datetime
 ) -> None:
-    publish(db, sid, t0)
-    assert due(db, settings, t0 + settings.sweep_unclaimed_after) == [sid]
+    epoch(db, "a", t0, t0)
+    publish(db, sid, t0 + SECOND)
+    assert epoch(db, "a", t0, t0 + 2 * SECOND) == 0
+    assert due(db, settings, t0 + timedelta(hours=1)) == []
+
+
+def test_new_broker_epoch_republishes_what_was_published_before_it_once(
+    db: Database, sid: str, settings: Settings, t0: datetime
+) -> None:
+    epoch(db, "a", t0, t0)
+    publish(db, sid, t0 + SECOND)
+    # The broker came back empty: its new epoch was born after the message was published.
+    assert epoch(db, "b", t0 + 2 * SECOND, t0 + 3 * SECOND) == 1
+    now = t0 + 3 * SECOND + settings.sweep_unpublished_after
+    assert due(db, settings, now) == [sid]
+    publish(db, sid, now)
+    assert epoch(db, "b", t0 + 2 * SECOND, now + SECOND) == 0
+    assert due(db, settings, now + timedelta(hours=1)) == []
+
+
+def test_new_broker_epoch_leaves_what_was_published_to_the_new_broker(
+    db: Database, sid: str, settings: Settings, t0: datetime
+) -> None:
+    epoch(db, "a", t0, t0)
+    publish(db, sid, t0 + 3 * SECOND)
+    assert epoch(db, "b", t0 + 2 * SECOND, t0 + 4 * SECOND) == 0
+    assert due(db, settings, t0 + timedelta(hours=1)) == []
 
 
 def test_sending_message_with_a_live_lease_is_not_due(
@@ -91,15 +137,6 @@ def test_sending_message_republished_after_its_lease_expired_is_not_due_again(
     assert due(db, settings, expired) == []
 
 
-def test_republished_sending_message_is_due_again_when_that_copy_is_lost(
-    db: Database, sid: str, settings: Settings, t0: datetime
-) -> None:
-    take(db, sid, settings, t0)
-    expired = t0 + settings.send_lease
-    publish(db, sid, expired)
-    assert due(db, settings, expired + settings.sweep_unclaimed_after) == [sid]
-
-
 def test_never_published_message_is_not_due_again_after_mark_published(
     db: Database, sid: str, settings: Settings, t0: datetime
 ) -> None:
@@ -107,16 +144,6 @@ def test_never_published_message_is_not_due_again_after_mark_published(
     assert due(db, settings, now) == [sid]
     publish(db, sid, now)
     assert due(db, settings, now) == []
-
-
-def test_unclaimed_message_is_not_due_again_after_mark_published(
-    db: Database, sid: str, settings: Settings, t0: datetime
-) -> None:
-    publish(db, sid, t0)
-    now = t0 + settings.sweep_unclaimed_after
-    assert due(db, settings, now) == [sid]
-    publish(db, sid, now)
-    assert due(db, settings, now + settings.sweep_unclaimed_after - TICK) == []
 
 
 def test_sent_message_is_not_due(db: Database, sid: str, settings: Settings, t0: datetime) -> None:
@@ -158,15 +185,13 @@ def test_message_waiting_for_its_retry_is_due_at_next_attempt_at(
     assert due(db, settings, t0 + max(delay, settings.sweep_unpublished_after)) == [sid]
 
 
-def test_published_retry_is_not_due_again_before_next_attempt_at(
+def test_long_retry_waits_in_the_database_and_is_due_only_at_next_attempt_at(
     db: Database, sid: str, settings: Settings, t0: datetime
 ) -> None:
-    # A retry published with a countdown longer than sweep_unclaimed_after is not "lost".
     slow = settings.model_copy(
         update={
             "retry_backoff_base": timedelta(minutes=20),
             "retry_backoff_max": timedelta(hours=1),
-            "broker_visibility_timeout": timedelta(hours=4),
         }
     )
     with db.transaction() as session:
@@ -174,8 +199,7 @@ def test_published_retry_is_not_due_again_before_next_attempt_at(
         assert owned is not None
         delay = schedule_retry(session, owned, TransientProviderError("503", "busy"), slow, t0)
     assert delay is not None
-    publish(db, sid, t0)
-    assert due(db, slow, t0 + slow.sweep_unclaimed_after) == []
+    assert due(db, slow, t0 + delay - TICK) == []
     assert due(db, slow, t0 + delay) == [sid]
 
 

@@ -27,8 +27,10 @@ from vonage_sms import SmsError, SmsMessage  # type: ignore[import-untyped, unus
 
 from shared.models import MessageStatus
 from shared.providers import (
+    InDoubtProviderError,
     PermanentProviderError,
     Provider,
+    ProviderError,
     RecipientOptedOut,
     SendRequest,
     TransientProviderError,
@@ -257,7 +259,8 @@ def test_twilio_canceled_and_partially_delivered(
         ("throttled", TransientProviderError, "20429"),
         ("sender_queue_full", TransientProviderError, "21611"),
         ("queue_overflow", TransientProviderError, "30001"),
-        ("server_error", TransientProviderError, "20500"),
+        ("server_error", InDoubtProviderError, "20500"),
+        ("unavailable", TransientProviderError, "20503"),
     ],
 )
 def test_twilio_errors_are_classified_in_either_body_shape(
@@ -266,13 +269,12 @@ def test_twilio_errors_are_classified_in_either_body_shape(
     twilio: Provider,
     error_format: str,
     answer: str,
-    expected: type[Exception],
+    expected: type[ProviderError],
     code: str,
 ) -> None:
     script(sim, error_format=error_format, next_errors=[answer])
     with pytest.raises(expected) as refused:
         twilio.send(request(receiver, "twilio"))
-    assert isinstance(refused.value, PermanentProviderError | TransientProviderError)
     assert refused.value.code == code
     if expected is PermanentProviderError:
         assert not isinstance(refused.value, TransientProviderError | RecipientOptedOut)
@@ -347,10 +349,20 @@ def test_too_many_binds_is_transient_even_when_every_part_is_refused(
     assert handsets(sim, "vonage") == []
 
 
-@pytest.mark.parametrize("answer", ["http_502", "http_503", "http_504"])
-def test_vonage_gateway_errors_are_transient(sim: Sim, receiver: Receiver, answer: str) -> None:
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("http_500", InDoubtProviderError),
+        ("http_502", InDoubtProviderError),
+        ("http_503", TransientProviderError),
+        ("http_504", InDoubtProviderError),
+    ],
+)
+def test_vonage_gateway_errors_are_classified(
+    sim: Sim, receiver: Receiver, answer: str, expected: type[ProviderError]
+) -> None:
     script(sim, next_errors=[answer])
-    with pytest.raises(TransientProviderError) as refused:
+    with pytest.raises(expected) as refused:
         vonage(sim).send(request(receiver, "vonage"))
     assert refused.value.code == answer.removeprefix("http_")
 
@@ -531,7 +543,7 @@ def test_adapters_post_a_dropped_send_once(sim: Sim, receiver: Receiver, provide
         )
     else:
         adapter = SimulatorProvider({"base_url": sim.url, **new_credentials()}, sim.settings)
-    with pytest.raises(TransientProviderError):
+    with pytest.raises(InDoubtProviderError):
         adapter.send(request(receiver, provider))
     adapter.close()
     assert requests_of(sim, provider) == 1

@@ -4,7 +4,7 @@ that fails the way a buggy adapter would (a fake provider, registered like any o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import pytest
@@ -26,12 +26,21 @@ class ExplodingProvider:
 
     name: ClassVar[str] = "exploding"
     idempotent: ClassVar[bool] = False
+    searchable: ClassVar[bool] = False
 
     def __init__(self, _credentials: Mapping[str, Any], _settings: Settings) -> None:
         pass
 
     def send(self, request: SendRequest) -> SendResult:
         raise RuntimeError("boom")
+
+    def find(
+        self, request: SendRequest, sent_after: datetime, taken: frozenset[str] = frozenset()
+    ) -> SendResult | None:
+        raise NotImplementedError  # not searchable
+
+    def status_of(self, provider_message_id: str) -> str | None:
+        return None
 
     def close(self) -> None:
         pass
