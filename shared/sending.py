@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -489,8 +489,11 @@ def schedule_retry(
     now: datetime,
     *,
     provider_failed: bool = True,
+    in_doubt: bool = False,
 ) -> timedelta | None:
     """Hand the message back for a later attempt; None when its validity ends first.
+    `in_doubt`: this call may have reached the provider (one that deduplicates, so it is sent
+    again, through the same provider only).
 
     Transient failures are retried for as long as the message is valid, not a fixed number
     of times: an outage of any length within validity loses nothing."""
@@ -508,8 +511,13 @@ def schedule_retry(
             lease_expires_at=None,
             published_at=None,
             next_attempt_at=now + delay,
-            # The doubt is resolved (the provider said no, or never had it): a plain retry.
-            in_doubt_since=None,
+            # An earlier call in doubt stays in doubt until the message is sent or provably
+            # absent (`clear_doubt`): it must not move to another provider meanwhile.
+            in_doubt_since=(
+                func.coalesce(Message.in_doubt_since, claim.doubt_since or now)
+                if in_doubt
+                else Message.in_doubt_since
+            ),
             error_code=error.code,
             error_message=error.message,
             updated_at=now,
@@ -554,6 +562,16 @@ def look_up_later(
     )
     log.warning("send.in_doubt", lookup_in=delay.total_seconds(), error=str(error))
     return delay
+
+
+def clear_doubt(session: Session, claim: Claim) -> Claim:
+    """The provider provably does not have the message: no longer in doubt."""
+    session.execute(
+        update(Message)
+        .where(Message.sid == claim.sid)
+        .values(in_doubt_since=None, updated_at=Message.updated_at)
+    )
+    return replace(claim, in_doubt=False, doubt_since=None)
 
 
 def record_in_doubt(session: Session, claim: Claim, error: ProviderError, now: datetime) -> None:
@@ -728,9 +746,41 @@ class Silent:
     since: datetime
 
 
+# How many silent messages one sweep asks about: each is a provider call, and the sweep must
+# stay short; the rest wait for the next sweep.
+RECONCILE_BATCH = 100
+
+
 def silent_messages(session: Session, settings: Settings, now: datetime) -> list[Silent]:
     """`sent` or `in_doubt` messages with no word from the provider for SMSD_RECONCILE_AFTER
-    and not asked about since: the reconciler's work, oldest first."""
+    and not asked about since: the reconciler's work, oldest first.
+
+    Taken: marked asked (`reconciled_at`) in the same statement, with rows another sweep is
+    taking skipped, so overlapping sweeps never ask about one message twice."""
+    due = (
+        select(Message.sid)
+        .where(
+            Message.status.in_([MessageStatus.SENT.value, MessageStatus.IN_DOUBT.value]),
+            Message.updated_at <= now - settings.reconcile_after,
+            or_(
+                Message.reconciled_at.is_(None),
+                Message.reconciled_at <= now - settings.reconcile_after,
+            ),
+        )
+        .order_by(Message.updated_at)
+        .limit(RECONCILE_BATCH)
+        .with_for_update(skip_locked=True)
+    )
+    sids = list(session.scalars(due))
+    if not sids:
+        return []
+    session.execute(
+        update(Message)
+        .where(Message.sid.in_(sids))
+        # Asking is not news from the provider: the silence still counts from before.
+        .values(reconciled_at=now, updated_at=Message.updated_at)
+        .execution_options(synchronize_session=False)
+    )
     rows = session.execute(
         select(
             Message.sid,
@@ -743,16 +793,8 @@ def silent_messages(session: Session, settings: Settings, now: datetime) -> list
             ProviderAccount.credentials,
         )
         .join(ProviderAccount, ProviderAccount.id == Message.provider_account_id)
-        .where(
-            Message.status.in_([MessageStatus.SENT.value, MessageStatus.IN_DOUBT.value]),
-            Message.updated_at <= now - settings.reconcile_after,
-            or_(
-                Message.reconciled_at.is_(None),
-                Message.reconciled_at <= now - settings.reconcile_after,
-            ),
-        )
+        .where(Message.sid.in_(sids))
         .order_by(Message.updated_at)
-        .limit(settings.sweep_batch_size)
     ).all()
     return [
         Silent(
@@ -779,12 +821,6 @@ def record_reconciled(
     """What asking the provider gave (`status`, None when it could not be asked or said
     nothing new); past the receipt window a message with no final word ends `unknown`.
     Returns the status applied, if any."""
-    session.execute(
-        update(Message)
-        .where(Message.sid == silent.sid)
-        # Asking is not news from the provider: the silence still counts from before.
-        .values(reconciled_at=now, updated_at=Message.updated_at)
-    )
     report: StatusReport | None = None
     if status is not None and status.rank > silent.status.rank:
         report = StatusReport(

@@ -38,6 +38,7 @@ from shared.sending import (
     Claim,
     Silent,
     claim,
+    clear_doubt,
     due_for_publish,
     fail_over,
     look_up_later,
@@ -204,6 +205,8 @@ def _resolve_doubt(db: Database, owned: Claim, provider: Provider, request: Send
         return True
     if found is None:
         log.info("send.in_doubt_resolved", found=False)
+        with db.transaction() as session:
+            clear_doubt(session, owned)
         return False
     log.info("send.in_doubt_resolved", found=True, provider_message_id=found.provider_message_id)
     _record_sent(db, owned, found)
@@ -305,19 +308,24 @@ def _record_failure(db: Database, owned: Claim, error: ProviderError) -> None:
         _quietly(shared_state().failed, _breaker_key(owned.provider_account_id))
         provider = provider_for(owned)
         if provider.idempotent:
-            # The provider deduplicates on our key: sending again cannot send twice.
-            error = TransientProviderError(error.code, error.message)
-        else:
+            # The provider deduplicates on our key: sending again cannot send twice, but only
+            # through this provider (another would not know our key).
             with db.transaction() as session:
-                if provider.searchable:
-                    delay = look_up_later(session, owned, error, settings, utcnow())
-                else:
-                    record_in_doubt(session, owned, error, utcnow())
-                    delay = None
-            count_send(owned.provider, "in_doubt")
+                delay = schedule_retry(session, owned, error, settings, utcnow(), in_doubt=True)
+            count_send(owned.provider, "expired" if delay is None else "retry")
             if delay is not None:
                 _publish_after(db, [owned.sid], delay)
             return
+        with db.transaction() as session:
+            if provider.searchable:
+                delay = look_up_later(session, owned, error, settings, utcnow())
+            else:
+                record_in_doubt(session, owned, error, utcnow())
+                delay = None
+        count_send(owned.provider, "in_doubt")
+        if delay is not None:
+            _publish_after(db, [owned.sid], delay)
+        return
     if isinstance(error, AdapterBug) and owned.attempts >= owned.max_attempts:
         # Not an outage that time heals: a bug in an adapter or an SDK surprise gets a few
         # tries, then ends `failed` with the reason instead of looping until validity ends.
@@ -330,7 +338,8 @@ def _record_failure(db: Database, owned: Claim, error: ProviderError) -> None:
         _quietly(state.failed, _breaker_key(owned.provider_account_id))
         with db.transaction() as session:
             moved = None
-            if owned.provider_failures + 1 >= settings.failover_after:
+            # Never for a message in doubt: the provider it was sent to may have it.
+            if not owned.in_doubt and owned.provider_failures + 1 >= settings.failover_after:
                 moved = fail_over(session, owned, settings, utcnow(), _healthy(state))
             # After a failover the next provider is tried at once; otherwise back off.
             delay = schedule_retry(

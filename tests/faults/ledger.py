@@ -59,10 +59,14 @@ class Ledger:
         ]
 
 
-def read_ledger(db: Database, simulator_url: str) -> Ledger:
+def _statuses(db: Database) -> dict[str, str]:
     with db.transaction() as session:
-        statuses = dict(session.execute(select(Message.sid, Message.status)).tuples().all())
-    messages = httpx.get(f"{simulator_url}/messages", timeout=30).json()
+        return dict(session.execute(select(Message.sid, Message.status)).tuples().all())
+
+
+def read_ledger(db: Database, simulator_url: str) -> Ledger:
+    statuses = _statuses(db)
+    messages = httpx.get(f"{simulator_url}/messages", timeout=120).json()
     received: Counter[str] = Counter(sid for m in messages if (sid := sid_of(m)) is not None)
     return Ledger(statuses, received)
 
@@ -76,12 +80,13 @@ def settle(
     allow_in_doubt: bool = False,
 ) -> Ledger:
     """Wait until every row is final, then check the ledger's promises; return it."""
+
+    def final() -> bool:
+        # The database alone while waiting: the provider's list is read once, at the end.
+        return not Ledger(_statuses(db), Counter()).unfinished(allow_in_doubt=allow_in_doubt)
+
     try:
-        wait_until(
-            lambda: not read_ledger(db, simulator_url).unfinished(allow_in_doubt=allow_in_doubt),
-            timeout,
-            "every message final",
-        )
+        wait_until(final, timeout, "every message final")
     except AssertionError:
         ledger = read_ledger(db, simulator_url)
         raise AssertionError(

@@ -51,6 +51,8 @@ def test_soak_under_repeated_faults_loses_nothing_and_sends_nothing_twice(
     rng = random.Random(SEED)
     use_providers(db, migrated, ["simulator", "twilio"])
     simulator.post("/control", json={"latency_ms": 20}).raise_for_status()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
     env = broker_env(
         own_redis,
         SMSD_PROVIDER_TIMEOUT="1",
@@ -58,8 +60,8 @@ def test_soak_under_repeated_faults_loses_nothing_and_sends_nothing_twice(
         SMSD_RECONCILE_AFTER="5",
         SMSD_BREAKER_COOLDOWN="2",
     )
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    # Receipts come to this API: its address is the public one the workers give providers.
+    env["SMSD_PUBLIC_BASE_URL"] = base
     api_env = {**env, "SMSD_API_PORT": str(port), "SMSD_AUTH_FAILURE_LIMIT": "1000000"}
     spawn("api-soak", "api", "--port", str(port), env=api_env)
     wait_until(lambda: _answers(base), 30, "the soak API")
