@@ -61,7 +61,7 @@ class Ledger:
 
 def _statuses(db: Database) -> dict[str, str]:
     with db.transaction() as session:
-        return dict(session.execute(select(Message.sid, Message.status)).tuples().all())
+        return {row.sid: row.status for row in session.execute(select(Message.sid, Message.status))}
 
 
 def read_ledger(db: Database, simulator_url: str) -> Ledger:
