@@ -286,7 +286,7 @@ class Stack:
     def clean(self) -> None:
         """No messages and no tasks: each scenario starts from the same empty queue and table."""
         with self.db.transaction() as session:
-            session.execute(text("TRUNCATE messages, delivery_events"))
+            session.execute(text("TRUNCATE messages, message_parts, delivery_events"))
         with self.db.engine.connect() as connection:
             connection.execution_options(isolation_level="AUTOCOMMIT").execute(
                 text("VACUUM ANALYZE messages")
