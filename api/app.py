@@ -7,13 +7,13 @@ from typing import Any
 import anyio.to_thread
 import structlog
 from litestar import Litestar, Request
-from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from api.dependencies import dependencies
 from api.errors import (
     database_error_response,
     http_error_response,
@@ -32,29 +32,25 @@ from api.interact import (
 )
 from api.links import follow_short_link
 from api.metrics import instrument, metrics
-from api.placement import Placement
 from api.soap import agent_wsdl, soap_endpoint
 from api.tracking import deflected_call_report, get_message
 from api.webhooks import WEBHOOKS
-from shared.db import Database
-from shared.errors import RequestRefused
-from shared.logging import configure_logging
-from shared.settings import Settings, get_settings
+from shared.core.broker import create_celery
+from shared.core.db import Database
+from shared.core.errors import RequestRefused
+from shared.core.logging import configure_logging
+from shared.core.settings import Settings, get_settings
+from shared.messages.outbox import Publisher
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the API for `settings` (the environment's by default)."""
     settings = settings or get_settings()
     configure_logging(settings)
-    # Imported here so the API process builds its Celery publisher from the same settings.
-    from worker.celery_app import create_celery
-
     # A request waits only briefly for a pooled connection, then answers 503.
     db = Database(settings, pool_timeout=settings.api_database_pool_timeout)
-    from worker.queue import Publisher
-
+    # The API process publishes through a Celery app built from the same settings.
     publisher = Publisher(create_celery(settings), db)
-    placement = Placement(settings=settings, db=db, publisher=publisher)
     guard = KeyGuessingGuard(settings)
 
     async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
@@ -84,7 +80,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ready,
             metrics,
         ],
-        state=State({"placement": placement}),
+        # What handlers take as parameters (api/dependencies.py): services, never a locator.
+        dependencies=dependencies(settings, db, publisher),
         before_request=clear_log_context,
         on_startup=[guard.start],
         on_shutdown=[shutdown],

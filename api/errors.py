@@ -1,4 +1,6 @@
-"""How refusals look on the wire: the seed's texts, statuses and the 401 header and body."""
+"""How refusals look on the wire: the seed's HTTP status of each refusal (`REFUSAL_STATUSES`,
+the one place a domain error meets a status code, for REST and SOAP alike), the REST texts, the
+401 header and body, and the answers to framework and database errors."""
 
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from api.guard import note_auth_failure
-from shared.errors import (
+from shared.core.errors import (
     MORE_INFO_URL,
     UNAUTHORIZED_CODE,
     UNAUTHORIZED_MESSAGE,
+    CampaignNotFound,
+    IdempotencyConflict,
+    InvalidParameter,
+    MessageNotFound,
+    ProviderNotDefined,
     RequestRefused,
+    TokenExpired,
     Unauthenticated,
 )
 
@@ -28,21 +36,46 @@ UNAUTHORIZED_BODY = msgspec.json.encode(
 )
 
 
-def log_refusal(request: Request[Any, Any, Any], exc: RequestRefused) -> None:
+# The seed's response table: each refusal's HTTP status. SOAP answers its refusals in its own
+# envelope (api/soap.py) but logs them with these statuses too.
+REFUSAL_STATUSES: dict[type[RequestRefused], int] = {
+    InvalidParameter: 400,
+    Unauthenticated: 401,
+    TokenExpired: 403,
+    CampaignNotFound: 404,
+    MessageNotFound: 404,
+    IdempotencyConflict: 422,
+    ProviderNotDefined: 500,
+}
+
+
+def refusal_status(exc: RequestRefused) -> int:
+    """The HTTP status of a refusal (its nearest mapped class decides; otherwise 500)."""
+    for cls in type(exc).__mro__:
+        status = REFUSAL_STATUSES.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def note_refusal(request: Request[Any, Any, Any], exc: RequestRefused) -> None:
+    """Log a refusal, and count missing or wrong credentials against the caller's address
+    (api/guard.py): the same for REST and SOAP."""
     log.info(
         "request.refused",
-        status=exc.status_code,
+        status=refusal_status(exc),
         reason=exc.detail,
         path=request.url.path,
         tenant=request.headers.get("tenant-id"),
     )
+    if isinstance(exc, Unauthenticated):
+        note_auth_failure(request.scope)
 
 
 def refused_response(request: Request[Any, Any, Any], exc: RequestRefused) -> Response[bytes]:
     """A documented refusal: plain text, except the 401 which is JSON plus its reason header."""
-    log_refusal(request, exc)
+    note_refusal(request, exc)
     if isinstance(exc, Unauthenticated):
-        note_auth_failure(request.scope)
         return Response(
             content=UNAUTHORIZED_BODY,
             status_code=401,
@@ -50,7 +83,7 @@ def refused_response(request: Request[Any, Any, Any], exc: RequestRefused) -> Re
             headers={"Unauthenticated-Reason": exc.reason},
         )
     return Response(
-        content=exc.text.encode(), status_code=exc.status_code, media_type=MediaType.TEXT
+        content=exc.text.encode(), status_code=refusal_status(exc), media_type=MediaType.TEXT
     )
 
 

@@ -26,8 +26,8 @@ from litestar.handlers import BaseRouteHandler
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from redis.exceptions import RedisError
 
-from shared.errors import InvalidParameter
-from shared.settings import Settings
+from shared.core.errors import InvalidParameter
+from shared.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -259,7 +259,7 @@ def _whole_seconds(seconds: float) -> int:
 
 
 def failure_counter(settings: Settings) -> FailureCounter:
-    """Redis when there is one to share, memory otherwise (as shared.throttle decides)."""
+    """Redis when there is one to share, memory otherwise (as shared.providers.throttle decides)."""
     if settings.redis_url:
         return RedisFailures(settings.redis_url, settings)
     return LocalFailures(settings)

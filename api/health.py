@@ -8,15 +8,12 @@ import anyio
 import anyio.to_thread
 import redis
 from celery import Celery
-from litestar import MediaType, Request, Response, get
-from litestar.datastructures import State
+from litestar import MediaType, Response, get
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import text as sql
 
+from api.dependencies import CeleryDep, DatabaseDep, SettingsDep
 from api.openapi import documented, text
-from api.placement import Placement
-from shared.db import Database
 
 # Each dependency gets this long to answer, checked side by side: a probe never hangs.
 CHECK_TIMEOUT = 3.0
@@ -42,15 +39,14 @@ async def live() -> str:
         }
     ),
 )
-async def ready(request: Request[object, object, State]) -> Response[str]:
+async def ready(database: DatabaseDep, settings: SettingsDep, celery: CeleryDep) -> Response[str]:
     """Ready when the database and the broker both answer.
 
     Without the database nothing can be accepted; without the broker accepted messages wait
     for the sweeper, so this instance should not take new traffic until it is back."""
-    placement: Placement = request.app.state.placement
     checks: dict[str, Callable[[], None]] = {
-        "database": lambda: check_database(placement.db),
-        "broker": lambda: check_broker(placement.settings.broker_url, placement.publisher.celery),
+        "database": database.ping,
+        "broker": lambda: check_broker(settings.broker_url, celery),
     }
     problems: dict[str, str] = {}
 
@@ -82,12 +78,6 @@ async def _probe(check: Callable[[], None]) -> str | None:
     except Exception as exc:
         return type(exc).__name__
     return None
-
-
-def check_database(db: Database) -> None:
-    """A round trip through the pool (connect_timeout and pool_timeout bound it)."""
-    with db.engine.connect() as connection:
-        connection.execute(sql("SELECT 1"))
 
 
 def check_broker(broker_url: str, celery: Celery) -> None:

@@ -3,15 +3,16 @@ generateToken."""
 
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timedelta
 
 import msgspec
 from litestar import MediaType, Request, Response, post
 from litestar.datastructures import State
 from litestar.params import FromPath
+from sqlalchemy.orm import Session
 
 from api.body import JsonBody
+from api.dependencies import AcceptDep, AcceptService, SettingsDep, TransactionsDep
 from api.headers import (
     MAX_IDEMPOTENCY_KEY,
     V2,
@@ -37,14 +38,14 @@ from api.openapi import (
     documented,
     text,
 )
-from api.placement import Placement
-from shared.accept import AcceptedMessage, SendSmsCommand, notify_external_send
-from shared.accept import get_interaction_link as interaction_link_for
-from shared.accounts import authenticate, resolve_environment
-from shared.errors import InvalidParameter
-from shared.models import utcnow
-from shared.phone import to_e164
-from shared.tokens import IssuedToken, issue_token
+from shared.accounts.access import authenticate, resolve_environment
+from shared.calls.tokens import IssuedToken, issue_token
+from shared.core.errors import InvalidParameter
+from shared.core.models import utcnow
+from shared.core.settings import Settings
+from shared.messages.accept import AcceptedMessage, SendSmsCommand, notify_external_send
+from shared.messages.accept import get_interaction_link as interaction_link_for
+from shared.text.phone import to_e164
 
 
 class SendSmsJson(msgspec.Struct):
@@ -119,6 +120,8 @@ def send_command(
 
 async def _send(
     request: Request[object, object, State],
+    accept: AcceptService,
+    settings: Settings,
     account_id: str,
     campaign_id: str,
     path_caller_id: str | None,
@@ -128,7 +131,6 @@ async def _send(
     idempotency_key: str | None,
     version: int = 3,
 ) -> Response[object]:
-    placement: Placement = request.app.state.placement
     command = send_command(
         JsonBody(await request.body()),
         account_id,
@@ -136,15 +138,12 @@ async def _send(
         tenant_id,
         application_key,
         environment_name,
-        region=placement.settings.default_region,
+        region=settings.default_region,
         path_caller_id=path_caller_id,
         idempotency_key=idempotency_key,
         version=version,
     )
-    accepted = await placement.within_deadline(
-        lambda abandoned: placement.place(command, abandoned)
-    )
-    return placed_response(request, accepted)
+    return placed_response(request, await accept.send(command))
 
 
 @post(
@@ -161,6 +160,8 @@ async def _send(
 )
 async def send_sms(
     request: Request[object, object, State],
+    accept: AcceptDep,
+    settings: SettingsDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     tenant_id: TenantId = None,
@@ -170,6 +171,8 @@ async def send_sms(
 ) -> Response[object]:
     return await _send(
         request,
+        accept,
+        settings,
         account_id,
         campaign_id,
         None,
@@ -190,6 +193,8 @@ async def send_sms(
 )
 async def send_sms_to_caller(
     request: Request[object, object, State],
+    accept: AcceptDep,
+    settings: SettingsDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     caller_id: FromPath[str],
@@ -200,6 +205,8 @@ async def send_sms_to_caller(
 ) -> Response[object]:
     return await _send(
         request,
+        accept,
+        settings,
         account_id,
         campaign_id,
         caller_id,
@@ -227,6 +234,8 @@ async def send_sms_to_caller(
 )
 async def generate_token(
     request: Request[object, object, State],
+    transactions: TransactionsDep,
+    settings: SettingsDep,
     account_id: FromPath[str],
     tenant_id: TenantId = None,
     application_key: ApplicationKey = None,
@@ -235,27 +244,24 @@ async def generate_token(
     body = JsonBody(await request.body())
     caller_id = body.text("callerId", allow_number=True)
     lifetime_seconds = body.integer("lifetimeSeconds")
-    placement: Placement = request.app.state.placement
-    settings = placement.settings
 
-    def issue(abandoned: threading.Event) -> IssuedToken:
-        with placement.db.transaction(abandoned) as session:
-            account = authenticate(session, account_id, tenant_id, application_key)
-            if body.invalid:
-                raise InvalidParameter(body.invalid)
-            environment = resolve_environment(session, account, environment_name)
-            caller = to_e164(caller_id, settings.default_region) if caller_id else None
-            if caller is None:
-                raise InvalidParameter("callerId")
-            lifetime = settings.token_lifetime
-            if lifetime_seconds is not None:
-                # Checked as a number first: an absurd value must not overflow timedelta.
-                if not 0 < lifetime_seconds <= settings.token_max_lifetime.total_seconds():
-                    raise InvalidParameter("lifetimeSeconds")
-                lifetime = timedelta(seconds=lifetime_seconds)
-            return issue_token(session, account, environment, caller, lifetime, utcnow())
+    def issue(session: Session) -> IssuedToken:
+        account = authenticate(session, account_id, tenant_id, application_key)
+        if body.invalid:
+            raise InvalidParameter(body.invalid)
+        environment = resolve_environment(session, account, environment_name)
+        caller = to_e164(caller_id, settings.default_region) if caller_id else None
+        if caller is None:
+            raise InvalidParameter("callerId")
+        lifetime = settings.token_lifetime
+        if lifetime_seconds is not None:
+            # Checked as a number first: an absurd value must not overflow timedelta.
+            if not 0 < lifetime_seconds <= settings.token_max_lifetime.total_seconds():
+                raise InvalidParameter("lifetimeSeconds")
+            lifetime = timedelta(seconds=lifetime_seconds)
+        return issue_token(session, account, environment, caller, lifetime, utcnow())
 
-    issued = await placement.within_deadline(issue)
+    issued = await transactions.run(issue)
     return TokenJson(
         jpToken=issued.token,
         callerId=issued.caller,
@@ -277,6 +283,8 @@ async def generate_token(
 )
 async def send_sms_v2(
     request: Request[object, object, State],
+    accept: AcceptDep,
+    settings: SettingsDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     tenant_id: TenantId = None,
@@ -286,6 +294,8 @@ async def send_sms_v2(
 ) -> Response[object]:
     return await _send(
         request,
+        accept,
+        settings,
         account_id,
         campaign_id,
         None,
@@ -324,13 +334,14 @@ async def send_sms_v2(
 )
 async def notify_sms(
     request: Request[object, object, State],
+    transactions: TransactionsDep,
+    settings: SettingsDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     tenant_id: TenantId = None,
     application_key: ApplicationKey = None,
     environment_name: EnvironmentName = None,
 ) -> str:
-    placement: Placement = request.app.state.placement
     command = send_command(
         JsonBody(await request.body()),
         account_id,
@@ -338,14 +349,11 @@ async def notify_sms(
         tenant_id,
         application_key,
         environment_name,
-        region=placement.settings.default_region,
+        region=settings.default_region,
     )
-
-    def notify(abandoned: threading.Event) -> str:
-        with placement.db.transaction(abandoned) as session:
-            return notify_external_send(session, command, placement.settings, utcnow())
-
-    token = await placement.within_deadline(notify)
+    token = await transactions.run(
+        lambda session: notify_external_send(session, command, settings, utcnow())
+    )
     return f"Recorded campaign {{{campaign_id}}} SMS as sent for jpToken: {token}"
 
 
@@ -374,13 +382,14 @@ async def notify_sms(
 )
 async def get_interaction_link(
     request: Request[object, object, State],
+    transactions: TransactionsDep,
+    settings: SettingsDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     tenant_id: TenantId = None,
     application_key: ApplicationKey = None,
     environment_name: EnvironmentName = None,
 ) -> str:
-    placement: Placement = request.app.state.placement
     body = JsonBody(await request.body())
     shorten_it = body.flag("shortenUrl")
     command = SendSmsCommand(
@@ -393,9 +402,6 @@ async def get_interaction_link(
         additional_params=body.text("additionalParams"),
         invalid_parameter=body.invalid,
     )
-
-    def link(abandoned: threading.Event) -> str:
-        with placement.db.transaction(abandoned) as session:
-            return interaction_link_for(session, command, shorten_it, placement.settings, utcnow())
-
-    return await placement.within_deadline(link)
+    return await transactions.run(
+        lambda session: interaction_link_for(session, command, shorten_it, settings, utcnow())
+    )

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import anyio.to_thread
-from litestar import MediaType, Request, Response, get
-from litestar.datastructures import State
+from litestar import MediaType, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath
 from litestar.response import Redirect
 
-from api.placement import Placement
-from shared.links import follow
-from shared.models import utcnow
+from api.dependencies import TransactionsDep
+from shared.calls.links import follow
+from shared.core.models import utcnow
 
 
 @get(
@@ -29,15 +27,9 @@ from shared.models import utcnow
     include_in_schema=True,
 )
 async def follow_short_link(
-    request: Request[object, object, State], code: FromPath[str]
+    transactions: TransactionsDep, code: FromPath[str]
 ) -> Response[str] | Redirect:
-    placement: Placement = request.app.state.placement
-
-    def click() -> str | None:
-        with placement.db.transaction() as session:
-            return follow(session, code, utcnow())
-
-    target = await anyio.to_thread.run_sync(click)
+    target = await transactions.run_unbounded(lambda session: follow(session, code, utcnow()))
     if target is None:
         return Response("Link not found", status_code=404, media_type=MediaType.TEXT)
     return Redirect(target, status_code=302)

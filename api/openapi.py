@@ -17,7 +17,7 @@ from litestar.openapi.spec import (
     Schema,
 )
 
-from shared.errors import (
+from shared.core.errors import (
     MORE_INFO_URL,
     PROVIDER_NOT_DEFINED,
     UNAUTHORIZED_CODE,

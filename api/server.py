@@ -20,7 +20,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from shared.settings import get_settings
+from shared.core.settings import get_settings
 
 log = structlog.get_logger(__name__)
 

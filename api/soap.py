@@ -17,19 +17,19 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import HeaderParameter
 
-from api.errors import SERVICE_UNAVAILABLE, database_unavailable, log_refusal
+from api.dependencies import AcceptDep, SettingsDep
+from api.errors import SERVICE_UNAVAILABLE, database_unavailable, note_refusal
 from api.guard import note_auth_failure
 from api.headers import ApplicationKey, EnvironmentName, TenantId
 from api.openapi import SID_EXAMPLE, TOO_MANY_FAILURES, documented, text, xml
-from api.placement import Placement
-from shared.accept import SendSmsCommand
-from shared.errors import (
+from shared.core.errors import (
     UNAUTHORIZED_CODE,
     UNAUTHORIZED_MESSAGE,
     InvalidParameter,
     RequestRefused,
     Unauthenticated,
 )
+from shared.messages.accept import SendSmsCommand
 
 log = structlog.get_logger(__name__)
 
@@ -188,9 +188,8 @@ SOAP_FAULTS = {
     summary="SOAP WSDL (Send SMS)",
     operation_class=documented(errors={429: TOO_MANY_FAILURES}),
 )
-async def agent_wsdl(request: Request[object, object, State]) -> str:
-    placement: Placement = request.app.state.placement
-    address = placement.settings.public_base_url.rstrip("/") + SOAP_PATH
+async def agent_wsdl(settings: SettingsDep) -> str:
+    address = settings.public_base_url.rstrip("/") + SOAP_PATH
     return WSDL_TEMPLATE.replace("{address}", escape(address, {'"': "&quot;"}))
 
 
@@ -212,6 +211,7 @@ async def agent_wsdl(request: Request[object, object, State]) -> str:
 )
 async def soap_endpoint(
     request: Request[object, object, State],
+    accept: AcceptDep,
     tenant_id: TenantId = None,
     application_key: ApplicationKey = None,
     environment_name: EnvironmentName = None,
@@ -232,16 +232,11 @@ async def soap_endpoint(
     except MalformedEnvelope as exc:
         log.info("soap.malformed", reason=str(exc), soap_action=soap_action)
         return _xml(fault("SOAP-ENV:Client", str(exc)), 500)
-    placement: Placement = request.app.state.placement
     command = command_from(fields, tenant_id, application_key, environment_name)
     try:
-        accepted = await placement.within_deadline(
-            lambda abandoned: placement.place(command, abandoned)
-        )
+        accepted = await accept.send(command)
     except RequestRefused as exc:
-        log_refusal(request, exc)
-        if isinstance(exc, Unauthenticated):
-            note_auth_failure(request.scope)
+        note_refusal(request, exc)
         return refused_envelope(exc)
     except Exception as exc:
         if database_unavailable(exc):

@@ -5,19 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-import anyio.to_thread
 import structlog
-from litestar import Request, get
-from litestar.datastructures import State
+from litestar import get
 from litestar.params import FromPath, QueryParameter
+from sqlalchemy.orm import Session
 
+from api.dependencies import TransactionsDep
 from api.headers import V3, ApplicationKey, TenantId
 from api.openapi import BAD_PARAMETER, SID_EXAMPLE, UNAUTHORIZED, UNEXPECTED, documented, text
-from api.placement import Placement
-from shared.accounts import authenticate
-from shared.errors import InvalidParameter, MessageNotFound
-from shared.models import utcnow
-from shared.reports import DeflectedCallView, MessageView, deflected_calls, message_view
+from shared.accounts.access import authenticate
+from shared.calls.reports import DeflectedCallView, MessageView, deflected_calls, message_view
+from shared.core.errors import InvalidParameter, MessageNotFound
+from shared.core.models import utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -46,23 +45,20 @@ MAX_INSTANT_LENGTH = 64  # "2024-01-31T23:59:59.999999+00:00" is 32
     ),
 )
 async def get_message(
-    request: Request[object, object, State],
+    transactions: TransactionsDep,
     account_id: FromPath[str],
     message_sid: FromPath[str],
     tenant_id: TenantId = None,
     application_key: ApplicationKey = None,
 ) -> MessageView:
-    placement: Placement = request.app.state.placement
+    def load(session: Session) -> MessageView | None:
+        account = authenticate(session, account_id, tenant_id, application_key)
+        return message_view(session, account, message_sid)
 
-    def load() -> MessageView:
-        with placement.db.transaction() as session:
-            account = authenticate(session, account_id, tenant_id, application_key)
-            view = message_view(session, account, message_sid)
-        if view is None:
-            raise MessageNotFound(message_sid)
-        return view
-
-    return await anyio.to_thread.run_sync(load)
+    view = await transactions.run_unbounded(load)
+    if view is None:
+        raise MessageNotFound(message_sid)
+    return view
 
 
 @get(
@@ -76,7 +72,7 @@ async def get_message(
     operation_class=documented(errors={400: BAD_PARAMETER, 401: UNAUTHORIZED, 500: UNEXPECTED}),
 )
 async def deflected_call_report(
-    request: Request[object, object, State],
+    transactions: TransactionsDep,
     account_id: FromPath[str],
     tenant_id: TenantId = None,
     application_key: ApplicationKey = None,
@@ -100,16 +96,13 @@ async def deflected_call_report(
         ),
     ] = None,
 ) -> list[DeflectedCallView]:
-    placement: Placement = request.app.state.placement
+    def load(session: Session) -> list[DeflectedCallView]:
+        account = authenticate(session, account_id, tenant_id, application_key)
+        end = _instant(until, "to") or utcnow()
+        start = _instant(since, "from") or _day_before(end)
+        return deflected_calls(session, account, start, end, _limit(limit))
 
-    def load() -> list[DeflectedCallView]:
-        with placement.db.transaction() as session:
-            account = authenticate(session, account_id, tenant_id, application_key)
-            end = _instant(until, "to") or utcnow()
-            start = _instant(since, "from") or _day_before(end)
-            return deflected_calls(session, account, start, end, _limit(limit))
-
-    return await anyio.to_thread.run_sync(load)
+    return await transactions.run_unbounded(load)
 
 
 def _instant(value: str | None, parameter: str) -> datetime | None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
-import anyio.to_thread
 import msgspec
 import structlog
 from litestar import Request, Response, route
@@ -28,12 +27,14 @@ from litestar.exceptions import ClientException, PermissionDeniedException
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from sqlalchemy.orm import Session
 
+from api.dependencies import SettingsDep, Transactions, TransactionsDep
 from api.openapi import documented, json_object, string, text
-from api.placement import Placement
-from shared.accounts import callback_tokens, provider_accounts_named
-from shared.lifecycle import StatusReport, apply_part_status, apply_status, find_sid
-from shared.models import Message, MessageStatus, ProviderAccount, utcnow
-from shared.optout import add_opt_out, handle_inbound
+from shared.accounts.access import callback_tokens, provider_accounts_named
+from shared.core.models import Message, MessageStatus, ProviderAccount, utcnow
+from shared.core.settings import Settings
+from shared.messages.lifecycle import StatusReport, apply_part_status, apply_status, find_sid
+from shared.messages.optout import add_opt_out, handle_inbound
+from shared.messages.queries import message_by_sid, provider_account_by_id
 from shared.providers import simulator, twilio, vonage
 
 log = structlog.get_logger(__name__)
@@ -106,9 +107,9 @@ def bound_to_signer(
 
     The message's own provider account decides, never the one the webhook names: a tenant
     with settings of its own can sign anything with its secret, but only its messages."""
-    message = session.get(Message, sid) if sid else None
+    message = message_by_sid(session, sid) if sid else None
     if message is not None:
-        signer = session.get(ProviderAccount, message.provider_account_id)
+        signer = provider_account_by_id(session, message.provider_account_id)
         if (
             signer is None
             or signer.provider != provider
@@ -176,9 +177,9 @@ async def _params(
     return params
 
 
-def _public_url(placement: Placement, request: Request[object, object, State]) -> str:
+def _public_url(settings: Settings, request: Request[object, object, State]) -> str:
     # Providers sign the URL they called: ours as the public base URL says, not as proxied.
-    url = placement.settings.public_base_url.rstrip("/") + request.url.path
+    url = settings.public_base_url.rstrip("/") + request.url.path
     return url + ("?" + request.url.query if request.url.query else "")
 
 
@@ -228,13 +229,14 @@ def _apply(
 )
 async def twilio_status(
     request: Request[object, object, State],
+    settings: SettingsDep,
+    transactions: TransactionsDep,
     message_sid: MessageSid = None,
     signature: TwilioSignature = None,
     idempotency_token: TwilioIdempotency = None,
 ) -> None:
-    placement: Placement = request.app.state.placement
     params = await _params(request, with_query=False)
-    url = _public_url(placement, request)
+    url = _public_url(settings, request)
     status = _status(twilio.TWILIO_STATUSES, params.get("MessageStatus"))
     error_code = _error_code(params.get("ErrorCode"))
     provider_id = params.get("MessageSid")
@@ -242,37 +244,36 @@ async def twilio_status(
     def check(credentials: Mapping[str, Any]) -> bool:
         return twilio.verify_webhook(credentials, url, params, signature)
 
-    def apply() -> None:
-        with placement.db.transaction() as session:
-            sid = message_sid or find_sid(session, "twilio", provider_id)
-            target = bound_to_signer(session, "twilio", sid, params.get("AccountSid"), check)
-            opted_out = error_code in twilio.OPT_OUT_ERROR_CODES
-            if opted_out and target.message is not None:
-                # The recipient replied STOP to this sender: Twilio refuses every later send.
-                message = target.message
-                add_opt_out(
-                    session, message.account_id, message.from_number, message.to_number, utcnow()
-                )
-            report = StatusReport(
-                MessageStatus.OPTED_OUT if opted_out else status,
-                source="callback",
-                provider="twilio",
-                provider_status=params.get("MessageStatus"),
-                provider_message_id=provider_id,
-                error_code=error_code,
-                payload=params,
+    def apply(session: Session) -> None:
+        sid = message_sid or find_sid(session, "twilio", provider_id)
+        target = bound_to_signer(session, "twilio", sid, params.get("AccountSid"), check)
+        opted_out = error_code in twilio.OPT_OUT_ERROR_CODES
+        if opted_out and target.message is not None:
+            # The recipient replied STOP to this sender: Twilio refuses every later send.
+            message = target.message
+            add_opt_out(
+                session, message.account_id, message.from_number, message.to_number, utcnow()
             )
-            repeat = (
-                (provider_id, params.get("MessageStatus"))
-                if provider_id
-                else (
-                    "idempotency",
-                    idempotency_token,
-                )
+        report = StatusReport(
+            MessageStatus.OPTED_OUT if opted_out else status,
+            source="callback",
+            provider="twilio",
+            provider_status=params.get("MessageStatus"),
+            provider_message_id=provider_id,
+            error_code=error_code,
+            payload=params,
+        )
+        repeat = (
+            (provider_id, params.get("MessageStatus"))
+            if provider_id
+            else (
+                "idempotency",
+                idempotency_token,
             )
-            _apply(session, target, report, dedupe_key("twilio", target.signer, *repeat))
+        )
+        _apply(session, target, report, dedupe_key("twilio", target.signer, *repeat))
 
-    await anyio.to_thread.run_sync(apply)
+    await transactions.run_unbounded(apply)
 
 
 def _vonage_check(params: Mapping[str, str], token: str | None, max_age: float) -> Check:
@@ -297,33 +298,35 @@ def _same(given: str, issued: str) -> bool:
 
 
 async def _vonage_receipt(
-    request: Request[object, object, State], message_sid: str | None, token: str | None
+    request: Request[object, object, State],
+    settings: Settings,
+    transactions: Transactions,
+    message_sid: str | None,
+    token: str | None,
 ) -> None:
-    placement: Placement = request.app.state.placement
     params = await _params(request)
     params.pop("messageSid", None)  # ours, added to the URL; not part of what Vonage signed
     status = _status(vonage.VONAGE_STATUSES, params.get("status"))
-    check = _vonage_check(params, token, placement.settings.webhook_max_age.total_seconds())
+    check = _vonage_check(params, token, settings.webhook_max_age.total_seconds())
     part_id = params.get("messageId")
 
-    def apply() -> None:
-        with placement.db.transaction() as session:
-            sid = message_sid or params.get("client-ref") or find_sid(session, "vonage", part_id)
-            target = bound_to_signer(session, "vonage", sid, params.get("api-key"), check)
-            report = StatusReport(
-                status,
-                source="callback",
-                provider="vonage",
-                provider_status=params.get("status"),
-                provider_message_id=part_id,
-                error_code=_error_code(params.get("err-code")),
-                payload={key: value for key, value in params.items() if key != "sig"},
-            )
-            key = dedupe_key("vonage", target.signer, part_id, params.get("status"))
-            # Each SMS part of a long text has its own id and its own receipt.
-            _apply(session, target, report, key, per_part=True)
+    def apply(session: Session) -> None:
+        sid = message_sid or params.get("client-ref") or find_sid(session, "vonage", part_id)
+        target = bound_to_signer(session, "vonage", sid, params.get("api-key"), check)
+        report = StatusReport(
+            status,
+            source="callback",
+            provider="vonage",
+            provider_status=params.get("status"),
+            provider_message_id=part_id,
+            error_code=_error_code(params.get("err-code")),
+            payload={key: value for key, value in params.items() if key != "sig"},
+        )
+        key = dedupe_key("vonage", target.signer, part_id, params.get("status"))
+        # Each SMS part of a long text has its own id and its own receipt.
+        _apply(session, target, report, key, per_part=True)
 
-    await anyio.to_thread.run_sync(apply)
+    await transactions.run_unbounded(apply)
 
 
 VONAGE_RECEIPT = (
@@ -344,9 +347,12 @@ VONAGE_RECEIPT = (
     operation_class=documented(errors=WEBHOOK_ERRORS),
 )
 async def vonage_receipt(
-    request: Request[object, object, State], message_sid: MessageSid = None
+    request: Request[object, object, State],
+    settings: SettingsDep,
+    transactions: TransactionsDep,
+    message_sid: MessageSid = None,
 ) -> None:
-    await _vonage_receipt(request, message_sid, None)
+    await _vonage_receipt(request, settings, transactions, message_sid, None)
 
 
 @route(
@@ -364,9 +370,13 @@ async def vonage_receipt(
     operation_class=documented(errors=WEBHOOK_ERRORS),
 )
 async def vonage_receipt_with_token(
-    request: Request[object, object, State], token: CallbackToken, message_sid: MessageSid = None
+    request: Request[object, object, State],
+    settings: SettingsDep,
+    transactions: TransactionsDep,
+    token: CallbackToken,
+    message_sid: MessageSid = None,
 ) -> None:
-    await _vonage_receipt(request, message_sid, token)
+    await _vonage_receipt(request, settings, transactions, message_sid, token)
 
 
 @route(
@@ -393,6 +403,8 @@ async def vonage_receipt_with_token(
 )
 async def simulator_callback(
     request: Request[object, object, State],
+    settings: SettingsDep,
+    transactions: TransactionsDep,
     message_sid: MessageSid = None,
     signature: Annotated[
         str | None,
@@ -406,10 +418,9 @@ async def simulator_callback(
         HeaderParameter(name=simulator.TIMESTAMP_HEADER, description="Unix seconds, signed"),
     ] = None,
 ) -> None:
-    placement: Placement = request.app.state.placement
     raw = await request.body()
-    url = _public_url(placement, request)
-    max_age = placement.settings.webhook_max_age.total_seconds()
+    url = _public_url(settings, request)
+    max_age = settings.webhook_max_age.total_seconds()
     try:
         payload = msgspec.json.decode(raw, type=dict[str, object])
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -425,24 +436,23 @@ async def simulator_callback(
             and fresh(timestamp, max_age)
         )
 
-    def apply() -> None:
-        with placement.db.transaction() as session:
-            sid = message_sid or find_sid(session, "simulator", provider_id)
-            account = str(payload.get("accountId") or "") or None
-            target = bound_to_signer(session, "simulator", sid, account, check)
-            report = StatusReport(
-                status,
-                source="callback",
-                provider="simulator",
-                provider_status=str(payload["status"]),
-                provider_message_id=provider_id,
-                error_code=str(payload["errorCode"]) if payload.get("errorCode") else None,
-                payload=payload,
-            )
-            key = dedupe_key("simulator", target.signer, provider_id, str(payload["status"]))
-            _apply(session, target, report, key)
+    def apply(session: Session) -> None:
+        sid = message_sid or find_sid(session, "simulator", provider_id)
+        account = str(payload.get("accountId") or "") or None
+        target = bound_to_signer(session, "simulator", sid, account, check)
+        report = StatusReport(
+            status,
+            source="callback",
+            provider="simulator",
+            provider_status=str(payload["status"]),
+            provider_message_id=provider_id,
+            error_code=str(payload["errorCode"]) if payload.get("errorCode") else None,
+            payload=payload,
+        )
+        key = dedupe_key("simulator", target.signer, provider_id, str(payload["status"]))
+        _apply(session, target, report, key)
 
-    await anyio.to_thread.run_sync(apply)
+    await transactions.run_unbounded(apply)
 
 
 @route(
@@ -459,17 +469,19 @@ async def simulator_callback(
     media_type="text/xml",
 )
 async def twilio_inbound(
-    request: Request[object, object, State], signature: TwilioSignature = None
+    request: Request[object, object, State],
+    settings: SettingsDep,
+    transactions: TransactionsDep,
+    signature: TwilioSignature = None,
 ) -> Response[str]:
-    placement: Placement = request.app.state.placement
     params = await _params(request, with_query=False)
-    url = _public_url(placement, request)
+    url = _public_url(settings, request)
 
     def check(credentials: Mapping[str, Any]) -> bool:
         return twilio.verify_webhook(credentials, url, params, signature)
 
     await _inbound(
-        placement,
+        transactions,
         "twilio",
         params.get("AccountSid"),
         check,
@@ -481,13 +493,17 @@ async def twilio_inbound(
     return Response(EMPTY_TWIML, media_type="text/xml")
 
 
-async def _vonage_inbound(request: Request[object, object, State], token: str | None) -> None:
-    placement: Placement = request.app.state.placement
+async def _vonage_inbound(
+    request: Request[object, object, State],
+    settings: Settings,
+    transactions: Transactions,
+    token: str | None,
+) -> None:
     params = await _params(request)
-    check = _vonage_check(params, token, placement.settings.webhook_max_age.total_seconds())
+    check = _vonage_check(params, token, settings.webhook_max_age.total_seconds())
 
     await _inbound(
-        placement,
+        transactions,
         "vonage",
         params.get("api-key"),
         check,
@@ -498,7 +514,7 @@ async def _vonage_inbound(request: Request[object, object, State], token: str | 
 
 
 async def _inbound(
-    placement: Placement,
+    transactions: Transactions,
     provider: str,
     public_id: str | None,
     check: Check,
@@ -510,19 +526,18 @@ async def _inbound(
     """An inbound SMS (STOP / START) for every account holding settings of the signing
     provider account: each of them proved it holds that account's secret."""
 
-    def apply() -> None:
-        with placement.db.transaction() as session:
-            for signer in signers(session, provider, public_id, check):
-                handle_inbound(
-                    session,
-                    signer.account_id,
-                    sender=_number(sender),
-                    recipient=_number(recipient),
-                    text=text,
-                    now=utcnow(),
-                )
+    def apply(session: Session) -> None:
+        for signer in signers(session, provider, public_id, check):
+            handle_inbound(
+                session,
+                signer.account_id,
+                sender=_number(sender),
+                recipient=_number(recipient),
+                text=text,
+                now=utcnow(),
+            )
 
-    await anyio.to_thread.run_sync(apply)
+    await transactions.run_unbounded(apply)
 
 
 @route(
@@ -535,8 +550,10 @@ async def _inbound(
     request_max_body_size=MAX_BODY_BYTES,
     operation_class=documented(errors={400: BAD_BODY, 403: FORBIDDEN, 413: TOO_LARGE}),
 )
-async def vonage_inbound(request: Request[object, object, State]) -> None:
-    await _vonage_inbound(request, None)
+async def vonage_inbound(
+    request: Request[object, object, State], settings: SettingsDep, transactions: TransactionsDep
+) -> None:
+    await _vonage_inbound(request, settings, transactions, None)
 
 
 @route(
@@ -551,9 +568,12 @@ async def vonage_inbound(request: Request[object, object, State]) -> None:
     operation_class=documented(errors={400: BAD_BODY, 403: FORBIDDEN, 413: TOO_LARGE}),
 )
 async def vonage_inbound_with_token(
-    request: Request[object, object, State], token: CallbackToken
+    request: Request[object, object, State],
+    settings: SettingsDep,
+    transactions: TransactionsDep,
+    token: CallbackToken,
 ) -> None:
-    await _vonage_inbound(request, token)
+    await _vonage_inbound(request, settings, transactions, token)
 
 
 WEBHOOKS = [

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    # The same call as shared.cli.api, argument for argument.
+    # The same call as shared.cli.launcher.api, argument for argument.
     uvicorn.run(
         "bench.bare_app:create_app",
         factory=True,

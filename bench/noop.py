@@ -10,8 +10,8 @@ from typing import Any
 
 from celery import Celery
 
-from shared.settings import get_settings
-from worker.celery_app import celery_config
+from shared.core.broker import celery_config
+from shared.core.settings import get_settings
 
 NOOP_QUEUE = "bench.noop"
 NOOP_TASK = "bench.noop"

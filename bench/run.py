@@ -51,7 +51,7 @@ from bench.load import (
 )
 from bench.profile import Profile, Recording, py_spy, record
 from bench.stack import ROOT, Interference, Proc, Stack, StackConfig, running
-from tests.services import postgres_server, redis_server
+from tests.support.services import postgres_server, redis_server
 
 RESULTS = ROOT / "bench" / "results"
 SIMULATOR_LATENCY_MS = 50

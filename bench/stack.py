@@ -21,16 +21,16 @@ import httpx
 import redis
 from sqlalchemy import text
 
-from shared import accounts
-from shared.accept import SendSmsCommand, accept_send
-from shared.db import Database
-from shared.logging import configure_logging
-from shared.models import utcnow
-from shared.settings import Settings, get_settings
-from shared.tokens import issue_token
-from tests.services import free_port
-from worker.celery_app import create_celery
-from worker.queue import publish_sends
+from shared.accounts import access, provisioning
+from shared.calls.tokens import issue_token
+from shared.core.broker import create_celery
+from shared.core.db import Database
+from shared.core.logging import configure_logging
+from shared.core.models import utcnow
+from shared.core.settings import Settings, get_settings
+from shared.messages.accept import SendSmsCommand, accept_send
+from shared.messages.outbox import publish_sends
+from tests.support.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TENANT = "12345678"
@@ -261,10 +261,10 @@ class Stack:
         """The demo account, campaign1 on the simulator, and jpTokens for many calls (one row each
         in the Deflected Call Report, so sends do not all update one row)."""
         with self.db.transaction() as session:
-            account = accounts.create_account(session, TENANT, "Bench", "PROD")
-            accounts.add_application_key(session, account, KEY)
-            environment = accounts.resolve_environment(session, account, None)
-            accounts.upsert_campaign(
+            account = provisioning.create_account(session, TENANT, "Bench", "PROD")
+            provisioning.add_application_key(session, account, KEY)
+            environment = access.resolve_environment(session, account, None)
+            provisioning.upsert_campaign(
                 session,
                 environment,
                 CAMPAIGN,
@@ -272,7 +272,7 @@ class Stack:
                 message_text="Skip the queue: continue here <link>",
                 link_url="https://example.com/flow",
             )
-            accounts.set_provider(session, account, "simulator", sender_ids=[SENDER])
+            provisioning.set_provider(session, account, "simulator", sender_ids=[SENDER])
             now = utcnow()
             for i in range(self.config.tokens):
                 caller = f"+1202555{i % 10000:04d}"

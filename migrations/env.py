@@ -8,9 +8,9 @@ from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import Connection
 
-from shared.db import create_db_engine
-from shared.models import Base, UTCDateTime
-from shared.settings import get_settings
+from shared.core.db import create_db_engine
+from shared.core.models import Base, UTCDateTime
+from shared.core.settings import get_settings
 
 config = context.config
 

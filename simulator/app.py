@@ -25,14 +25,14 @@ from litestar.datastructures import State
 from litestar.exceptions import ValidationException
 from litestar.params import FromPath, FromQuery, JSONBody
 
-from shared.logging import configure_logging
+from shared.core.logging import configure_logging
+from shared.core.settings import Settings, get_settings
 from shared.providers.simulator import (
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     sign,
 )
-from shared.settings import Settings, get_settings
 from simulator import twilio_api, vonage_api
 from simulator.state import (
     CALLBACK_ORDERS,

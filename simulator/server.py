@@ -18,7 +18,7 @@ import structlog
 import uvicorn
 from litestar import Litestar
 
-from shared.settings import Settings, get_settings
+from shared.core.settings import Settings, get_settings
 from simulator.app import create_app
 from simulator.state import DROP_HEADER, Store
 from simulator.tls import ensure_certificate
@@ -249,3 +249,12 @@ def serve(settings: Settings | None = None) -> None:
     """Serve the simulator on settings.simulator_host: simulator_port (HTTP) and
     simulator_tls_port (HTTPS, certificate in simulator_tls_dir) until SIGTERM or SIGINT."""
     SimulatorServer(settings or get_settings()).run()
+
+
+if __name__ == "__main__":
+    # `sms-dispatch simulator` runs this module (shared/ never imports the simulator). A busy
+    # port is one line on stderr and exit code 1, as the command's click error was.
+    try:
+        serve()
+    except OSError as exc:
+        raise SystemExit(f"Error: {exc}") from None

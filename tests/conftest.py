@@ -3,16 +3,11 @@ the schema built by Alembic, and real API, worker and simulator processes for en
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,21 +16,13 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import text
 
-from shared import accounts
-from shared.db import Database
-from shared.models import Base
-from shared.settings import Settings, get_settings
+from shared.core.db import Database
+from shared.core.models import Base
+from shared.core.settings import Settings, get_settings
 from simulator.tls import ensure_certificate
-from tests.services import free_port, postgres_server, redis_server
-
-ROOT = Path(__file__).resolve().parents[1]
-TENANT = "12345678"
-KEY = "53736e07e4b05772e6475c2d"
-OTHER_TENANT = "87654321"
-OTHER_KEY = "0123456789abcdef01234567"
-SENDER = "+12121234567"
-CALLER = "+972 54 4696388"
-CALLER_E164 = "+972544696388"
+from tests.support.data import Demo, create_demo
+from tests.support.processes import ROOT, Process, answers, wait_until
+from tests.support.services import free_port, postgres_server, redis_server
 
 
 @pytest.fixture(scope="session")
@@ -120,42 +107,10 @@ def db(migrated: Settings, redis_url: str) -> Iterator[Database]:
     database.dispose()
 
 
-@dataclass(frozen=True)
-class Demo:
-    tenant: str
-    key: str
-    account_id: int
-
-
-def headers(tenant: str = TENANT, key: str = KEY, **extra: str) -> dict[str, str]:
-    return {"Tenant-Id": tenant, "Application-Key": key, **extra}
-
-
 @pytest.fixture
 def demo(db: Database) -> Demo:
     """The seed's account with campaign1 on the simulator, and a second account beside it."""
-    with db.transaction() as session:
-        account = accounts.create_account(session, TENANT, "Demo", "PROD")
-        accounts.add_application_key(session, account, KEY)
-        prod = accounts.resolve_environment(session, account, None)
-        accounts.add_environment(session, account, "DEV")
-        accounts.upsert_campaign(
-            session,
-            prod,
-            "campaign1",
-            name="Deflection",
-            message_text="Please click here <link>",
-            link_url="https://flows.example.com/start?lang=en",
-        )
-        accounts.set_provider(session, account, "simulator", sender_ids=[SENDER, "ACME"])
-        other = accounts.create_account(session, OTHER_TENANT, "Other", "PROD")
-        accounts.add_application_key(session, other, OTHER_KEY)
-        other_prod = accounts.resolve_environment(session, other, None)
-        accounts.upsert_campaign(
-            session, other_prod, "other-campaign", name="x", message_text="<link>", link_url=None
-        )
-        accounts.set_provider(session, other, "simulator", sender_ids=["+12025550143"])
-        return Demo(tenant=TENANT, key=KEY, account_id=account.id)
+    return create_demo(db)
 
 
 @pytest.fixture
@@ -167,63 +122,7 @@ def client(migrated: Settings, db: Database) -> Iterator[TestClient[Litestar]]:
         yield test_client
 
 
-def issue_token(
-    client: TestClient[Litestar],
-    caller: str = CALLER,
-    environment: str | None = None,
-    **body: object,
-) -> str:
-    """A jpToken for a call in `environment` (the account's default when None)."""
-    extra = {"Environment-Name": environment} if environment else {}
-    response = client.post(
-        f"/interact/version/3/account/{TENANT}/resources/token",
-        headers=headers(**extra),
-        json={"callerId": caller, **body},
-    )
-    assert response.status_code == 200, response.text
-    token: str = response.json()["jpToken"]
-    return token
-
-
 # Real processes for end-to-end tests
-
-
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        """Signal the process and everything it started (a worker's embedded beat, say)."""
-        self._signal_group(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout)
-        self._signal_group(signal.SIGKILL)
-        self.popen.wait()
-
-    def _signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, sig)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -256,7 +155,7 @@ def spawn(
 @pytest.fixture(scope="session")
 def simulator_url(migrated: Settings, spawn: Callable[..., Process]) -> str:
     process = spawn("simulator", "simulator")
-    wait_until(lambda: _answers(f"{migrated.simulator_url}/health"), 30, "the simulator")
+    wait_until(lambda: answers(f"{migrated.simulator_url}/health"), 30, "the simulator")
     assert process.popen.poll() is None
     return migrated.simulator_url
 
@@ -275,7 +174,7 @@ def simulator(simulator_url: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def api_url(migrated: Settings, spawn: Callable[..., Process]) -> str:
     process = spawn("api", "api")
-    wait_until(lambda: _answers(f"{migrated.public_base_url}/health/ready"), 30, "the API")
+    wait_until(lambda: answers(f"{migrated.public_base_url}/health/ready"), 30, "the API")
     assert process.popen.poll() is None
     return migrated.public_base_url
 
@@ -300,6 +199,3 @@ def start_worker(spawn: Callable[..., Process]) -> Iterator[Callable[..., Proces
     yield start
     for process in workers:
         process.stop()
-
-
-SETTLE = timedelta(seconds=30)

@@ -27,12 +27,12 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import func, select, text
 
-from shared.db import Database
-from shared.models import Message, MessageStatus, utcnow
-from shared.settings import Settings
-from worker.celery_app import SEND_TASK
+from shared.core.broker import SEND_TASK
+from shared.core.db import Database
+from shared.core.models import utcnow
+from shared.core.settings import Settings
+from shared.messages import queries
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +53,6 @@ OUTCOMES = (
 REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 REDIS_PRIORITY_SEPARATOR = "\x06\x16"
 SCRAPE_TIMEOUT = 1.0
-SCRAPE_TIMEOUT_MS = int(SCRAPE_TIMEOUT * 1000)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
@@ -151,12 +150,8 @@ class BacklogCollector(Collector):
     def oldest_queued_age(self) -> GaugeMetricFamily | None:
         try:
             with self.database().transaction() as session:
-                if session.get_bind().dialect.name == "postgresql":
-                    session.execute(text(f"SET LOCAL statement_timeout = {SCRAPE_TIMEOUT_MS}"))
-                oldest = session.scalar(
-                    select(func.min(Message.created_at)).where(
-                        Message.status == MessageStatus.QUEUED.value
-                    )
+                oldest = queries.oldest_queued_created_at(
+                    session, timedelta(seconds=SCRAPE_TIMEOUT)
                 )
         except Exception as exc:
             log.warning("metrics.oldest_queued_failed", error=f"{type(exc).__name__}: {exc}")

@@ -15,7 +15,7 @@ down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The tables whose rows the API caches between requests (shared/directory.py).
+# The tables whose rows the API caches between requests (shared/core/config_cache.py).
 CACHED_TABLES = ("accounts", "application_keys", "environments", "campaigns", "provider_accounts")
 
 

@@ -15,7 +15,7 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The credential each provider names in its webhooks (shared/accounts.py PUBLIC_ID_CREDENTIAL).
+# The credential each provider names in its webhooks (shared/accounts/access.py PUBLIC_ID_CREDENTIAL).
 PUBLIC_ID_CREDENTIAL = {"twilio": "account_sid", "vonage": "api_key", "simulator": "account_id"}
 
 

@@ -18,7 +18,7 @@ import httpx
 import requests
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError
 
-from shared.providers import InDoubtProviderError, ProviderError, TransientProviderError
+from shared.providers.interface import InDoubtProviderError, ProviderError, TransientProviderError
 
 # Errors reading or closing an established TLS session: the request may have gone out.
 _TLS_AFTER_HANDSHAKE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)

@@ -35,8 +35,10 @@ from urllib.parse import quote
 
 import httpx
 
-from shared.models import MessageStatus
-from shared.providers import (
+from shared.core.models import MessageStatus
+from shared.core.settings import Settings
+from shared.providers.http_errors import classify_httpx_error
+from shared.providers.interface import (
     InDoubtProviderError,
     PermanentProviderError,
     RecipientOptedOut,
@@ -45,8 +47,6 @@ from shared.providers import (
     TransientProviderError,
     register,
 )
-from shared.providers.http_errors import classify_httpx_error
-from shared.settings import Settings
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 OPTED_OUT = "21610"

@@ -40,8 +40,10 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from shared.models import MessageStatus
-from shared.providers import (
+from shared.core.models import MessageStatus
+from shared.core.settings import Settings
+from shared.providers.http_errors import classify_requests_error
+from shared.providers.interface import (
     InDoubtProviderError,
     PermanentProviderError,
     ProviderError,
@@ -51,8 +53,6 @@ from shared.providers import (
     TransientProviderError,
     register,
 )
-from shared.providers.http_errors import classify_requests_error
-from shared.settings import Settings
 
 # Twilio says these are safe to retry: never processed (20429) or a server-side failure.
 THROTTLED = 20429

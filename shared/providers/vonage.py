@@ -42,8 +42,10 @@ from vonage_http_client.errors import HttpRequestError, RateLimitedError, Server
 from vonage_sms import SmsMessage
 from vonage_sms.errors import PartialFailureError, SmsError
 
-from shared.models import MessageStatus
-from shared.providers import (
+from shared.core.models import MessageStatus
+from shared.core.settings import Settings
+from shared.providers.http_errors import classify_requests_error
+from shared.providers.interface import (
     InDoubtProviderError,
     PermanentProviderError,
     ProviderError,
@@ -52,9 +54,7 @@ from shared.providers import (
     TransientProviderError,
     register,
 )
-from shared.providers.http_errors import classify_requests_error
-from shared.segments import measure
-from shared.settings import Settings
+from shared.text.segments import measure
 
 # Per-message status codes Vonage documents as worth retrying and that say nothing went out:
 # throttled, too many existing binds. 14 (invalid signature) is a configuration error: final.

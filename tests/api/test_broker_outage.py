@@ -6,11 +6,12 @@ from litestar.testing import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from shared.db import Database
-from shared.models import Message
-from shared.settings import Settings
-from tests.conftest import CALLER, TENANT, Demo, headers, issue_token
-from tests.services import free_port
+from shared.core.db import Database
+from shared.core.models import Message
+from shared.core.settings import Settings
+from tests.support.api import issue_token
+from tests.support.data import CALLER, TENANT, Demo, headers
+from tests.support.services import free_port
 
 
 def test_a_send_is_accepted_and_kept_unpublished_while_the_broker_is_down(

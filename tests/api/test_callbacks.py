@@ -11,15 +11,15 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import select
 
-from shared.db import Database
-from shared.lifecycle import StatusReport, apply_status
-from shared.models import DeliveryEvent, MessageStatus, utcnow
+from shared.core.db import Database
+from shared.core.models import DeliveryEvent, MessageStatus, utcnow
+from shared.core.settings import Settings
+from shared.messages.claims import claim, record_accepted
+from shared.messages.lifecycle import StatusReport, apply_status
 from shared.providers.simulator import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from shared.sending import claim, record_accepted
-from shared.settings import Settings
-from tests.api.support import simulator_credentials
-from tests.conftest import TENANT, Demo
-from tests.shared.support import accept_message, count_events, load_events, load_message
+from tests.support.api import simulator_credentials
+from tests.support.data import TENANT, Demo
+from tests.support.messages import accept_message, count_events, load_events, load_message
 
 PATH = "/callbacks/simulator"
 UNKNOWN_SID = "SM" + "f" * 32

@@ -11,9 +11,18 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from shared.db import Database
-from tests.api.support import UNAUTHORIZED_BODY, V3, stored_deflected_calls
-from tests.conftest import CALLER, CALLER_E164, KEY, OTHER_KEY, OTHER_TENANT, TENANT, Demo, headers
+from shared.core.db import Database
+from tests.support.api import UNAUTHORIZED_BODY, V3, stored_deflected_calls
+from tests.support.data import (
+    CALLER,
+    CALLER_E164,
+    KEY,
+    OTHER_KEY,
+    OTHER_TENANT,
+    TENANT,
+    Demo,
+    headers,
+)
 
 TOKEN_URL = f"{V3}/token"
 WEEK = 7 * 24 * 3600  # the service's longest token lifetime (token_max_lifetime)

@@ -14,11 +14,11 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from api.app import create_app
 from api.errors import database_error_response
-from shared.db import Database
-from shared.settings import Settings
-from tests.api.support import V3
-from tests.conftest import CALLER, Demo, headers
-from tests.services import free_port
+from shared.core.db import Database
+from shared.core.settings import Settings
+from tests.support.api import V3
+from tests.support.data import CALLER, Demo, headers
+from tests.support.services import free_port
 
 SEND = f"{V3}/campaign/sms/campaign1"
 BODY = {"callerId": CALLER, "jpToken": "Aejhib7"}

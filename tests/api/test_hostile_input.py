@@ -9,8 +9,8 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from tests.api.support import V3
-from tests.conftest import Demo, headers, issue_token
+from tests.support.api import V3, issue_token
+from tests.support.data import Demo, headers
 
 V2 = V3.replace("version/3", "version/2")
 SOAP = "/interact/version/2/agent/soap"

@@ -17,16 +17,16 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import select, update
 
-from shared.db import Database
-from shared.models import ShortLink, utcnow
-from shared.settings import Settings
-from tests.api.support import (
+from shared.core.db import Database
+from shared.core.models import ShortLink, utcnow
+from shared.core.settings import Settings
+from tests.support.api import (
     CAMPAIGN_LINK,
     UNAUTHORIZED_BODY,
     assert_nothing_placed,
     put_campaign,
 )
-from tests.conftest import KEY, OTHER_KEY, OTHER_TENANT, TENANT, Demo, headers
+from tests.support.data import KEY, OTHER_KEY, OTHER_TENANT, TENANT, Demo, headers
 
 V2 = f"/interact/version/2/account/{TENANT}/resources"
 

@@ -12,11 +12,12 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from shared.settings import Settings
-from tests.api.support import UNAUTHORIZED_BODY, V3
+from shared.core.settings import Settings
 from tests.api.test_soap import soap_request
-from tests.conftest import Demo, Process, headers, wait_until
-from tests.services import free_port
+from tests.support.api import UNAUTHORIZED_BODY, V3
+from tests.support.data import Demo, headers
+from tests.support.processes import Process, wait_until
+from tests.support.services import free_port
 
 WRONG = headers(key="0" * 24)
 SOAP = "/interact/version/2/agent/soap"

@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CALLER, Demo, Process, headers, wait_until
-from tests.services import free_port
+from tests.support.data import CALLER, Demo, headers
+from tests.support.processes import Process, wait_until
+from tests.support.services import free_port
 
 V3 = "/interact/version/3/account/12345678/resources"
 MB = 1024 * 1024

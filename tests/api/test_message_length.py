@@ -13,19 +13,20 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import select, update
 
-from shared.db import Database
-from shared.models import Campaign, ShortLink
-from shared.segments import measure
-from tests.api.support import (
+from shared.core.db import Database
+from shared.core.models import Campaign, ShortLink
+from shared.text.segments import measure
+from tests.api.test_soap import INVALID_PARAMETER_ENVELOPE, assert_envelope, post_soap, soap_request
+from tests.support.api import (
     CAMPAIGN_TEXT,
     V3,
     assert_nothing_placed,
+    issue_token,
     put_campaign,
     send_sms,
     stored_messages,
 )
-from tests.api.test_soap import INVALID_PARAMETER_ENVELOPE, assert_envelope, post_soap, soap_request
-from tests.conftest import CALLER, Demo, headers, issue_token
+from tests.support.data import CALLER, Demo, headers
 
 # "https://flows.example.com/start?lang=en&p=<value>&startedFromSmsToken=<7 characters>":
 # 70 characters around the value of one `p` parameter; 88 with the demo campaign's text.

@@ -15,17 +15,18 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import delete, update
 
-from shared.db import Database
-from shared.models import DeflectedCall, InteractionToken, ProviderAccount, utcnow
-from tests.api.support import (
+from shared.core.db import Database
+from shared.core.models import DeflectedCall, InteractionToken, ProviderAccount, utcnow
+from tests.support.api import (
     UNAUTHORIZED_BODY,
     V3,
     assert_nothing_placed,
+    issue_token,
     other_account_token,
     put_campaign,
     stored_deflected_calls,
 )
-from tests.conftest import CALLER, KEY, OTHER_KEY, OTHER_TENANT, TENANT, Demo, headers, issue_token
+from tests.support.data import CALLER, KEY, OTHER_KEY, OTHER_TENANT, TENANT, Demo, headers
 
 REPORT = f"{V3}/reports/deflected-calls"
 

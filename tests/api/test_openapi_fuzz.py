@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings
-from tests.conftest import KEY, TENANT, Demo, Process, _answers, wait_until
-from tests.services import free_port
+from shared.core.settings import Settings
+from tests.support.data import KEY, TENANT, Demo
+from tests.support.processes import Process, answers, wait_until
+from tests.support.services import free_port
 
 CHECKS = ",".join(
     [
@@ -38,7 +39,7 @@ def _api(spawn: Callable[..., Process], settings: Settings, **env: str) -> tuple
         str(port),
         env={"SMSD_API_PORT": str(port), "SMSD_PUBLIC_BASE_URL": base, **env},
     )
-    wait_until(lambda: _answers(f"{base}/health/ready"), 30, "the API")
+    wait_until(lambda: answers(f"{base}/health/ready"), 30, "the API")
     return base, process
 
 

@@ -17,19 +17,20 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import delete, select
 
-from shared.db import Database
-from shared.lifecycle import StatusReport, apply_status
-from shared.models import DeflectedCall, MessageStatus, ProviderAccount, utcnow
-from tests.api.support import (
+from shared.core.db import Database
+from shared.core.models import DeflectedCall, MessageStatus, ProviderAccount, utcnow
+from shared.messages.lifecycle import StatusReport, apply_status
+from tests.support.api import (
     CAMPAIGN_LINK,
     PROVIDER_NOT_DEFINED,
     UNAUTHORIZED_BODY,
     assert_nothing_placed,
+    issue_token,
     put_campaign,
     queued_sends,
     stored_messages,
 )
-from tests.conftest import (
+from tests.support.data import (
     CALLER,
     CALLER_E164,
     KEY,
@@ -39,9 +40,8 @@ from tests.conftest import (
     TENANT,
     Demo,
     headers,
-    issue_token,
-    wait_until,
 )
+from tests.support.processes import wait_until
 
 V2 = f"/interact/version/2/account/{TENANT}/resources"
 PLACED = re.compile(r"^Placed campaign \{campaign1\} in SMS queue messageSid: (SM[0-9a-f]{32})$")

@@ -16,15 +16,16 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import delete, update
 
-from shared import accounts
-from shared.db import Database
-from shared.models import InteractionToken, MessageStatus, ProviderAccount, utcnow
-from tests.api.support import (
+from shared.accounts import provisioning
+from shared.core.db import Database
+from shared.core.models import InteractionToken, MessageStatus, ProviderAccount, utcnow
+from tests.support.api import (
     CAMPAIGN_LINK,
     PROVIDER_NOT_DEFINED,
     UNAUTHORIZED_BODY,
     V3,
     assert_nothing_placed,
+    issue_token,
     other_account_token,
     put_campaign,
     queued_sends,
@@ -32,7 +33,7 @@ from tests.api.support import (
     send_sms,
     stored_messages,
 )
-from tests.conftest import (
+from tests.support.data import (
     CALLER,
     CALLER_E164,
     KEY,
@@ -42,9 +43,8 @@ from tests.conftest import (
     TENANT,
     Demo,
     headers,
-    issue_token,
-    wait_until,
 )
+from tests.support.processes import wait_until
 
 PLACED = re.compile(r"^Placed campaign \{campaign1\} in SMS queue messageSid: (SM[0-9a-f]{32})$")
 SYSTEM_SENDER = "+12025550199"
@@ -526,8 +526,8 @@ def test_expired_provider_settings_are_500(
 ) -> None:
     token = issue_token(client)
     with db.transaction() as session:
-        account = accounts.get_account(session, TENANT)
-        accounts.set_provider(
+        account = provisioning.get_account(session, TENANT)
+        provisioning.set_provider(
             session,
             account,
             "simulator",
@@ -543,8 +543,10 @@ def test_expired_provider_settings_are_500(
 
 def _create_system_account(db: Database) -> int:
     with db.transaction() as session:
-        system = accounts.create_account(session, "system", "System")
-        settings = accounts.set_provider(session, system, "simulator", sender_ids=[SYSTEM_SENDER])
+        system = provisioning.create_account(session, "system", "System")
+        settings = provisioning.set_provider(
+            session, system, "simulator", sender_ids=[SYSTEM_SENDER]
+        )
         return settings.id
 
 

@@ -13,20 +13,21 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import select, update
 
-from shared import accounts
-from shared.db import Database
-from shared.models import DeflectedCall, InteractionToken, ShortLink, utcnow
-from shared.settings import Settings
-from tests.api.support import (
+from shared.accounts import access, provisioning
+from shared.core.db import Database
+from shared.core.models import DeflectedCall, InteractionToken, ShortLink, utcnow
+from shared.core.settings import Settings
+from tests.support.api import (
     CAMPAIGN_LINK,
     CAMPAIGN_TEXT,
     V3,
     assert_nothing_placed,
+    issue_token,
     send_sms,
     stored_deflected_calls,
     stored_messages,
 )
-from tests.conftest import CALLER, TENANT, Demo, headers, issue_token
+from tests.support.data import CALLER, TENANT, Demo, headers
 
 REPORT = f"{V3}/reports/deflected-calls"
 V2 = f"/interact/version/2/account/{TENANT}/resources"
@@ -35,11 +36,11 @@ V2 = f"/interact/version/2/account/{TENANT}/resources"
 def shorten_campaign_links(db: Database, campaign_id: str = "campaign1") -> None:
     """Turn `shorten_links` on for a campaign of the demo account, keeping its other fields."""
     with db.transaction() as session:
-        account = accounts.get_account(session, TENANT)
-        environment = accounts.resolve_environment(session, account, None)
-        campaign = accounts.find_campaign(session, environment, campaign_id)
+        account = provisioning.get_account(session, TENANT)
+        environment = access.resolve_environment(session, account, None)
+        campaign = access.find_campaign(session, environment, campaign_id)
         assert campaign is not None
-        accounts.upsert_campaign(
+        provisioning.upsert_campaign(
             session,
             environment,
             campaign_id,

@@ -18,20 +18,27 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import delete, select, update
 
-from shared import accounts
-from shared.db import Database
-from shared.models import DeflectedCall, InteractionToken, MessageStatus, ProviderAccount, utcnow
-from shared.settings import Settings
-from tests.api.support import (
+from shared.accounts import provisioning
+from shared.core.db import Database
+from shared.core.models import (
+    DeflectedCall,
+    InteractionToken,
+    MessageStatus,
+    ProviderAccount,
+    utcnow,
+)
+from shared.core.settings import Settings
+from tests.support.api import (
     CAMPAIGN_LINK,
     assert_nothing_placed,
+    issue_token,
     other_account_token,
     put_campaign,
     queued_sends,
     queued_tasks,
     stored_messages,
 )
-from tests.conftest import (
+from tests.support.data import (
     CALLER,
     CALLER_E164,
     KEY,
@@ -41,7 +48,6 @@ from tests.conftest import (
     TENANT,
     Demo,
     headers,
-    issue_token,
 )
 
 SOAP = "/interact/version/2/agent/soap"
@@ -198,8 +204,10 @@ def delete_own_provider_settings(db: Database, account_id: int) -> None:
 def create_system_account(db: Database) -> int:
     """The `system` (master) account with its own provider settings; their id."""
     with db.transaction() as session:
-        system = accounts.create_account(session, "system", "System")
-        settings = accounts.set_provider(session, system, "simulator", sender_ids=SYSTEM_SENDERS)
+        system = provisioning.create_account(session, "system", "System")
+        settings = provisioning.set_provider(
+            session, system, "simulator", sender_ids=SYSTEM_SENDERS
+        )
         return settings.id
 
 

@@ -10,10 +10,19 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from shared.models import utcnow
-from tests.api.support import OTHER_V3, UNAUTHORIZED_BODY, V3, other_account_token, send_sms
-from tests.conftest import CALLER, CALLER_E164, KEY, OTHER_KEY, OTHER_TENANT, SENDER, Demo, headers
-from tests.conftest import issue_token as issue_demo_token
+from shared.core.models import utcnow
+from tests.support.api import OTHER_V3, UNAUTHORIZED_BODY, V3, other_account_token, send_sms
+from tests.support.api import issue_token as issue_demo_token
+from tests.support.data import (
+    CALLER,
+    CALLER_E164,
+    KEY,
+    OTHER_KEY,
+    OTHER_TENANT,
+    SENDER,
+    Demo,
+    headers,
+)
 
 REPORT = f"{V3}/reports/deflected-calls"
 

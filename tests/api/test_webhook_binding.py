@@ -19,14 +19,14 @@ from sqlalchemy import delete, select, update
 from twilio.request_validator import RequestValidator
 from vonage_http_client.auth import Auth
 
-from shared import accounts
-from shared.db import Database
-from shared.models import Message, MessagePart, OptOut, ProviderAccount, utcnow
+from shared.accounts import access, provisioning
+from shared.core.db import Database
+from shared.core.models import Message, MessagePart, OptOut, ProviderAccount, utcnow
+from shared.core.settings import Settings
+from shared.messages.claims import claim, record_accepted
 from shared.providers.simulator import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from shared.sending import claim, record_accepted
-from shared.settings import Settings
-from tests.conftest import CALLER, OTHER_TENANT, SENDER, TENANT, Demo
-from tests.shared.support import accept_message, count_events, load_events, load_message
+from tests.support.data import CALLER, OTHER_TENANT, SENDER, TENANT, Demo
+from tests.support.messages import accept_message, count_events, load_events, load_message
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ class Tenant:
 
 def _provide(db: Database, tenant: str, provider: str, credentials: dict[str, Any]) -> Tenant:
     with db.transaction() as session:
-        account = accounts.get_account(session, tenant)
+        account = provisioning.get_account(session, tenant)
         session.execute(delete(ProviderAccount).where(ProviderAccount.account_id == account.id))
-        row = accounts.set_provider(
+        row = provisioning.set_provider(
             session, account, provider, sender_ids=[SENDER], credentials=credentials
         )
         return Tenant(tenant, dict(row.credentials))
@@ -277,7 +277,7 @@ def test_vonage_receipt_to_another_tenants_callback_token_is_403(
     _, attacker = vonage_pair
     sid = _sent(db, settings, "0A00000000000002")
     params = unsigned_receipt(attacker, sid, "0A00000000000002", "delivered")
-    token = attacker.credentials[accounts.CALLBACK_TOKEN]
+    token = attacker.credentials[access.CALLBACK_TOKEN]
     assert client.get(f"/callbacks/vonage/{token}", params=params).status_code == 403
     assert load_message(db, sid).status == "sent"
 
@@ -291,7 +291,7 @@ def test_vonage_unsigned_receipt_with_the_senders_token_is_applied(
     victim, _ = vonage_pair
     sid = _sent(db, settings, "0A00000000000003")
     params = unsigned_receipt(victim, sid, "0A00000000000003", "delivered")
-    token = victim.credentials[accounts.CALLBACK_TOKEN]
+    token = victim.credentials[access.CALLBACK_TOKEN]
     assert client.get(f"/callbacks/vonage/{token}", params=params).status_code == 204
     assert load_message(db, sid).status == "delivered"
 
@@ -414,7 +414,7 @@ def test_same_vonage_receipt_twice_is_stored_once(
 def _receipt(
     client: TestClient[Litestar], signer: Tenant, sid: str, part: str, status: str
 ) -> None:
-    token = signer.credentials[accounts.CALLBACK_TOKEN]
+    token = signer.credentials[access.CALLBACK_TOKEN]
     params = unsigned_receipt(signer, sid, part, status)
     assert client.get(f"/callbacks/vonage/{token}", params=params).status_code == 204
 
@@ -526,11 +526,11 @@ def test_twilio_callback_with_error_21610_records_the_opt_out(
 
 def _rotate(db: Database, tenant: str) -> str:
     with db.transaction() as session:
-        account = accounts.get_account(session, tenant)
+        account = provisioning.get_account(session, tenant)
         row = session.scalars(
             select(ProviderAccount).where(ProviderAccount.account_id == account.id)
         ).one()
-        return accounts.rotate_callback_token(session, row)
+        return provisioning.rotate_callback_token(session, row)
 
 
 @pytest.mark.parametrize(
@@ -549,7 +549,7 @@ def test_rotated_callback_token_keeps_the_last_one_until_the_next_rotation(
     newest = ""
     for _ in range(rotations):
         newest = _rotate(db, TENANT)
-    old = victim.credentials[accounts.CALLBACK_TOKEN]
+    old = victim.credentials[access.CALLBACK_TOKEN]
     params = unsigned_receipt(victim, sid, "W1", "accepted")
     assert client.get(f"/callbacks/vonage/{old}", params=params).status_code == old_token_answers
     params = unsigned_receipt(victim, sid, "W1", "delivered")

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from tornado.options import options as tornado_options
 
-from shared.settings import Settings
+from shared.core.settings import Settings
 from tests.deploy.support import ROOT, Json, image_user_id, mapping, sequence, subcommands
 
 TOOLS = Path(__file__).resolve().parent
@@ -391,7 +391,7 @@ def test_every_variable_is_a_setting_and_every_reference_resolves(
                         assert reference["key"] in keys, f"{name}: {reference['key']}"
         variables |= {key for key in keys if key.startswith("SMSD_")}
         unknown = {v for v in variables if v.startswith("SMSD_")} - settings
-        assert not unknown, f"no such settings in shared/settings.py: {sorted(unknown)}"
+        assert not unknown, f"no such settings in shared/core/settings.py: {sorted(unknown)}"
 
 
 def test_the_secret_is_a_template_that_production_never_applies(

@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from shared import accounts
-from shared.db import Database
-from shared.settings import Settings
-from tests.conftest import CALLER, CALLER_E164, TENANT, Demo, Process, headers, wait_until
+from shared.accounts import access, provisioning
+from shared.core.db import Database
+from shared.core.settings import Settings
+from tests.support.data import CALLER, CALLER_E164, TENANT, Demo, headers
+from tests.support.processes import Process, wait_until
 
 BASE = f"/interact/version/3/account/{TENANT}/resources"
 CAMPAIGN_LINK = "https://flows.example.com/start?lang=en"
@@ -29,9 +30,9 @@ def api(api_url: str) -> httpx.Client:
 def shorten_campaign_links(db: Database) -> None:
     """campaign1 of the demo account, as the fixture made it, with `shorten_links` on."""
     with db.transaction() as session:
-        account = accounts.get_account(session, TENANT)
-        environment = accounts.resolve_environment(session, account, None)
-        accounts.upsert_campaign(
+        account = provisioning.get_account(session, TENANT)
+        environment = access.resolve_environment(session, account, None)
+        provisioning.upsert_campaign(
             session,
             environment,
             "campaign1",

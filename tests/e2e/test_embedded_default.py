@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import CALLER, KEY, ROOT, TENANT, wait_until
-from tests.services import free_port
+from tests.support.data import CALLER, KEY, TENANT
+from tests.support.processes import ROOT, wait_until
+from tests.support.services import free_port
 
 BASE = f"/interact/version/3/account/{TENANT}/resources"
 AUTH = {"Tenant-Id": TENANT, "Application-Key": KEY}

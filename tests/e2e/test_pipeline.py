@@ -13,11 +13,12 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from shared.db import Database
-from shared.models import DeflectedCall, Message, utcnow
-from shared.settings import Settings
-from tests.conftest import CALLER, CALLER_E164, TENANT, Demo, Process, headers, wait_until
-from tests.shared.support import accept_message
+from shared.core.db import Database
+from shared.core.models import DeflectedCall, Message, utcnow
+from shared.core.settings import Settings
+from tests.support.data import CALLER, CALLER_E164, TENANT, Demo, headers
+from tests.support.messages import accept_message
+from tests.support.processes import Process, wait_until
 
 BASE = f"/interact/version/3/account/{TENANT}/resources"
 
@@ -136,8 +137,10 @@ def test_transient_provider_failures_are_retried_until_every_message_is_sent(
     simulator.post("/control", json={"failure_rate": 0.5})
     token = _token(api)
     sids = [_send(api, token) for _ in range(10)]
-    # Enough attempts that a coin-flip provider cannot exhaust them (0.5**40).
-    start_worker(env={"SMSD_MAX_SEND_ATTEMPTS": "40"})
+    # Enough attempts that a coin-flip provider cannot exhaust them (0.5**40). Its failures
+    # open the circuit breaker now and then: a short pause, so the retries (not the breaker's
+    # default 30 s cooldown) are what this measures.
+    start_worker(env={"SMSD_MAX_SEND_ATTEMPTS": "40", "SMSD_BREAKER_COOLDOWN": "2"})
     wait_until(lambda: _statuses(db)["delivered"] == len(sids), 60, "every message delivered")
     stats = simulator.get("/stats").json()
     assert stats["requests"] > len(sids)  # some sends failed and were retried

@@ -9,12 +9,13 @@ from datetime import datetime, timedelta
 import httpx
 from sqlalchemy import select
 
-from shared.db import Database
-from shared.models import Message, utcnow
-from shared.settings import Settings
-from tests.conftest import Demo, Process, wait_until
-from tests.providers.support import use_providers
-from tests.shared.support import accept_message
+from shared.core.db import Database
+from shared.core.models import Message, utcnow
+from shared.core.settings import Settings
+from tests.support.data import Demo
+from tests.support.messages import accept_message
+from tests.support.processes import Process, wait_until
+from tests.support.providers import use_providers
 
 
 def _statuses(db: Database) -> Counter[str]:

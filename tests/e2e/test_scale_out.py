@@ -14,10 +14,11 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from shared.db import Database
-from shared.models import Message
-from tests.conftest import CALLER, TENANT, Demo, Process, headers, wait_until
-from tests.services import free_port, rabbitmq_server
+from shared.core.db import Database
+from shared.core.models import Message
+from tests.support.data import CALLER, TENANT, Demo, headers
+from tests.support.processes import Process, wait_until
+from tests.support.services import free_port, rabbitmq_server
 
 SEND = f"/interact/version/3/account/{TENANT}/resources/campaign/sms/campaign1"
 

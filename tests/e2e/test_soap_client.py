@@ -12,7 +12,8 @@ import pytest
 import requests
 import zeep
 
-from tests.conftest import CALLER, CALLER_E164, TENANT, Demo, Process, headers, wait_until
+from tests.support.data import CALLER, CALLER_E164, TENANT, Demo, headers
+from tests.support.processes import Process, wait_until
 
 WSDL_PATH = "/interact/version/2/agent/soap/agent.wsdl"
 V3 = f"/interact/version/3/account/{TENANT}/resources"

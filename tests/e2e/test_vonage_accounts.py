@@ -11,13 +11,14 @@ from typing import Any
 import httpx
 from sqlalchemy import delete, select
 
-from shared import accounts
-from shared.db import Database
-from shared.models import Message, MessagePart, ProviderAccount, utcnow
-from shared.settings import Settings
-from tests.conftest import SENDER, TENANT, Demo, Process, wait_until
-from tests.providers.support import VONAGE_KEY, VONAGE_SECRET, register_vonage
-from tests.shared.support import accept_message
+from shared.accounts import access, provisioning
+from shared.core.db import Database
+from shared.core.models import Message, MessagePart, ProviderAccount, utcnow
+from shared.core.settings import Settings
+from tests.support.data import SENDER, TENANT, Demo
+from tests.support.messages import accept_message
+from tests.support.processes import Process, wait_until
+from tests.support.providers import VONAGE_KEY, VONAGE_SECRET, register_vonage
 
 # Two GSM-7 parts once the link is in: Vonage answers two ids and sends two receipts.
 LONG_TEXT = "Thank you for calling. " * 8 + "Continue here: <link>"
@@ -31,13 +32,13 @@ def _use_vonage(db: Database, settings: Settings, **extra: Any) -> dict[str, Any
         **extra,
     }
     with db.transaction() as session:
-        account = accounts.get_account(session, TENANT)
+        account = provisioning.get_account(session, TENANT)
         session.execute(delete(ProviderAccount).where(ProviderAccount.account_id == account.id))
-        accounts.set_provider(
+        provisioning.set_provider(
             session, account, "vonage", sender_ids=[SENDER], credentials=credentials
         )
-        environment = accounts.resolve_environment(session, account, None)
-        accounts.upsert_campaign(
+        environment = access.resolve_environment(session, account, None)
+        provisioning.upsert_campaign(
             session,
             environment,
             "campaign1",

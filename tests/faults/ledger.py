@@ -17,9 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from sqlalchemy import select
 
-from shared.db import Database
-from shared.models import Message, MessageStatus
-from tests.conftest import wait_until
+from shared.core.db import Database
+from shared.core.models import Message, MessageStatus
+from tests.support.processes import wait_until
 
 
 def sid_of(message: dict[str, Any]) -> str | None:

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL cluster a fault test can freeze, stop and start again.
 
-Built like tests/services.py `postgres_server` (its helpers, imported): initdb into a temp dir,
-loopback only, trust auth. Besides `url` it offers
+Built like tests/support/services.py `postgres_server` (its helpers, imported): initdb into a
+temp dir, loopback only, trust auth. Besides `url` it offers
 
 - `pause()`: SIGSTOP the postmaster and every process of the cluster (its children: backends,
   checkpointer, walwriter, ...). The kernel still completes TCP handshakes and ACKs packets,
@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.services import (
+from tests.support.services import (
     PG_DATABASE,
     PG_USER,
     _as_postgres_prefix,

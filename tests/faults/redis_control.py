@@ -18,7 +18,7 @@ from types import TracebackType
 
 import redis
 
-from tests.services import free_port
+from tests.support.services import free_port
 
 START_TIMEOUT = 10.0
 

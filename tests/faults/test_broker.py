@@ -18,13 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.db import Database
-from shared.models import utcnow
-from shared.settings import Settings
-from tests.conftest import Demo, Process, wait_until
+from shared.core.db import Database
+from shared.core.models import utcnow
+from shared.core.settings import Settings
 from tests.faults.ledger import read_ledger, settle
 from tests.faults.redis_control import RedisControl
-from tests.shared.support import accept_message
+from tests.support.data import Demo
+from tests.support.messages import accept_message
+from tests.support.processes import Process, wait_until
 
 
 def broker_env(control: RedisControl, **extra: str) -> dict[str, str]:

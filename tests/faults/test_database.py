@@ -21,13 +21,14 @@ import psycopg
 import pytest
 from sqlalchemy import func, select
 
-from shared.db import Database
-from shared.models import Message
-from shared.settings import Settings
-from tests.conftest import CALLER, ROOT, TENANT, Process, headers, wait_until
+from shared.core.db import Database
+from shared.core.models import Message
+from shared.core.settings import Settings
 from tests.faults.ledger import Ledger
 from tests.faults.postgres_control import PostgresControl, controlled_postgres
-from tests.services import free_port
+from tests.support.data import CALLER, TENANT, headers
+from tests.support.processes import ROOT, Process, wait_until
+from tests.support.services import free_port
 
 DEADLINE = 3.0  # SMSD_API_ACCEPT_DEADLINE given to the API under test
 # How late a 503 may be past the deadline: scheduling on a busy two-core machine.

@@ -17,14 +17,15 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from shared.db import Database
-from shared.settings import Settings
-from tests.conftest import KEY, TENANT, Demo, Process, wait_until
+from shared.core.db import Database
+from shared.core.settings import Settings
 from tests.faults.ledger import settle
 from tests.faults.redis_control import RedisControl
 from tests.faults.test_broker import broker_env, celery_child
-from tests.providers.support import use_providers
-from tests.services import free_port
+from tests.support.data import KEY, TENANT, Demo
+from tests.support.processes import Process, wait_until
+from tests.support.providers import use_providers
+from tests.support.services import free_port
 
 pytestmark = pytest.mark.soak
 

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from shared.models import utcnow
+from shared.core.models import utcnow
 
 
 @pytest.fixture

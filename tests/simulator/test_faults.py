@@ -16,7 +16,7 @@ import httpx
 import pytest
 from twilio.rest import Client  # type: ignore[import-untyped, unused-ignore]
 
-from shared.providers import (
+from shared.providers.interface import (
     InDoubtProviderError,
     Provider,
     SendRequest,
@@ -25,7 +25,7 @@ from shared.providers import (
 from shared.providers.simulator import IDEMPOTENCY_HEADER, SimulatorProvider, new_credentials
 from shared.providers.twilio import TwilioProvider
 from shared.providers.vonage import VonageProvider
-from tests.simulator.conftest import Receiver, Sim
+from tests.simulator.support import Receiver, Sim
 
 ACCOUNT_SID = "AC" + "9" * 32
 AUTH_TOKEN = secrets.token_hex(16)

@@ -25,8 +25,8 @@ from twilio.rest.api.v2010.account.message import (  # type: ignore[import-untyp
 from vonage import Auth, HttpClientOptions, Vonage  # type: ignore[import-untyped, unused-ignore]
 from vonage_sms import SmsError, SmsMessage  # type: ignore[import-untyped, unused-ignore]
 
-from shared.models import MessageStatus
-from shared.providers import (
+from shared.core.models import MessageStatus
+from shared.providers.interface import (
     InDoubtProviderError,
     PermanentProviderError,
     Provider,
@@ -38,7 +38,7 @@ from shared.providers import (
 from shared.providers.simulator import SimulatorProvider, new_credentials, verify_signature
 from shared.providers.twilio import OPT_OUT_ERROR_CODES, TWILIO_STATUSES, TwilioProvider
 from shared.providers.vonage import VonageProvider, signature, verify_webhook
-from tests.simulator.conftest import Hook, Receiver, Sim
+from tests.simulator.support import Hook, Receiver, Sim
 
 ACCOUNT_SID = "AC" + "7" * 32
 AUTH_TOKEN = secrets.token_hex(16)

@@ -18,7 +18,7 @@ from cryptography import x509
 
 from simulator.server import SimulatorServer
 from simulator.tls import ensure_certificate
-from tests.services import free_port
+from tests.support.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

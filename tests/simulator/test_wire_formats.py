@@ -23,13 +23,13 @@ from vonage_http_client.errors import (  # type: ignore[import-untyped, unused-i
 )
 from vonage_sms import SmsError, SmsMessage  # type: ignore[import-untyped, unused-ignore]
 
-from shared.providers import SendRequest
+from shared.providers.interface import SendRequest
 from shared.providers.simulator import (
     SimulatorProvider,
     new_credentials,
     verify_signature,
 )
-from tests.simulator.conftest import Receiver, Sim
+from tests.simulator.support import Receiver, Sim
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "twilio-auth-token-for-tests"

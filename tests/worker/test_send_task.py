@@ -11,13 +11,13 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from shared import accounts
-from shared.db import Database
-from shared.models import Message, ProviderAccount, utcnow
-from shared.providers import SendRequest, SendResult, register
-from shared.settings import Settings
-from tests.conftest import TENANT, Demo
-from tests.shared.support import accept_message, load_message
+from shared.accounts import provisioning
+from shared.core.db import Database
+from shared.core.models import Message, ProviderAccount, utcnow
+from shared.core.settings import Settings
+from shared.providers.interface import SendRequest, SendResult, register
+from tests.support.data import TENANT, Demo
+from tests.support.messages import accept_message, load_message
 from worker import tasks
 
 
@@ -56,7 +56,7 @@ register("exploding")(ExplodingProvider)
 def exploding(demo: Demo, db: Database) -> None:
     with db.transaction() as session:
         session.execute(update(ProviderAccount).values(provider="exploding"))
-        account = accounts.get_account(session, TENANT)
+        account = provisioning.get_account(session, TENANT)
         assert account.id == demo.account_id
 
 

@@ -1,0 +1,133 @@
+"""The broker, as Celery sees it: the one Celery application definition, its settings, and the
+task names. Tasks carry only messageSids, as JSON, so Flower can show them.
+
+The API publishes through the app `create_celery` builds; `worker/celery_app.py` builds the
+workers' from the same function and registers the tasks (`worker/tasks.py`) on it."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from celery import Celery
+
+from shared.core.settings import Settings, get_settings
+
+SEND_TASK = "sms.send"
+SWEEP_TASK = "sms.sweep"
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """The Celery app: the API process publishes through it, a worker process runs the tasks
+    registered on it. Without `settings` (the workers' `celery -A worker.celery_app`) it is
+    configured from the environment on first use, not at import, so whoever imports it first
+    cannot freeze settings that are not final yet."""
+    app = Celery("sms_dispatch", include=["worker.tasks"])
+    if settings is None:
+        app.add_defaults(lambda: celery_config(get_settings()))
+    else:
+        app.conf.update(celery_config(settings))
+    return app
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting we rely on, derived from ours."""
+    sweep_queue = f"{settings.send_queue}.sweep"
+    return dict(
+        broker_url=settings.broker_url,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        # Ack after the task ran, and hand a task back when its worker dies: a send is never
+        # dropped with a worker. Running twice is safe because the task claims the message.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
+        worker_concurrency=settings.worker_concurrency,
+        worker_pool="threads",
+        worker_hijack_root_logger=False,
+        # Task events cost four broker publishes per message (sent, received, started,
+        # succeeded): off unless asked for. Flower turns the workers' events on by itself
+        # (its --enable-events, on by default); they stay on until the workers restart.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
+        task_default_queue=settings.send_queue,
+        # The sweeper gets its own queue so a backlog of sends never holds it up.
+        task_routes={SEND_TASK: {"queue": settings.send_queue}, SWEEP_TASK: {"queue": sweep_queue}},
+        broker_connection_retry_on_startup=True,
+        # A worker never gives up on a lost broker (Celery's default stops after 100 tries,
+        # about 25 minutes into an outage, and the process exits): it keeps reconnecting.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        # A send still running when the broker connection drops is left to finish: its task
+        # cannot be acked any more and comes back (acks_late), but that copy loses the claim.
+        # Cancelling it (Celery 6's default) would cut a provider call short and leave the
+        # message in doubt instead; a thread pool cannot cancel it anyway.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # A publish that cannot reach the broker gives up fast: the message is already committed
+        # and the sweeper publishes it later, so the caller should not wait on the outage.
+        broker_connection_timeout=2,
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
+        **_redis_transport(settings.broker_url),
+        broker_transport_options=_transport_options(settings),
+        beat_schedule={
+            "sweep": {
+                "task": SWEEP_TASK,
+                "schedule": settings.sweep_interval.total_seconds(),
+                "options": {"expires": settings.sweep_interval.total_seconds()},
+            }
+        },
+    )
+
+
+# How often each worker looks for tasks whose worker vanished (kombu's defaults, 10 s x 10,
+# scan every 100 s): every 5 s, so a killed worker's tasks are sent again about
+# visibility_timeout + 5 s after it took them. The scan is one ZRANGEBYSCORE under a mutex.
+UNACKED_RESTORE_INTERVAL = 5
+UNACKED_RESTORE_THROTTLE = 1
+
+
+def _redis_transport(broker_url: str) -> dict[str, Any]:
+    """On Redis, our transport: kombu's, but it survives the broker going away
+    (see shared/core/redis_transport.py)."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return {}
+    config: dict[str, Any] = {"broker_transport": "shared.core.redis_transport:Transport"}
+    if broker_url.startswith("rediss://") and "ssl_cert_reqs" not in broker_url:
+        # Naming the transport hides the rediss scheme from kombu, which would otherwise turn
+        # TLS on by itself (unverified): turn it on here, verifying the server's certificate.
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return {
+            # A task a worker took but never acked (the worker was killed with it prefetched
+            # or running) goes back on the queue this long after it was taken. Short (60 s,
+            # SMSD_BROKER_VISIBILITY_TIMEOUT) so a dead worker's tasks are sent within about a
+            # minute. The price: a task still waiting in a live worker's prefetch buffer, or
+            # running, after this long is delivered a second time (the copy loses the claim,
+            # so that costs a query, never a send); and every countdown must stay well below
+            # it, or the task is redelivered before it is due (retry_delay caps at half).
+            "visibility_timeout": settings.broker_visibility_timeout.total_seconds(),
+            "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
+            "unacked_restore_throttle": UNACKED_RESTORE_THROTTLE,
+            # A broker that vanishes without closing the connection (failover, a NAT or
+            # firewall dropping it): a command waits at most socket_timeout (a publish never
+            # hangs forever), the consumer's BRPOP connection is dropped and reconnected after
+            # brpop_timeout (1 s) + 2 x health_check_interval, and TCP keepalive finds dead
+            # idle connections. (broker_heartbeat is AMQP-only: the Redis transport has none.)
+            "socket_timeout": 10,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        }
+    # The embedded SQL broker hands its options to create_engine, which takes none of these.
+    return {}

@@ -1,0 +1,61 @@
+"""structlog set-up: JSON lines in production, coloured console output in a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from shared.core.settings import Settings
+
+
+def configure_logging(settings: Settings) -> None:
+    """Route structlog and stdlib logging (uvicorn, celery, alembic) through one renderer."""
+    as_json = settings.log_json if settings.log_json is not None else not sys.stderr.isatty()
+    shared_processors: list[structlog.types.Processor] = [
+        # Context bound with bound_contextvars (messageSid, account, campaign) lands on every line.
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            *shared_processors,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared_processors,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if as_json else _keep,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    # Our own message.* lines say what happened to each message; Celery's per-task
+    # received/succeeded lines and beat's every-tick line only repeat it (errors still show).
+    for noisy in ("httpx", "httpcore", "celery.app.trace", "celery.worker.strategy", "celery.beat"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _keep(
+    _logger: object, _name: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    # The console renderer prints exc_info itself, prettier than format_exc_info would.
+    return event_dict

@@ -1,0 +1,1 @@
+"""A message's life: accept, claim, send, outbox, lifecycle, opt-outs, reconciliation."""

@@ -1,0 +1,326 @@
+"""The outbox: a committed message reaches the broker, once it is committed and only then,
+however the process, the broker or the network fail in between.
+
+- `publish_sends` publishes send tasks and marks the rows published;
+- `Publisher` is the API's: after the commit, on a thread of its own, in batches;
+- `Outbox.sweep` (the sweeper task, every SMSD_SWEEP_INTERVAL) publishes whatever is committed
+  but not on the queue: the API died between commit and publish, the broker was down, a retry
+  waited in the database, a worker died mid-send, or the broker lost what it held."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+import weakref
+from datetime import UTC, datetime, timedelta
+from typing import ClassVar
+
+import redis
+import structlog
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from shared.core.broker import SEND_TASK
+from shared.core.db import Database
+from shared.core.models import utcnow
+from shared.core.settings import Settings
+from shared.messages import queries
+
+log = structlog.get_logger(__name__)
+
+
+def publish_sends(
+    app: Celery,
+    db: Database,
+    sids: list[str],
+    countdown: timedelta | None = None,
+    *,
+    mark_only_unchanged: bool = True,
+) -> list[str]:
+    """Publish one send task per sid, then mark the rows published; return those published.
+
+    A failure here loses nothing: the rows are committed, and the sweeper publishes whatever
+    is left unmarked. On Redis the tasks go out in one pipeline (kombu's publish batch): one
+    round trip, and one Redis client instead of one per task."""
+    started = utcnow()
+    try:
+        # Room for a task-sent event per task too (SMSD_TASK_EVENTS), so a batch is one flush.
+        with app.producer_or_acquire() as producer, producer.batch(max_size=2 * len(sids) + 1):
+            for sid in sids:
+                app.send_task(
+                    SEND_TASK,
+                    args=[sid],
+                    countdown=countdown.total_seconds() if countdown else None,
+                    producer=producer,
+                )
+    except Exception:
+        # Counted as none published, though part of a batch may have reached the broker: those
+        # are published again by the sweeper, and a second copy of a send task loses the claim.
+        log.exception("queue.publish_failed", count=len(sids))
+        return []
+    try:
+        with db.transaction() as session:
+            queries.mark_published(
+                session, sids, utcnow(), unchanged_since=started if mark_only_unchanged else None
+            )
+    except Exception:
+        log.exception("queue.mark_failed")  # only costs a duplicate publish later
+    return sids
+
+
+class Publisher:
+    """The API's publishing: after the commit, on a thread of its own, in batches.
+
+    A request answers 200 as soon as its message is committed; this thread then publishes
+    every message committed meanwhile in one batch and marks them in one UPDATE. Under load
+    that is one pipeline and one transaction for many messages instead of two per message.
+    Whatever is still here when the process dies is committed and unmarked, so the sweeper
+    publishes it after SMSD_SWEEP_UNPUBLISHED_AFTER: late, never lost."""
+
+    # Beyond this many waiting (the broker has been down for a while), new ones are left to
+    # the sweeper rather than held in memory.
+    MAX_PENDING = 100_000
+    _instances: ClassVar[weakref.WeakSet[Publisher]] = weakref.WeakSet()
+
+    def __init__(self, app: Celery, db: Database, max_batch: int = 500) -> None:
+        self.celery = app
+        self._db = db
+        self._max_batch = max_batch
+        self._pending: list[str] = []
+        self._busy = False
+        self._closed = False
+        self._deferring = False
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        Publisher._instances.add(self)
+
+    def submit(self, sids: list[str]) -> None:
+        """Publish these committed messages soon; returns at once."""
+        with self._changed:
+            if not self._closed:
+                if len(self._pending) >= self.MAX_PENDING:
+                    if not self._deferring:
+                        log.warning("queue.publish_deferred_to_sweeper", pending=len(self._pending))
+                    self._deferring = True
+                    return
+                self._deferring = False
+                self._pending.extend(sids)
+                if self._thread is None or not self._thread.is_alive():
+                    # Started by the first message (not by every app), and again should it die.
+                    self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+                    self._thread.start()
+                self._changed.notify_all()
+                return
+        self._publish(sids)  # after close(): at once, on the caller's thread
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far was published (or failed to be)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Publish what is waiting, then stop (at shutdown)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=15)
+
+    @classmethod
+    def flush_all(cls, timeout: float = 10.0) -> None:
+        """`flush` every publisher of this process: whoever reads the broker right after a
+        200 (tests, a shutdown hook) sees every task the 200s stand for."""
+        for publisher in list(cls._instances):
+            publisher.flush(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending and not self._closed:
+                    self._changed.wait()
+                if not self._pending:
+                    return  # closed, and nothing left
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                self._busy = True
+            try:
+                self._publish(batch)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
+
+    def _publish(self, sids: list[str]) -> None:
+        # Never raises: a failure is logged and left to the sweeper. A worker may already have
+        # claimed a message and handed it back, so the mark must not land on that.
+        publish_sends(self.celery, self._db, sids, mark_only_unchanged=True)
+
+
+# Countdowns the broker holds for us stay this short (well inside its visibility timeout);
+# anything longer waits in the database and the sweeper publishes it when due.
+MAX_COUNTDOWN = timedelta(seconds=10)
+
+
+def publish_after(app: Celery, db: Database, sids: list[str], delay: timedelta | None) -> None:
+    """Publish again after `delay`: at once, through a short broker countdown, or (longer
+    delays) left to the sweeper, which publishes the message when `next_attempt_at` comes."""
+    if delay is None or delay <= MAX_COUNTDOWN:
+        publish_sends(app, db, sids, countdown=delay if delay else None)
+
+
+def mark_published(
+    session: Session, sids: list[str], now: datetime, *, unchanged_since: datetime | None = None
+) -> None:
+    """Note that the send tasks are on the queue, so the sweeper leaves them alone.
+
+    With `unchanged_since` (when publishing began) only rows still unmarked and untouched since
+    are marked: a worker may have claimed a message and handed it back meanwhile (clearing the
+    mark), and a late mark must not hide that from the sweeper."""
+    queries.mark_published(session, sids, now, unchanged_since=unchanged_since)
+
+
+def due_for_publish(session: Session, settings: Settings, now: datetime) -> list[str]:
+    """What the sweeper must (re-)publish; publishing marks them, so the next sweep skips them.
+
+    - committed but not on the queue (the API died between commit and publish, the broker was
+      down, a retry waiting in the database, or the broker lost it: see `note_broker_epoch`),
+      once its time has come;
+    - claimed by a worker whose lease ran out (the worker died mid-send), once.
+
+    A message on the queue is never published again because it waits long: a backlog of any
+    length stays as it is. Two overlapping sweeps may pick the same rows; the duplicate tasks
+    lose the claim."""
+    return queries.unpublished(
+        session, now, now - settings.sweep_unpublished_after, settings.sweep_batch_size
+    )
+
+
+def note_broker_epoch(session: Session, epoch: str, born: datetime, now: datetime) -> int:
+    """Compare the broker's epoch with the one last seen; returns how many messages must be
+    published again because the broker lost them (0 when it is the same broker state).
+
+    The epoch is a key the sweeper keeps in Redis: a Redis that restarted empty has lost it,
+    and every task it held. Messages published before the new epoch was born and not yet
+    claimed are unmarked, so the sweeper publishes each once more, in batches."""
+    state = queries.outbox_state_locked(session)
+    if state is None:
+        # A new installation: nothing published before can have been lost to it.
+        queries.add_outbox_state(session, epoch, now)
+        return 0
+    if state.broker_epoch == epoch:
+        return 0
+    count = queries.unmark_published_before(session, born)
+    state.broker_epoch = epoch
+    state.updated_at = now
+    log.warning("sweep.broker_lost", epoch=epoch, republish=count)
+    return count
+
+
+def note_lost_in_flight(session: Session, cutoff: datetime) -> int:
+    """Queued messages published before `cutoff` and never claimed: no broker copy of them is
+    left (a worker died between taking a task and recording it unacked, a Redis that kept its
+    data but not that). Unmarked, so the sweeper publishes each once more; returns how many.
+
+    The caller picks `cutoff` so that it cannot touch a backlog: before the oldest task still
+    on the queue (the queue is first in, first out) and older than anything a live worker may
+    still hold unacknowledged."""
+    count = queries.unmark_published_before(session, cutoff)
+    if count:
+        log.warning("sweep.lost_in_flight", republish=count)
+    return count
+
+
+BROKER_EPOCH_KEY = "smsd:broker-epoch"
+
+
+class Outbox:
+    """The sweeper's side of the outbox, for one worker process."""
+
+    def __init__(self, app: Celery, db: Database, settings: Settings) -> None:
+        self.celery = app
+        self._db = db
+        self._settings = settings
+        self._epoch_client: redis.Redis | None = None
+
+    def sweep(self) -> int:
+        """Publish what is committed but not on the queue; returns how many it published."""
+        settings = self._settings
+        self._check_broker_epoch()
+        total = 0
+        while True:
+            with self._db.transaction() as session:
+                sids = due_for_publish(session, settings, utcnow())
+            if not sids:
+                break
+            published = publish_sends(self.celery, self._db, sids)
+            total += len(published)
+            log.info("sweep.published", count=len(published))
+            # A short batch is the last; a failed publish waits for the next sweep.
+            if len(sids) < settings.sweep_batch_size or len(published) < len(sids):
+                break
+        return total
+
+    def _check_broker_epoch(self) -> None:
+        """Notice a Redis broker that lost what it held (a restart without persistence, a
+        failover to an empty replica): its epoch key is gone, so a new one is born here."""
+        settings = self._settings
+        if not settings.broker_url.startswith(("redis://", "rediss://")):
+            return  # the SQL broker and RabbitMQ keep their queues through restarts
+        try:
+            if self._epoch_client is None:
+                self._epoch_client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+            client = self._epoch_client
+            client.set(BROKER_EPOCH_KEY, f"{time.time():.3f}:{uuid.uuid4().hex}", nx=True)
+            epoch = client.get(BROKER_EPOCH_KEY)
+        except redis.RedisError:
+            log.warning("sweep.broker_unreachable")
+            return
+        if epoch is None:
+            return
+        value = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        born = datetime.fromtimestamp(float(value.partition(":")[0]), UTC)
+        with self._db.transaction() as session:
+            note_broker_epoch(session, value, born, utcnow())
+        self._check_queue_head(client)
+
+    def _check_queue_head(self, client: redis.Redis) -> None:
+        """Find messages lost in flight: published, never claimed, and older than the oldest
+        task still waiting on the queue (first in, first out: whatever was published before it
+        was taken) and than anything a live worker may still hold unacknowledged."""
+        settings = self._settings
+        grace = settings.broker_visibility_timeout + 2 * settings.sweep_interval + MAX_COUNTDOWN
+        cutoff = utcnow() - grace
+        try:
+            oldest = client.lindex(settings.send_queue, -1)
+        except redis.RedisError:
+            return
+        head = sid_of_task(oldest) if oldest is not None else None
+        with self._db.transaction() as session:
+            if head is not None:
+                head_published = queries.published_at_of(session, head)
+                if head_published is None:
+                    return  # cannot place the head in time: judge nothing this round
+                cutoff = min(cutoff, head_published)
+            note_lost_in_flight(session, cutoff)
+
+
+def sid_of_task(raw: bytes | str) -> str | None:
+    """The messageSid a Celery send task on a Redis list carries (kombu's JSON envelope, the
+    body base64 JSON `[args, kwargs, embed]`)."""
+    try:
+        envelope = json.loads(raw)
+        body = json.loads(base64.b64decode(envelope["body"]))
+        sid = body[0][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return sid if isinstance(sid, str) else None

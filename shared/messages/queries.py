@@ -1,0 +1,669 @@
+"""Every SQL statement about messages: accepting them, status changes with their delivery
+events and parts, the deflected call's smsSent, opt-outs, claims and leases, retries and doubt,
+failover, the outbox, reconciliation and the backlog. The services around it (accept,
+lifecycle, optout, claims, send, outbox, reconcile) decide; this module reads and writes.
+
+Hot statements are built once at import (constructing and hashing a statement costs more CPU
+than running it) and run on the session's connection as plain SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Insert,
+    Row,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from shared.core.models import (
+    SENT_BY_EXTERNAL,
+    Account,
+    DeflectedCall,
+    DeliveryEvent,
+    Message,
+    MessagePart,
+    MessageStatus,
+    OptOut,
+    OutboxState,
+    ProviderAccount,
+    table_of,
+)
+
+_messages = table_of(Message)
+_providers = table_of(ProviderAccount)
+_accounts = table_of(Account)
+_opt_outs = table_of(OptOut)
+
+
+_calls = table_of(DeflectedCall)
+_events = table_of(DeliveryEvent)
+
+# Built once: constructing and hashing these costs more CPU than running them.
+_INSERT_MESSAGE = insert(_messages)
+_INSERT_EVENT = insert(_events)
+
+
+# Accept
+
+
+def insert_message(session: Session, columns: Mapping[str, Any]) -> None:
+    # Core, not the ORM unit of work: a third of an accept's CPU went to flushing one row.
+    session.connection().execute(_INSERT_MESSAGE, columns)
+
+
+def message_by_idempotency_key(
+    session: Session, account_id: int, idempotency_key: str | None
+) -> Row[str, str, str | None] | None:
+    """The sid, campaign and request fingerprint of the account's message with this key."""
+    return session.execute(
+        select(Message.sid, Message.campaign_id, Message.request_fingerprint).where(
+            Message.account_id == account_id, Message.idempotency_key == idempotency_key
+        )
+    ).first()
+
+
+def mark_call_sent_externally(
+    session: Session, token_id: int, campaign_id: str, now: datetime
+) -> None:
+    """smsSent for a call whose SMS the caller's own gateway sent (Notify SMS)."""
+    session.execute(
+        update(DeflectedCall)
+        .where(DeflectedCall.token_id == token_id)
+        .values(
+            sms_sent=True,
+            sms_sent_at=func.coalesce(DeflectedCall.sms_sent_at, now),
+            sms_sent_by=func.coalesce(DeflectedCall.sms_sent_by, SENT_BY_EXTERNAL),
+            campaign_id=campaign_id,
+        )
+    )
+
+
+# Status changes
+
+
+def status_of(session: Session, sid: str) -> Row[str, str, str] | None:
+    """The message's status, campaign and tenant, or None if there is no such message."""
+    return session.execute(
+        select(Message.status, Message.campaign_id, Account.tenant_id)
+        .join(Account, Account.id == Message.account_id)
+        .where(Message.sid == sid)
+    ).first()
+
+
+def move_status(session: Session, sid: str, expected: str, values: Mapping[str, Any]) -> bool:
+    """Write `values` if the message is still in status `expected`; whether it was."""
+    result = session.execute(
+        update(Message).where(Message.sid == sid, Message.status == expected).values(**values)
+    )
+    assert isinstance(result, CursorResult)
+    return result.rowcount == 1
+
+
+def prepare_move(expected: MessageStatus, values: Mapping[str, Any]) -> Update:
+    """`move_status` built once, for a fast path: `values` holds bindparams for what varies,
+    and the statement returns what smsSent needs. Run it with `run_prepared_move`."""
+    return (
+        update(_messages)
+        .where(_messages.c.sid == bindparam("message_sid"), _messages.c.status == expected.value)
+        .values(**values)
+        .returning(_messages.c.token_id, _messages.c.campaign_id)
+    )
+
+
+def run_prepared_move(
+    session: Session, statement: Update, sid: str, params: Mapping[str, Any]
+) -> Row[int | None, str] | None:
+    """The message's token id and campaign if `statement` (from `prepare_move`) moved it."""
+    return session.connection().execute(statement, {"message_sid": sid, **params}).first()
+
+
+def event_recorded(session: Session, dedupe_key: str) -> bool:
+    """Whether a delivery event with this key is already stored."""
+    return (
+        session.scalar(select(DeliveryEvent.id).where(DeliveryEvent.dedupe_key == dedupe_key))
+        is not None
+    )
+
+
+def store_event(session: Session, columns: Mapping[str, Any]) -> None:
+    statement: Insert = _INSERT_EVENT
+    if columns["dedupe_key"] is not None:
+        # Two copies of one callback racing each other: the second finds the key taken.
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(_events).on_conflict_do_nothing(index_elements=["dedupe_key"])
+    session.execute(statement, columns)
+
+
+def store_event_fast(session: Session, columns: Mapping[str, Any]) -> None:
+    """`store_event` for an event without a dedupe key, on the connection (the fast path)."""
+    session.connection().execute(_INSERT_EVENT, columns)
+
+
+# The deflected call's smsSent
+
+
+def call_of(session: Session, sid: str) -> Row[int | None, str]:
+    """The message's interaction token (None if it has none) and campaign."""
+    return session.execute(
+        select(Message.token_id, Message.campaign_id).where(Message.sid == sid)
+    ).one()
+
+
+def update_call(session: Session, token_id: int, values: Mapping[str, Any]) -> None:
+    session.execute(
+        update(DeflectedCall).where(DeflectedCall.token_id == token_id).values(**values)
+    )
+
+
+def prepare_call_update(values: Mapping[str, Any]) -> Update:
+    """`update_call` built once, for a fast path: `values` holds bindparams for what varies.
+    Run it with `run_prepared_call_update`."""
+    return update(_calls).where(_calls.c.token_id == bindparam("token_id_")).values(**values)
+
+
+def run_prepared_call_update(
+    session: Session, statement: Update, token_id: int, params: Mapping[str, Any]
+) -> None:
+    session.connection().execute(statement, {"token_id_": token_id, **params})
+
+
+# Provider message ids and multi-part messages
+
+
+def sid_by_provider_id(session: Session, provider: str, provider_message_id: str) -> str | None:
+    return session.scalar(
+        select(Message.sid).where(
+            Message.provider == provider, Message.provider_message_id == provider_message_id
+        )
+    )
+
+
+def sid_by_part_id(session: Session, provider: str, provider_message_id: str) -> str | None:
+    return session.scalar(
+        select(MessagePart.message_sid)
+        .join(Message, Message.sid == MessagePart.message_sid)
+        .where(Message.provider == provider, MessagePart.provider_message_id == provider_message_id)
+    )
+
+
+def parts_count_for_update(session: Session, sid: str) -> Row[int | None, int] | None:
+    """The message's expected parts and segments, locked against concurrent part receipts."""
+    return session.execute(
+        select(Message.parts_expected, Message.segments).where(Message.sid == sid).with_for_update()
+    ).first()
+
+
+def parts_count(session: Session, sid: str) -> Row[int | None, int, int]:
+    """The message's expected parts, parts the provider refused, and segments."""
+    return session.execute(
+        select(Message.parts_expected, Message.parts_unsent, Message.segments).where(
+            Message.sid == sid
+        )
+    ).one()
+
+
+def set_parts_count(session: Session, sid: str, expected: int, unsent: int) -> None:
+    session.execute(
+        update(Message)
+        .where(Message.sid == sid)
+        .values(parts_expected=expected, parts_unsent=unsent)
+    )
+
+
+def part_statuses(session: Session, sid: str) -> Sequence[Row[str, str | None]]:
+    """The status and error code of every part recorded for the message."""
+    return session.execute(
+        select(MessagePart.status, MessagePart.error_code).where(MessagePart.message_sid == sid)
+    ).all()
+
+
+def part_for_update(session: Session, sid: str, part_id: str) -> MessagePart | None:
+    return session.get(MessagePart, (sid, part_id), with_for_update=True)
+
+
+def add_part(
+    session: Session,
+    sid: str,
+    part_id: str,
+    index: int | None,
+    status: MessageStatus,
+    error_code: str | None,
+    now: datetime,
+) -> None:
+    session.add(
+        MessagePart(
+            message_sid=sid,
+            provider_message_id=part_id,
+            part_index=index,
+            status=status.value,
+            error_code=error_code,
+            updated_at=now,
+        )
+    )
+    session.flush()
+
+
+def set_part_index(part: MessagePart, index: int) -> None:
+    """Written at the session's next flush, as every change to a loaded row."""
+    part.part_index = index
+
+
+def set_part_status(
+    part: MessagePart, status: MessageStatus, error_code: str | None, now: datetime
+) -> None:
+    """Written at the session's next flush, as every change to a loaded row."""
+    part.status = status.value
+    part.error_code = error_code
+    part.updated_at = now
+
+
+# Opt-outs
+
+
+def opt_out_exists(session: Session, owner_id: int, sender: str, recipient: str) -> bool:
+    return (
+        session.scalar(
+            select(OptOut.id).where(
+                OptOut.account_id == owner_id,
+                OptOut.sender == sender,
+                OptOut.recipient == recipient,
+            )
+        )
+        is not None
+    )
+
+
+def add_opt_out_row(
+    session: Session, owner_id: int, sender: str, recipient: str, keyword: str, now: datetime
+) -> None:
+    """Added to the session: a duplicate surfaces as an IntegrityError when it is flushed."""
+    session.add(
+        OptOut(
+            account_id=owner_id,
+            sender=sender,
+            recipient=recipient,
+            keyword=keyword,
+            created_at=now,
+        )
+    )
+
+
+def delete_opt_out(session: Session, owner_id: int, sender: str, recipient: str) -> None:
+    session.execute(
+        delete(OptOut).where(
+            OptOut.account_id == owner_id,
+            OptOut.sender == sender,
+            OptOut.recipient == recipient,
+        )
+    )
+
+
+# Claims
+
+
+def _claimed(now: Any, lease: Any) -> dict[str, Any]:
+    """What taking a message for sending writes: the one definition both claims use."""
+    return dict(
+        status=MessageStatus.SENDING.value,
+        attempts=_messages.c.attempts + 1,
+        claimed_at=now,
+        lease_expires_at=lease,
+        updated_at=now,
+    )
+
+
+_TAKE_QUEUED = (
+    update(_messages)
+    .where(
+        _messages.c.sid == bindparam("message_sid"),
+        _messages.c.status == MessageStatus.QUEUED.value,
+        _messages.c.expires_at > bindparam("now"),
+        _providers.c.id == _messages.c.provider_account_id,
+        _accounts.c.id == _messages.c.account_id,
+        ~select(_opt_outs.c.id)
+        .where(
+            _opt_outs.c.account_id == _providers.c.account_id,
+            _opt_outs.c.sender == _messages.c.from_number,
+            _opt_outs.c.recipient == _messages.c.to_number,
+        )
+        .exists(),
+    )
+    .values(**_claimed(bindparam("now"), bindparam("lease")))
+    .returning(
+        _messages.c.to_number,
+        _messages.c.from_number,
+        _messages.c.body,
+        _messages.c.attempts,
+        _messages.c.expires_at,
+        _messages.c.campaign_id,
+        _messages.c.segments,
+        _messages.c.provider_failures,
+        _messages.c.in_doubt_since,
+        _providers.c.id.label("provider_account_id"),
+        _providers.c.provider,
+        _providers.c.credentials,
+        _providers.c.account_id.label("owner_id"),
+        _providers.c.sender_rate,
+        _providers.c.account_rate,
+        _accounts.c.tenant_id,
+        _accounts.c.max_send_attempts,
+    )
+)
+
+
+def take_queued(session: Session, sid: str, now: datetime, lease: datetime) -> Row[Any] | None:
+    """The common claim in one statement (PostgreSQL): a queued message, in time, to a
+    recipient who did not opt out, taken and read back with its provider settings."""
+    return (
+        session.connection()
+        .execute(_TAKE_QUEUED, {"message_sid": sid, "now": now, "lease": lease})
+        .first()
+    )
+
+
+def message_for_claim(
+    session: Session, sid: str
+) -> tuple[Message, ProviderAccount, str, int | None] | None:
+    """The message with its provider settings, its tenant and its account's attempt limit."""
+    row = session.execute(
+        select(Message, ProviderAccount, Account.tenant_id, Account.max_send_attempts)
+        .join(ProviderAccount, ProviderAccount.id == Message.provider_account_id)
+        .join(Account, Account.id == Message.account_id)
+        .where(Message.sid == sid)
+    ).first()
+    return None if row is None else (row[0], row[1], row[2], row[3])
+
+
+def take_as_read(
+    session: Session, sid: str, status: str, attempts: int, now: datetime, lease: datetime
+) -> bool:
+    """Claim the message only if it is still as it was read (status and attempts)."""
+    result = session.execute(
+        update(Message)
+        .where(Message.sid == sid, Message.status == status, Message.attempts == attempts)
+        .values(**_claimed(now, lease))
+        # Leave the message object as it was read: the claim is built from pre-claim values.
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return bool(result.rowcount == 1)
+
+
+def provider_accounts_in_order(session: Session, owner_id: int) -> list[ProviderAccount]:
+    return list(
+        session.scalars(
+            select(ProviderAccount)
+            .where(ProviderAccount.account_id == owner_id)
+            .order_by(ProviderAccount.priority, ProviderAccount.id)
+        )
+    )
+
+
+def move_to_provider(
+    session: Session,
+    sid: str,
+    from_provider_account_id: int,
+    to: ProviderAccount,
+    sender: str,
+    now: datetime,
+) -> Message | None:
+    """Move a message being sent to another provider account; None if it is not ours to move."""
+    result = session.execute(
+        update(Message)
+        .where(
+            Message.sid == sid,
+            Message.status == MessageStatus.SENDING.value,
+            Message.provider_account_id == from_provider_account_id,
+        )
+        .values(
+            provider=to.provider,
+            provider_account_id=to.id,
+            from_number=sender,
+            provider_failures=0,
+            updated_at=now,
+        )
+    )
+    assert isinstance(result, CursorResult)
+    if result.rowcount != 1:
+        return None
+    return session.get_one(Message, sid)
+
+
+def hand_back(session: Session, sid: str, values: dict[str, Any], now: datetime) -> None:
+    """A message being sent goes back to `queued` with `values` (when to try next, why): the
+    one way a claim is given up, whether for a rate limit, a retry or a lookup."""
+    session.execute(
+        update(Message)
+        .where(Message.sid == sid, Message.status == MessageStatus.SENDING.value)
+        .values(
+            status=MessageStatus.QUEUED.value,
+            lease_expires_at=None,
+            published_at=None,
+            updated_at=now,
+            **values,
+        )
+    )
+
+
+def in_doubt_since(since: datetime) -> ColumnElement[Any]:
+    """An earlier call in doubt keeps its time: the first doubtful call is the one to look for."""
+    return func.coalesce(Message.in_doubt_since, since)
+
+
+def clear_doubt(session: Session, sid: str) -> None:
+    session.execute(
+        update(Message)
+        .where(Message.sid == sid)
+        .values(in_doubt_since=None, updated_at=Message.updated_at)
+    )
+
+
+def note_doubt(session: Session, sid: str, since: datetime, now: datetime) -> None:
+    session.execute(
+        update(Message)
+        .where(Message.sid == sid, Message.in_doubt_since.is_(None))
+        .values(in_doubt_since=since, updated_at=now)
+    )
+
+
+def keep_provider_message_id(session: Session, sid: str, provider_message_id: str) -> None:
+    """The provider's id, if the message has none yet (a receipt overtook the worker's record)."""
+    session.execute(
+        update(Message)
+        .where(Message.sid == sid, Message.provider_message_id.is_(None))
+        .values(provider_message_id=provider_message_id)
+    )
+
+
+def provider_ids_near(
+    session: Session,
+    provider_account_id: int,
+    to_number: str,
+    from_number: str,
+    except_sid: str,
+    since: datetime,
+) -> frozenset[str]:
+    """Provider ids our other messages to this number from this sender hold, since `since`."""
+    return frozenset(
+        session.scalars(
+            select(Message.provider_message_id).where(
+                Message.provider_account_id == provider_account_id,
+                Message.to_number == to_number,
+                Message.from_number == from_number,
+                Message.sid != except_sid,
+                Message.provider_message_id.is_not(None),
+                Message.created_at >= since,
+            )
+        )
+    )
+
+
+# The outbox
+
+
+def mark_published(
+    session: Session, sids: list[str], now: datetime, *, unchanged_since: datetime | None = None
+) -> None:
+    """Note that the send tasks are on the queue. With `unchanged_since`, only rows still
+    unmarked and untouched since then."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Losing this mark in a crash only costs a harmless re-publish, so skip the fsync wait.
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    where: list[ColumnElement[bool]] = [Message.sid.in_(sids)]
+    if unchanged_since is not None:
+        where += [
+            or_(Message.published_at.is_(None), Message.published_at < unchanged_since),
+            Message.updated_at <= unchanged_since,
+        ]
+    session.execute(
+        update(Message)
+        .where(*where)
+        .values(published_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def unpublished(session: Session, now: datetime, created_before: datetime, limit: int) -> list[str]:
+    """Queued messages not on the queue whose time has come, and messages whose worker's lease
+    ran out not yet published again since; oldest first."""
+    due = or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now)
+    query = (
+        select(Message.sid)
+        .where(
+            or_(
+                and_(
+                    Message.status == MessageStatus.QUEUED.value,
+                    Message.published_at.is_(None),
+                    Message.created_at <= created_before,
+                    due,
+                ),
+                and_(
+                    Message.status == MessageStatus.SENDING.value,
+                    Message.lease_expires_at <= now,
+                    or_(
+                        Message.published_at.is_(None),
+                        Message.published_at < Message.lease_expires_at,
+                    ),
+                ),
+            )
+        )
+        .order_by(Message.created_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def unmark_published_before(session: Session, before: datetime) -> int:
+    """Queued messages published before `before`, made due for the sweeper again."""
+    result = session.execute(
+        update(Message)
+        .where(
+            Message.status == MessageStatus.QUEUED.value,
+            Message.published_at.is_not(None),
+            Message.published_at < before,
+        )
+        .values(published_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return int(result.rowcount)
+
+
+def published_at_of(session: Session, sid: str) -> datetime | None:
+    return session.scalar(select(Message.published_at).where(Message.sid == sid))
+
+
+def outbox_state_locked(session: Session) -> OutboxState | None:
+    """The outbox's one row (the broker epoch last seen), locked until the transaction ends."""
+    return session.get(OutboxState, 1, with_for_update=True)
+
+
+def add_outbox_state(session: Session, epoch: str, now: datetime) -> None:
+    session.add(OutboxState(id=1, broker_epoch=epoch, updated_at=now))
+
+
+# Reconciliation
+
+
+def take_silent(session: Session, quiet_since: datetime, now: datetime, limit: int) -> list[Any]:
+    """`sent` or `in_doubt` messages with no word since `quiet_since` and not asked about
+    since, oldest first: marked asked in the same transaction, skipping rows another sweep is
+    taking, so overlapping sweeps never ask about one message twice."""
+    due = (
+        select(Message.sid)
+        .where(
+            Message.status.in_([MessageStatus.SENT.value, MessageStatus.IN_DOUBT.value]),
+            Message.updated_at <= quiet_since,
+            or_(Message.reconciled_at.is_(None), Message.reconciled_at <= quiet_since),
+        )
+        .order_by(Message.updated_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    sids = list(session.scalars(due))
+    if not sids:
+        return []
+    session.execute(
+        update(Message)
+        .where(Message.sid.in_(sids))
+        # Asking is not news from the provider: the silence still counts from before.
+        .values(reconciled_at=now, updated_at=Message.updated_at)
+        .execution_options(synchronize_session=False)
+    )
+    return list(
+        session.execute(
+            select(
+                Message.sid,
+                Message.status,
+                Message.provider_message_id,
+                Message.updated_at,
+                Message.sent_at,
+                ProviderAccount.id,
+                ProviderAccount.provider,
+                ProviderAccount.credentials,
+            )
+            .join(ProviderAccount, ProviderAccount.id == Message.provider_account_id)
+            .where(Message.sid.in_(sids))
+            .order_by(Message.updated_at)
+        ).all()
+    )
+
+
+# The backlog, for metrics
+
+
+def oldest_queued_created_at(session: Session, timeout: timedelta) -> datetime | None:
+    """When the oldest message still `queued` was accepted; gives up after `timeout`."""
+    if session.get_bind().dialect.name == "postgresql":
+        milliseconds = max(1, int(timeout.total_seconds() * 1000))
+        session.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
+    return session.scalar(
+        select(func.min(Message.created_at)).where(Message.status == MessageStatus.QUEUED.value)
+    )
+
+
+# Provider callbacks
+
+
+def message_by_sid(session: Session, sid: str) -> Message | None:
+    return session.get(Message, sid)
+
+
+def provider_account_by_id(session: Session, provider_account_id: int) -> ProviderAccount | None:
+    return session.get(ProviderAccount, provider_account_id)

@@ -1,0 +1,355 @@
+"""The send use case: `Sender.send(sid)` takes one message from `queued` to its provider and
+says how that ended. Safe to run any number of times for one sid: the claim decides whether
+anything is left to do.
+
+Every rule of a send lives here, in this order: claim; skip a provider whose circuit is open
+(fail over, or wait for it); settle an earlier call that may have reached the provider before
+calling again; take the sender's rate-limit slot; call the provider; record what it said
+(sent, retry with backoff, fail over after repeated failures, in doubt, failed, opted out)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any, TypeVar, cast
+
+import structlog
+from celery import Celery
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from shared.accounts.access import CALLBACK_TOKEN
+from shared.core.db import Database
+from shared.core.models import MessageStatus, utcnow
+from shared.core.settings import Settings
+from shared.messages.claims import (
+    Claim,
+    NotClaimed,
+    clear_doubt,
+    fail_over,
+    look_up_later,
+    provider_ids_taken,
+    record_accepted,
+    record_failed,
+    record_in_doubt,
+    release,
+    schedule_retry,
+    take,
+)
+from shared.messages.optout import add_opt_out
+from shared.messages.outbox import publish_after
+from shared.providers.circuit_breakers import CircuitBreakers
+from shared.providers.interface import (
+    InDoubtProviderError,
+    Provider,
+    ProviderError,
+    RecipientOptedOut,
+    SendRequest,
+    SendResult,
+    TransientProviderError,
+)
+from shared.providers.rate_limits import RateLimits
+from shared.providers.registry import ProviderClients
+
+log = structlog.get_logger(__name__)
+
+
+class Outcome(StrEnum):
+    """How one run of a send ended, for the worker's metrics."""
+
+    SENT = "sent"
+    # Failed transiently and scheduled again.
+    RETRY = "retry"
+    FAILED = "failed"
+    OPTED_OUT = "opted_out"
+    EXPIRED = "expired"
+    # Back on the queue for the sender's rate-limit slot.
+    THROTTLED = "throttled"
+    # A call that may have reached the provider: looked up later, or never sent again.
+    IN_DOUBT = "in_doubt"
+    # Its provider's circuit is open and no other is healthy: the message waits.
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """`outcome` None: nothing to do (sent already, held by another worker, unknown)."""
+
+    outcome: Outcome | None = None
+    provider: str | None = None
+    # How long the provider call took, when one was made.
+    provider_seconds: float | None = None
+
+
+# What a claim that sends nothing did to the message.
+_CLAIM_ENDINGS = {
+    MessageStatus.EXPIRED: Outcome.EXPIRED,
+    MessageStatus.OPTED_OUT: Outcome.OPTED_OUT,
+    MessageStatus.FAILED: Outcome.FAILED,
+}
+# A provider's clock and ours may disagree by this much when it stamps a message's time.
+LOOKUP_SKEW = timedelta(minutes=2)
+
+
+class AdapterBug(TransientProviderError):
+    """An exception no provider error type covers: retried a bounded number of times."""
+
+
+class Sender:
+    """The send use case for one process: its database, the broker to re-publish through, the
+    provider clients, and the rate limits and circuit breakers every worker shares."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        celery: Celery,
+        providers: ProviderClients,
+        rate_limits: RateLimits,
+        breakers: CircuitBreakers,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.celery = celery
+        self.providers = providers
+        self.rate_limits = rate_limits
+        self.breakers = breakers
+
+    def send(self, sid: str) -> SendOutcome:
+        """Send one message through its provider, or do nothing if it is not ours to send."""
+        settings = self.settings
+        with self.db.transaction() as session:
+            taken = take(session, sid, settings, utcnow())
+            paused = False
+            if (
+                isinstance(taken, Claim)
+                and not taken.in_doubt
+                and _quietly(self.breakers.is_open, taken.provider_account_id)
+            ):
+                # Its provider keeps failing: go straight to a healthy one, if the owner has
+                # one; else wait for the breaker instead of spending the call on a dead
+                # provider. (Never for a message in doubt: the first provider may have it.)
+                moved = fail_over(session, taken, settings, utcnow(), self._healthy)
+                if moved is None:
+                    release(session, taken, settings.breaker_cooldown, utcnow())
+                    paused = True
+                taken = moved or taken
+        if isinstance(taken, NotClaimed):
+            ending = _CLAIM_ENDINGS.get(taken.ended) if taken.ended else None
+            return SendOutcome(ending, taken.provider)
+        owned = taken
+        if paused:
+            return SendOutcome(Outcome.PAUSED, owned.provider)
+        try:
+            # Built (and warmed) before the rate-limit slot is taken, so the send leaves on time.
+            provider = self._client(owned)
+        except Exception as exc:
+            return self._failed(owned, exc if isinstance(exc, ProviderError) else _unexpected(exc))
+        request = self._request(owned)
+        if owned.in_doubt and not provider.idempotent:
+            settled = self._resolve_doubt(owned, provider, request)
+            if settled is not None:
+                return settled
+        wait = _quietly(self.rate_limits.take, owned.rates(), owned.segments, default=0.0)
+        if wait > 0:
+            # The sender is at its carrier throughput: come back when a slot is free, and let
+            # this thread send other messages meanwhile.
+            with self.db.transaction() as session:
+                release(session, owned, timedelta(seconds=wait), utcnow())
+            self._publish_after(owned, timedelta(seconds=wait))
+            return SendOutcome(Outcome.THROTTLED, owned.provider)
+        started = time.perf_counter()
+        try:
+            result = provider.send(request)
+        except Exception as exc:
+            error = exc if isinstance(exc, ProviderError) else _unexpected(exc)
+            outcome = self._failed(owned, error)
+            return SendOutcome(outcome.outcome, owned.provider, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._record_sent(owned, result)
+        # After the record, and never able to undo it: a Redis blip here costs a breaker count.
+        _quietly(self.breakers.succeeded, owned.provider_account_id)
+        return SendOutcome(Outcome.SENT, owned.provider, seconds)
+
+    def _client(self, owned: Claim) -> Provider:
+        return self.providers.client(owned.provider, owned.provider_account_id, owned.credentials)
+
+    def _healthy(self, provider_account_id: int) -> bool:
+        return not self.breakers.is_open(provider_account_id)
+
+    def _publish_after(self, owned: Claim, delay: timedelta | None) -> None:
+        publish_after(self.celery, self.db, [owned.sid], delay)
+
+    def _resolve_doubt(
+        self, owned: Claim, provider: Provider, request: SendRequest
+    ) -> SendOutcome | None:
+        """A call before this one may have reached the provider, which does not deduplicate.
+        Ask the provider where it can be searched; otherwise never send again. The outcome when
+        the message is settled (found, or left `in_doubt`); None when it provably is not
+        there, so it is sent now."""
+        if not provider.searchable:
+            with self.db.transaction() as session:
+                record_in_doubt(
+                    session,
+                    owned,
+                    InDoubtProviderError(
+                        "in-doubt", "the worker was lost during the provider call; not resent"
+                    ),
+                    utcnow(),
+                )
+            return SendOutcome(Outcome.IN_DOUBT, owned.provider)
+        # Back to before the doubtful call, with room for the two clocks to disagree.
+        since = (owned.doubt_since or utcnow()) - self.settings.provider_timeout - LOOKUP_SKEW
+        try:
+            with self.db.transaction() as session:
+                taken = provider_ids_taken(session, owned, since)
+            found = provider.find(request, since, taken)
+        except Exception as exc:
+            # Cannot ask now: ask again later, still sending nothing.
+            error = exc if isinstance(exc, ProviderError) else _unexpected(exc)
+            with self.db.transaction() as session:
+                look_up_later(session, owned, error, self.settings, utcnow())
+            self._publish_after(owned, self.settings.in_doubt_lookup_after)
+            return SendOutcome(Outcome.IN_DOUBT, owned.provider)
+        if found is None:
+            log.info("send.in_doubt_resolved", found=False)
+            with self.db.transaction() as session:
+                clear_doubt(session, owned)
+            return None
+        log.info(
+            "send.in_doubt_resolved", found=True, provider_message_id=found.provider_message_id
+        )
+        self._record_sent(owned, found)
+        return SendOutcome(Outcome.SENT, owned.provider)
+
+    def _record_sent(self, owned: Claim, result: SendResult) -> None:
+        """The provider has it: record that, trying again while the database is briefly away,
+        since this is the one thing we must not forget (the lease outlives these tries)."""
+        deadline = time.monotonic() + self.settings.send_lease.total_seconds() / 2
+        while True:
+            try:
+                with self.db.transaction() as session:
+                    record_accepted(
+                        session,
+                        owned,
+                        result.provider_message_id,
+                        result.provider_status,
+                        utcnow(),
+                        parts=result.parts,
+                        unsent_parts=result.unsent_parts,
+                    )
+                return
+            except (OperationalError, InterfaceError):
+                if time.monotonic() > deadline:
+                    # Left to the lease: the next claim finds the message in doubt and
+                    # resolves it.
+                    raise
+                log.warning("send.record_retry")
+                time.sleep(0.5)
+
+    def _failed(self, owned: Claim, error: ProviderError) -> SendOutcome:
+        """Record a provider call that did not (or may not) deliver the message to it."""
+        settings = self.settings
+        if isinstance(error, InDoubtProviderError):
+            _quietly(self.breakers.failed, owned.provider_account_id)
+            provider = self._client(owned)
+            if provider.idempotent:
+                # The provider deduplicates on our key: sending again cannot send twice, but
+                # only through this provider (another would not know our key).
+                with self.db.transaction() as session:
+                    delay = schedule_retry(session, owned, error, settings, utcnow(), in_doubt=True)
+                if delay is None:
+                    return SendOutcome(Outcome.EXPIRED, owned.provider)
+                self._publish_after(owned, delay)
+                return SendOutcome(Outcome.RETRY, owned.provider)
+            with self.db.transaction() as session:
+                if provider.searchable:
+                    lookup: timedelta | None = look_up_later(
+                        session, owned, error, settings, utcnow()
+                    )
+                else:
+                    record_in_doubt(session, owned, error, utcnow())
+                    lookup = None
+            if lookup is not None:
+                self._publish_after(owned, lookup)
+            return SendOutcome(Outcome.IN_DOUBT, owned.provider)
+        if isinstance(error, AdapterBug) and owned.attempts >= owned.max_attempts:
+            # Not an outage that time heals: a bug in an adapter or an SDK surprise gets a few
+            # tries, then ends `failed` with the reason instead of looping until validity ends.
+            with self.db.transaction() as session:
+                record_failed(session, owned, error, utcnow())
+            return SendOutcome(Outcome.FAILED, owned.provider)
+        if isinstance(error, TransientProviderError):
+            _quietly(self.breakers.failed, owned.provider_account_id)
+            with self.db.transaction() as session:
+                moved = None
+                # Never for a message in doubt: the provider it was sent to may have it.
+                if not owned.in_doubt and owned.provider_failures + 1 >= settings.failover_after:
+                    moved = fail_over(session, owned, settings, utcnow(), self._healthy)
+                # After a failover the next provider is tried at once; otherwise back off.
+                delay = schedule_retry(
+                    session,
+                    moved or owned,
+                    error,
+                    settings,
+                    utcnow(),
+                    provider_failed=moved is None,
+                )
+                if moved is not None and delay is not None:
+                    delay = timedelta(0)
+            if delay is None:
+                return SendOutcome(Outcome.EXPIRED, owned.provider)
+            self._publish_after(owned, delay)
+            return SendOutcome(Outcome.RETRY, owned.provider)
+        opted_out = isinstance(error, RecipientOptedOut)
+        with self.db.transaction() as session:
+            if opted_out:
+                add_opt_out(session, owned.owner_id, owned.from_number, owned.to_number, utcnow())
+                record_failed(session, owned, error, utcnow(), status=MessageStatus.OPTED_OUT)
+            else:
+                record_failed(session, owned, error, utcnow())
+        return SendOutcome(Outcome.OPTED_OUT if opted_out else Outcome.FAILED, owned.provider)
+
+    def _request(self, owned: Claim) -> SendRequest:
+        validity = max(1, int((owned.expires_at - utcnow()).total_seconds()))
+        return SendRequest(
+            idempotency_key=owned.sid,
+            to=owned.to_number,
+            sender=owned.from_number,
+            body=owned.body,
+            status_callback_url=status_callback_url(owned, self.settings.public_base_url),
+            validity_seconds=validity,
+        )
+
+
+def status_callback_url(owned: Claim, public_base_url: str) -> str:
+    """Where the provider reports on this message.
+
+    Our sid rides in the query, so a receipt that overtakes the worker still matches. Vonage
+    mostly cannot sign receipts, so their path carries the provider account's secret token."""
+    path = f"/callbacks/{owned.provider}"
+    if token := owned.credentials.get(CALLBACK_TOKEN):
+        path += f"/{token}"
+    return f"{public_base_url.rstrip('/')}{path}?messageSid={owned.sid}"
+
+
+_T = TypeVar("_T")
+
+
+def _quietly(call: Callable[..., _T], *args: Any, default: _T | None = None) -> _T:
+    """Rate limits and breakers are advice kept in Redis: when Redis is away, send anyway
+    (a limit briefly not enforced) rather than lose or hold the message."""
+    try:
+        return call(*args)
+    except Exception:
+        log.warning("coordination.unavailable", call=getattr(call, "__name__", str(call)))
+        return cast(_T, default if default is not None else False)
+
+
+def _unexpected(exc: Exception) -> TransientProviderError:
+    # Retried like an outage at first, so the message ends `failed` with the reason instead
+    # of sitting in `sending`.
+    log.exception("send.unexpected_error")
+    return AdapterBug("error", f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,1 @@
+"""Text of a message: phone numbers, GSM/UCS-2 segments, rendering a campaign's text."""

@@ -1,0 +1,136 @@
+"""Provisioning through `sms-dispatch`, so nobody edits the database by hand."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from click.testing import CliRunner
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from shared.cli import main
+from shared.core.db import Database
+
+BASE = "/interact/version/3/account/555/resources"
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def key_from(output: str) -> str:
+    match = re.search(r"Application-Key: ([0-9a-f]{24})", output)
+    assert match, output
+    return match.group(1)
+
+
+def provision() -> str:
+    key = key_from(run("account", "create", "555", "--name", "Acme"))
+    run("environment", "add", "555", "DEV")
+    run(
+        "campaign",
+        "set",
+        "555",
+        "spring",
+        "--name",
+        "Spring",
+        "--text",
+        "Go <link>",
+        "--link",
+        "https://acme.example/flow",
+    )
+    run(
+        "provider",
+        "set",
+        "555",
+        "simulator",
+        "--sender",
+        "+12025550143",
+        "--credential",
+        "x=secret",
+    )
+    return key
+
+
+def test_a_provisioned_account_can_send(client: TestClient[Litestar], db: Database) -> None:
+    key = provision()
+    token = json.loads(run("token", "issue", "555", "+1 202 555 0143"))["jpToken"]
+    response = client.post(
+        f"{BASE}/campaign/sms/spring",
+        headers={"Tenant-Id": "555", "Application-Key": key},
+        json={"callerId": "+1 202 555 0143", "jpToken": token},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_provider_credentials_are_never_echoed(db: Database) -> None:
+    provision()
+    output = run(
+        "provider", "set", "555", "simulator", "--sender", "+1202", "--credential", "x=hunter2"
+    )
+    assert "hunter2" not in output
+
+
+def test_rotating_with_revoke_old_invalidates_the_old_key(
+    client: TestClient[Litestar], db: Database
+) -> None:
+    old = provision()
+    new = key_from(run("account", "rotate-key", "555", "--revoke-old"))
+    for key, status in ((old, 401), (new, 200)):
+        response = client.get(
+            f"{BASE}/reports/deflected-calls", headers={"Tenant-Id": "555", "Application-Key": key}
+        )
+        assert response.status_code == status
+
+
+def test_rotating_without_revoke_keeps_both_keys_valid(
+    client: TestClient[Litestar], db: Database
+) -> None:
+    old = provision()
+    new = key_from(run("account", "rotate-key", "555"))
+    for key in (old, new):
+        response = client.get(
+            f"{BASE}/reports/deflected-calls", headers={"Tenant-Id": "555", "Application-Key": key}
+        )
+        assert response.status_code == 200
+
+
+def fails(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    return result.output
+
+
+def test_ordinary_mistakes_are_one_line_errors_not_tracebacks(db: Database) -> None:
+    provision()
+    assert "duplicate" in fails("account", "create", "555", "--name", "Again")
+    assert "no account '999'" in fails("account", "rotate-key", "999")
+    assert "unknown Environment-Name" in fails(
+        "token", "issue", "555", "+12025550143", "--environment", "NOPE"
+    )
+
+
+def test_provider_settings_missing_a_credential_are_refused(db: Database) -> None:
+    provision()
+    result = CliRunner().invoke(
+        main,
+        [
+            "provider",
+            "set",
+            "555",
+            "twilio",
+            "--sender",
+            "+12025550143",
+            "--credential",
+            "account_sid=AC1",
+            "--credential",
+            "authtoken=typo",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "twilio needs the credentials auth_token" in result.output

@@ -1,0 +1,120 @@
+"""Publishing after the commit: the API's publisher thread, and `publish_sends` beneath it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import redis
+from sqlalchemy import update
+
+from shared.core.broker import SEND_TASK, create_celery
+from shared.core.db import Database
+from shared.core.models import Message, utcnow
+from shared.core.settings import Settings
+from shared.messages.outbox import Publisher, publish_sends
+from tests.support.api import queued_sends
+from tests.support.data import Demo
+from tests.support.messages import accept_message, load_message
+from tests.support.sql import statements
+
+
+def test_a_batch_is_published_and_marked_in_one_statement(
+    db: Database, demo: Demo, migrated: Settings, redis_url: str
+) -> None:
+    sids = [accept_message(db, migrated, utcnow(), with_token=False) for _ in range(3)]
+
+    with statements(db) as sql:
+        published = publish_sends(create_celery(migrated), db, sids)
+
+    assert published == sids
+    assert all(load_message(db, sid).published_at is not None for sid in sids)
+    assert sum(s.lstrip().upper().startswith("UPDATE MESSAGES") for s in sql) == 1
+    assert queued_sends(redis_url) == [(SEND_TASK, [sid]) for sid in sids]
+
+
+def test_submitted_messages_are_published_and_marked_off_the_callers_thread(
+    db: Database, demo: Demo, migrated: Settings, redis_url: str
+) -> None:
+    sids = [accept_message(db, migrated, utcnow(), with_token=False) for _ in range(2)]
+    publisher = Publisher(create_celery(migrated), db)
+    try:
+        publisher.submit(sids[:1])
+        publisher.submit(sids[1:])
+        assert publisher.flush()
+    finally:
+        publisher.close()
+
+    assert sorted(args[0] for _, args in queued_sends(redis_url)) == sorted(sids)
+    assert all(load_message(db, sid).published_at is not None for sid in sids)
+
+
+def test_the_publishers_late_mark_leaves_a_newer_mark_alone(
+    db: Database, demo: Demo, migrated: Settings
+) -> None:
+    sid = accept_message(db, migrated, utcnow(), with_token=False)
+    newer = datetime(2030, 1, 1).astimezone()
+    # Meanwhile a worker handed the message back and published it again, with its own mark.
+    with db.transaction() as session:
+        session.execute(update(Message).where(Message.sid == sid).values(published_at=newer))
+
+    publish_sends(create_celery(migrated), db, [sid], mark_only_unchanged=True)
+
+    assert load_message(db, sid).published_at == newer
+
+
+def test_the_publishers_late_mark_does_not_hide_a_handed_back_message_from_the_sweeper(
+    db: Database, demo: Demo, migrated: Settings
+) -> None:
+    sid = accept_message(db, migrated, utcnow(), with_token=False)
+    # A worker claimed it and handed it back (rate limit), clearing the mark, after our publish
+    # began: the row changed after that moment.
+    later = datetime(2030, 1, 1).astimezone()
+    with db.transaction() as session:
+        session.execute(
+            update(Message).where(Message.sid == sid).values(published_at=None, updated_at=later)
+        )
+
+    publish_sends(create_celery(migrated), db, [sid], mark_only_unchanged=True)
+
+    assert load_message(db, sid).published_at is None
+
+
+def test_after_close_a_submission_is_published_at_once(
+    db: Database, demo: Demo, migrated: Settings, redis_url: str
+) -> None:
+    sid = accept_message(db, migrated, utcnow(), with_token=False)
+    publisher = Publisher(create_celery(migrated), db)
+    publisher.close()
+
+    publisher.submit([sid])
+
+    assert queued_sends(redis_url) == [(SEND_TASK, [sid])]
+    assert load_message(db, sid).published_at is not None
+
+
+def test_close_publishes_what_is_still_waiting(
+    db: Database, demo: Demo, migrated: Settings, redis_url: str
+) -> None:
+    sids = [accept_message(db, migrated, utcnow(), with_token=False) for _ in range(50)]
+    publisher = Publisher(create_celery(migrated), db, max_batch=7)
+    for sid in sids:
+        publisher.submit([sid])
+    publisher.close()
+
+    assert redis.Redis.from_url(redis_url).llen(migrated.send_queue) == 50
+    assert all(load_message(db, sid).published_at is not None for sid in sids)
+
+
+def test_a_broker_outage_leaves_the_rows_unmarked_for_the_sweeper(
+    db: Database, demo: Demo, migrated: Settings
+) -> None:
+    sid = accept_message(db, migrated, utcnow(), with_token=False)
+    dead = migrated.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    publisher = Publisher(create_celery(dead), db)
+    try:
+        publisher.submit([sid])
+        assert publisher.flush(timeout=30)
+    finally:
+        publisher.close()
+
+    assert load_message(db, sid).published_at is None

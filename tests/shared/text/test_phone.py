@@ -1,0 +1,75 @@
+"""Phone numbers: callers are stored and sent as E.164; senders are numbers or alphanumeric ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.text.phone import normalise_sender, to_e164
+
+
+def test_international_number_with_spaces_becomes_e164() -> None:
+    assert to_e164("+972 54 4696388", "US") == "+972544696388"
+
+
+def test_international_number_ignores_the_default_region() -> None:
+    assert to_e164("+972 54 4696388", "GB") == "+972544696388"
+
+
+def test_punctuation_is_removed() -> None:
+    assert to_e164("+1 (202) 555-0143", "US") == "+12025550143"
+
+
+def test_national_number_is_read_in_the_default_region() -> None:
+    assert to_e164("054-4696388", "IL") == "+972544696388"
+
+
+def test_national_number_without_country_uses_us_region() -> None:
+    assert to_e164("(202) 555-0143", "US") == "+12025550143"
+
+
+def test_same_national_digits_mean_a_different_country_in_another_region() -> None:
+    assert to_e164("054-4696388", "US") is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "not a number", "12345", "+1 212 123", "+999 1234567", "+972 54 46963880000"],
+)
+def test_invalid_number_is_none(raw: str) -> None:
+    assert to_e164(raw, "US") is None
+
+
+def test_alphanumeric_sender_id_is_kept() -> None:
+    assert normalise_sender("ACME", "US") == "ACME"
+
+
+def test_alphanumeric_sender_id_keeps_its_case_and_punctuation() -> None:
+    assert normalise_sender("Acme-1", "US") == "Acme-1"
+
+
+def test_alphanumeric_sender_id_is_stripped_of_surrounding_blanks() -> None:
+    assert normalise_sender("  ACME ", "US") == "ACME"
+
+
+def test_sender_number_is_made_e164() -> None:
+    assert normalise_sender("+1 (212) 123-4567", "US") == "+12121234567"
+
+
+def test_national_sender_number_is_read_in_the_default_region() -> None:
+    assert normalise_sender("(212) 123-4567", "US") == "+12121234567"
+
+
+def test_sender_number_that_strict_validation_rejects_is_still_normalised() -> None:
+    # 212-123-xxxx is not an assignable US number, yet senders are not validated, only formatted.
+    assert to_e164("+12121234567", "US") is None
+    assert normalise_sender("+1 212 123 4567", "US") == "+12121234567"
+
+
+def test_same_sender_written_two_ways_normalises_to_the_same_value() -> None:
+    assert normalise_sender("+12121234567", "US") == normalise_sender("212-123-4567", "US")
+
+
+def test_short_code_sender_is_kept_as_digits() -> None:
+    # A short code is not a phone number in any country: "+1" in front of it is a different,
+    # non-existent sender that a provider would refuse.
+    assert normalise_sender("12345", "US") == "12345"

@@ -1,0 +1,123 @@
+"""Prometheus metrics scraped with real traffic: a real worker process's metrics port, and the
+backlog gauges it serves."""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+
+import httpx
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import select, update
+
+from shared.core.db import Database
+from shared.core.models import Message, utcnow
+from shared.core.settings import Settings
+from tests.support.api import V3, issue_token
+from tests.support.data import CALLER, Demo, headers
+from tests.support.metrics import label_values, sample, scrape, send, value
+from tests.support.processes import Process, answers, wait_until
+from tests.support.services import free_port
+from worker.metrics import BacklogCollector
+
+
+def _token(api: httpx.Client) -> str:
+    response = api.post(f"{V3}/token", headers=headers(), json={"callerId": CALLER})
+    assert response.status_code == 200, response.text
+    token: str = response.json()["jpToken"]
+    return token
+
+
+def _statuses(db: Database) -> Counter[str]:
+    with db.transaction() as session:
+        return Counter(session.scalars(select(Message.status)))
+
+
+def test_a_worker_process_serves_its_send_counts_and_the_backlog(
+    api_url: str,
+    demo: Demo,
+    db: Database,
+    simulator: httpx.Client,
+    start_worker: Callable[..., Process],
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    api = httpx.Client(base_url=api_url, timeout=10)
+    token = _token(api)
+    responses = [send(api, token) for _ in range(5)]
+    assert [r.status_code for r in responses] == [200] * 5
+
+    start_worker(env={"SMSD_WORKER_METRICS_PORT": str(port)})
+    wait_until(lambda: answers(url), 30, "the worker's metrics port")
+    wait_until(lambda: _statuses(db)["delivered"] == 5, 60, "every message delivered")
+    sent = "smsd_sends_total"
+    wait_until(
+        lambda: value(scrape(url), sent, provider="simulator", outcome="sent") == 5,
+        10,
+        "the worker to count its sends",
+    )
+    exposition = scrape(url)
+
+    assert value(exposition, sent, provider="simulator", outcome="sent") == 5
+    assert label_values(exposition, sent, "outcome") == {"sent"}
+    assert value(exposition, "smsd_send_duration_seconds_count", provider="simulator") == 5
+    assert sample(exposition, "smsd_queue_depth", queue="sms.send") == 0
+    assert sample(exposition, "smsd_queue_depth", queue="sms.send.sweep") is not None
+    assert sample(exposition, "smsd_oldest_queued_message_age_seconds") == 0
+    assert len(simulator.get("/messages").json()) == 5
+
+
+def test_a_busy_metrics_port_stops_the_worker_at_start(
+    migrated: Settings, spawn: Callable[..., Process]
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = spawn("worker-busy-port", "worker", "--metrics-port", str(port))
+        returncode = process.popen.wait(timeout=30)
+
+    assert returncode != 0
+    assert f"127.0.0.1:{port} is already in use" in process.output()
+    assert "SMSD_WORKER_METRICS_PORT" in process.output()
+
+
+def test_the_backlog_gauges_read_the_broker_and_the_database(
+    client: TestClient[Litestar], demo: Demo, db: Database, migrated: Settings
+) -> None:
+    # No worker runs: what the API publishes stays on the queue, its messages `queued`.
+    token = issue_token(client)
+    sids = [send(client, token, Accept="application/json").json()["messageSid"] for _ in range(3)]
+    with db.transaction() as session:
+        session.execute(
+            update(Message)
+            .where(Message.sid == sids[0])
+            .values(created_at=utcnow() - timedelta(minutes=2))
+        )
+    registry = CollectorRegistry()
+    registry.register(BacklogCollector(migrated))
+
+    assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send"}) == 3
+    assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send.sweep"}) == 0
+    age = registry.get_sample_value("smsd_oldest_queued_message_age_seconds")
+    assert age is not None
+    assert 120 <= age < 180
+
+
+def test_the_backlog_gauges_are_left_out_while_their_sources_are_down(
+    migrated: Settings,
+) -> None:
+    dead = migrated.model_copy(
+        update={
+            "database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
+            "broker_url": f"redis://127.0.0.1:{free_port()}/0",
+        }
+    )
+    registry = CollectorRegistry()
+    registry.register(BacklogCollector(dead))
+
+    assert generate_latest(registry) == b""  # the scrape itself still succeeds
