@@ -36,10 +36,11 @@ from api.soap import agent_wsdl, soap_endpoint
 from api.tracking import deflected_call_report, get_message
 from api.webhooks import WEBHOOKS
 from shared.core.broker import create_celery
-from shared.core.db import Database
+from shared.core.db import AsyncDatabase, Database
 from shared.core.errors import RequestRefused
 from shared.core.logging import configure_logging
 from shared.core.settings import Settings, get_settings
+from shared.messages.group_commit import GroupAccept
 from shared.messages.outbox import Publisher
 
 
@@ -51,6 +52,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     db = Database(settings, pool_timeout=settings.api_database_pool_timeout)
     # The API process publishes through a Celery app built from the same settings.
     publisher = Publisher(create_celery(settings), db)
+    # Send requests are accepted on the event loop, in groups (shared/messages/group_commit.py).
+    async_db = AsyncDatabase(
+        settings, db.config_cache, pool_timeout=settings.api_database_pool_timeout
+    )
+    groups = GroupAccept(async_db, settings, publisher.submit)
     guard = KeyGuessingGuard(settings)
 
     async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
@@ -58,6 +64,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     async def shutdown() -> None:
         await guard.close()
+        await groups.close()
+        await async_db.dispose()
         # Publishes what is still waiting: a blocking join, so off the event loop.
         await anyio.to_thread.run_sync(publisher.close)
         db.dispose()
@@ -81,7 +89,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             metrics,
         ],
         # What handlers take as parameters (api/dependencies.py): services, never a locator.
-        dependencies=dependencies(settings, db, publisher),
+        dependencies=dependencies(settings, db, publisher, groups),
         before_request=clear_log_context,
         on_startup=[guard.start],
         on_shutdown=[shutdown],

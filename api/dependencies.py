@@ -1,8 +1,8 @@
 """What the handlers are given, as Litestar dependencies (`Provide`, declared once in
 `create_app`): the settings, the database, the transaction runner (`Transactions`: one
 transaction on a worker thread, within SMSD_API_ACCEPT_DEADLINE for the request paths that
-promise it), the accept service (`AcceptService`: record, commit, then publish) and the
-Celery app the publisher sends through."""
+promise it), the accept use case (`GroupAccept`: send requests committed in groups on the
+event loop, then published) and the Celery app the publisher sends through."""
 
 from __future__ import annotations
 
@@ -16,23 +16,16 @@ import anyio.to_thread
 import structlog
 from celery import Celery
 from litestar.di import NamedDependency, Provide
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from shared.core.db import Database
-from shared.core.models import utcnow
+from shared.core.db import AcceptDeadlineExceeded, Database
 from shared.core.settings import Settings
-from shared.messages.accept import AcceptedMessage, SendSmsCommand, accept_send
+from shared.messages.group_commit import GroupAccept
 from shared.messages.outbox import Publisher
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-
-class AcceptDeadlineExceeded(PoolTimeout):
-    """The database did not finish an accept within SMSD_API_ACCEPT_DEADLINE: the caller is
-    answered 503 like any other database outage (api/errors.py), and the work is abandoned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,42 +77,12 @@ class Transactions:
         raise AcceptDeadlineExceeded(f"no answer from the database within {deadline:g} s")
 
 
-@dataclass(frozen=True, slots=True)
-class AcceptService:
-    """Accept and enqueue: the one use case every send edge (REST v3 and v2, SOAP) calls."""
-
-    transactions: Transactions
-    publisher: Publisher
-
-    async def send(self, command: SendSmsCommand) -> AcceptedMessage:
-        """Record the message within the request's deadline; the publisher sends it on."""
-        return await self.transactions.within_deadline(
-            lambda abandoned: self.place(command, abandoned)
-        )
-
-    def place(
-        self, command: SendSmsCommand, abandoned: threading.Event | None = None
-    ) -> AcceptedMessage:
-        """Record the message and commit (blocking, so run it off the event loop); publishing
-        follows on the publisher's thread, so the caller's 200 never waits for the broker.
-
-        `abandoned` set (the request's deadline passed): roll back instead of committing."""
-        transactions = self.transactions
-        with transactions.db.transaction(abandoned) as session:
-            accepted = accept_send(session, command, transactions.settings, utcnow())
-        # Committed: from here a crash or a broker outage delays the message, never loses it.
-        # (Also when the caller gave up while the COMMIT was in flight: the row is real.)
-        if not accepted.replayed:
-            self.publisher.submit([accepted.sid])
-        return accepted
-
-
 # A handler's parameter of one of these types is filled from `dependencies()` by its name
 # (explicitly: Litestar 2.23 deprecated inferring dependencies from a bare type, 3.0 drops it).
 SettingsDep = NamedDependency[Settings]
 DatabaseDep = NamedDependency[Database]
 TransactionsDep = NamedDependency[Transactions]
-AcceptDep = NamedDependency[AcceptService]
+AcceptDep = NamedDependency[GroupAccept]
 CeleryDep = NamedDependency[Celery]
 
 
@@ -130,7 +93,9 @@ def _value(value: Any) -> Provide:
     return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
 
-def dependencies(settings: Settings, db: Database, publisher: Publisher) -> dict[str, Provide]:
+def dependencies(
+    settings: Settings, db: Database, publisher: Publisher, groups: GroupAccept
+) -> dict[str, Provide]:
     """The app-level dependencies: a handler names a parameter after one of these keys and
     receives it (never a query parameter, never in the OpenAPI document)."""
     transactions = Transactions(db=db, settings=settings)
@@ -138,6 +103,6 @@ def dependencies(settings: Settings, db: Database, publisher: Publisher) -> dict
         "settings": _value(settings),
         "database": _value(db),
         "transactions": _value(transactions),
-        "accept": _value(AcceptService(transactions=transactions, publisher=publisher)),
+        "accept": _value(groups),
         "celery": _value(publisher.celery),
     }

@@ -12,7 +12,7 @@ from litestar.params import FromPath
 from sqlalchemy.orm import Session
 
 from api.body import JsonBody
-from api.dependencies import AcceptDep, AcceptService, SettingsDep, TransactionsDep
+from api.dependencies import AcceptDep, SettingsDep, TransactionsDep
 from api.headers import (
     MAX_IDEMPOTENCY_KEY,
     V2,
@@ -42,9 +42,9 @@ from shared.accounts.access import authenticate, resolve_environment
 from shared.calls.tokens import IssuedToken, issue_token
 from shared.core.errors import InvalidParameter
 from shared.core.models import utcnow
-from shared.core.settings import Settings
 from shared.messages.accept import AcceptedMessage, SendSmsCommand, notify_external_send
 from shared.messages.accept import get_interaction_link as interaction_link_for
+from shared.messages.group_commit import GroupAccept
 from shared.text.phone import to_e164
 
 
@@ -120,8 +120,7 @@ def send_command(
 
 async def _send(
     request: Request[object, object, State],
-    accept: AcceptService,
-    settings: Settings,
+    accept: GroupAccept,
     account_id: str,
     campaign_id: str,
     path_caller_id: str | None,
@@ -138,7 +137,7 @@ async def _send(
         tenant_id,
         application_key,
         environment_name,
-        region=settings.default_region,
+        region=accept.settings.default_region,
         path_caller_id=path_caller_id,
         idempotency_key=idempotency_key,
         version=version,
@@ -161,7 +160,6 @@ async def _send(
 async def send_sms(
     request: Request[object, object, State],
     accept: AcceptDep,
-    settings: SettingsDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     tenant_id: TenantId = None,
@@ -172,7 +170,6 @@ async def send_sms(
     return await _send(
         request,
         accept,
-        settings,
         account_id,
         campaign_id,
         None,
@@ -194,7 +191,6 @@ async def send_sms(
 async def send_sms_to_caller(
     request: Request[object, object, State],
     accept: AcceptDep,
-    settings: SettingsDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     caller_id: FromPath[str],
@@ -206,7 +202,6 @@ async def send_sms_to_caller(
     return await _send(
         request,
         accept,
-        settings,
         account_id,
         campaign_id,
         caller_id,
@@ -284,7 +279,6 @@ async def generate_token(
 async def send_sms_v2(
     request: Request[object, object, State],
     accept: AcceptDep,
-    settings: SettingsDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     tenant_id: TenantId = None,
@@ -295,7 +289,6 @@ async def send_sms_v2(
     return await _send(
         request,
         accept,
-        settings,
         account_id,
         campaign_id,
         None,

@@ -10,6 +10,10 @@ from typing import Any
 
 from celery import Celery
 
+# The service worker's process hooks (logging at SMSD_LOG_LEVEL, which also makes the worker log
+# `ready`, the provider imports at start, the task context), as in a real worker: importing
+# the module connects them. Its own app is not the one `-A bench.noop` runs.
+import worker.celery_app  # noqa: F401
 from shared.core.broker import celery_config
 from shared.core.settings import get_settings
 
@@ -18,8 +22,7 @@ NOOP_TASK = "bench.noop"
 
 
 def _config() -> dict[str, Any]:
-    # The service's own configuration (importing it also connects its logging and task
-    # signal handlers, as in a real worker), only routed to a queue of our own.
+    # The service's own configuration, only routed to a queue of our own.
     config = celery_config(get_settings())
     config.update(
         task_default_queue=NOOP_QUEUE,

@@ -1,19 +1,34 @@
 """`make bench`: accept, dispatch, end-to-end and backlog figures for sms-dispatch on this machine,
-each as a ratio against a floor measured in the same run. Everything runs on loopback and is
-stopped at the end; the table is printed and written to bench/results/latest.json.
+each as a ratio against a floor measured in the same run, judged against the targets of issue 13.
+Everything runs on loopback and is stopped at the end; the table and the verdict on each target
+are printed and written to bench/results/latest.json.
+
+Scenarios (BENCH_ONLY names):
+  accept    the Send SMS v3 route against the bare Litestar floor, workers stopped; then every
+            200 must be a committed row whose messageSid is in a task on the broker
+  dispatch  a backlog into the simulator at 0 ms with callbacks on, against the no-op
+            one-task-per-message Celery floor; then again at 50 ms (>= 1,000 msg/s)
+  twilio    the same backlog through the Twilio adapter (the real twilio SDK against the
+            simulator's Twilio API) at 0 ms, callbacks on: msg/s and CPU per message, beside
+            the simulator adapter's (measured here too when `dispatch` did not run)
+  e2e       open loop at BENCH_E2E_RATE with workers and callbacks on: accept -> provider p99
+  backlog   10,000 (and with BENCH_FULL=1 200,000) queued: the drain rate must not drop
 
 Environment knobs (defaults in brackets):
-  BENCH_ONLY [all]             comma-separated scenarios to run: accept, dispatch, e2e, backlog
+  BENCH_ONLY [all]             comma-separated scenarios: accept, dispatch, twilio, e2e, backlog
   BENCH_FULL=1                 also the 200,000-message backlog (long: see docs/performance.md)
   BENCH_PROFILE=1              py-spy profiles of the API and the workers (perturbs the figures)
   BENCH_API_WORKERS [2]        uvicorn processes, for the API and for the bare floor app alike
   BENCH_WORKER_PROCS [2]       Celery worker processes, for the service and the no-op floor alike
   BENCH_WORKER_CONCURRENCY [32]  threads per worker process (SMSD_WORKER_CONCURRENCY's default)
-  BENCH_CONNECTIONS [16]       closed-loop connections for the accept scenario
+  BENCH_CONNECTIONS [32]       closed-loop connections for the accept scenario (and its floor)
   BENCH_ACCEPT_SECONDS [15]    per accept measurement
-  BENCH_DISPATCH [20000]       messages in the dispatch scenario
+  BENCH_DISPATCH [20000]       messages in each dispatch run (and in the no-op floor)
+  BENCH_TWILIO [5000]          messages in the Twilio adapter run
+  BENCH_BATCH [auto]           messageSids per send task when a backlog is published
+                               (SMSD_SEND_BATCH_SIZE, as the sweeper does; 1: one `sms.send` each)
   BENCH_E2E_RATE [300]         offered msg/s in the end-to-end scenario
-  BENCH_E2E_SECONDS [auto]     60, or 20 when the whole run would pass ~10 minutes
+  BENCH_E2E_SECONDS [60]       the end-to-end run (the target is judged only on 60 s at 300/s)
 """
 
 from __future__ import annotations
@@ -31,7 +46,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,13 +69,24 @@ from bench.stack import ROOT, Interference, Proc, Stack, StackConfig, running
 from tests.support.services import postgres_server, redis_server
 
 RESULTS = ROOT / "bench" / "results"
+SCENARIOS = ("accept", "dispatch", "twilio", "e2e", "backlog")
 SIMULATOR_LATENCY_MS = 50
 DELIVERY_DELAY_MS = 200
-BUDGET_S = 600  # the default run should stay within ~10 minutes
+E2E_SECONDS = 60  # the issue's end-to-end run: 300 msg/s for 60 s
 FOREIGN_NOTE_CORES = 0.1  # other processes' CPU worth a note next to a figure
 E2E_WAIT_S = 120.0  # after an end-to-end run, at most this long for the stragglers
 E2E_STALL_S = 15.0  # ... and no longer once nothing has moved for this long
 E2E_WARMUP_S = 3.0  # before each end-to-end run, at its rate (not measured)
+DRAIN_STALL_S = 60.0  # a drain where nothing moved for this long is given up on
+PUBLISH_WAIT_S = 10.0  # after the accept run, at most this long for the API's last publishes
+
+# Issue 13, "What must be true when this is done".
+ACCEPT_RATIO = 0.4  # accept / bare Litestar
+ACCEPT_P99_MS = 25.0
+DISPATCH_RATIO = 2.0  # dispatch at 0 ms / the no-op one-task-per-message floor
+DISPATCH_50MS_RATE = 1000.0  # msg/s at 50 ms provider latency
+E2E_P99_MS = 250.0  # accept -> provider call, at 300 msg/s for 60 s
+BACKLOG_TOLERANCE = 0.10  # 200k drain rate against 10k
 
 
 def _env_int(name: str, default: int) -> int:
@@ -74,8 +100,10 @@ class Options:
     connections: int
     accept_seconds: int
     dispatch_count: int
+    twilio_count: int
+    batch: int  # 0: the service's SMSD_SEND_BATCH_SIZE
     e2e_rate: int
-    e2e_seconds: int | None
+    e2e_seconds: int
     stack: StackConfig
     only: frozenset[str] = frozenset()
 
@@ -85,15 +113,21 @@ class Options:
     @classmethod
     def from_env(cls) -> Options:
         seconds = os.environ.get("BENCH_E2E_SECONDS")
+        names = os.environ.get("BENCH_ONLY", "").split(",")
+        only = frozenset(name.strip() for name in names if name.strip())
+        if unknown := sorted(only - set(SCENARIOS)):
+            raise SystemExit(f"BENCH_ONLY: unknown scenarios {unknown}; choose from {SCENARIOS}")
         return cls(
             full=os.environ.get("BENCH_FULL") == "1",
             profile=os.environ.get("BENCH_PROFILE") == "1",
-            connections=_env_int("BENCH_CONNECTIONS", 16),
+            connections=_env_int("BENCH_CONNECTIONS", 32),
             accept_seconds=_env_int("BENCH_ACCEPT_SECONDS", 15),
             dispatch_count=_env_int("BENCH_DISPATCH", 20_000),
+            twilio_count=_env_int("BENCH_TWILIO", 5_000),
+            batch=_env_int("BENCH_BATCH", 0),
             e2e_rate=_env_int("BENCH_E2E_RATE", 300),
-            e2e_seconds=int(seconds) if seconds else None,
-            only=frozenset(s for s in os.environ.get("BENCH_ONLY", "").split(",") if s),
+            e2e_seconds=int(seconds) if seconds else E2E_SECONDS,
+            only=only,
             stack=StackConfig(
                 api_workers=_env_int("BENCH_API_WORKERS", 2),
                 worker_procs=_env_int("BENCH_WORKER_PROCS", 2),
@@ -144,6 +178,11 @@ class Bench:
             )
         return cores
 
+    @property
+    def batch(self) -> int:
+        """messageSids per task when a backlog is published."""
+        return self.options.batch or self.stack.settings.send_batch_size
+
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
 
@@ -163,25 +202,12 @@ class Bench:
             if profile is not None:
                 self.profiles.append(profile)
 
-    def e2e_seconds(self) -> int:
-        """60 s, or 20 s when the rest of the run would then pass ~10 minutes: the end-to-end
-        run, the generator's grace and the wait for the backlog it leaves (when offered above
-        the drain rate just measured), the sustainable run, and the 10k backlog."""
-        drain = max(float(self.results.get("dispatch", {}).get("msg_per_s", 100.0)), 1.0)
-        rate = self.options.e2e_rate
-
-        def rest(span: int) -> float:
-            left = max(0.0, rate - drain) * span / drain
-            grace = 30 if rate > drain else 0
-            return 20 + span + grace + min(E2E_WAIT_S, left + 5) + 60 + 10_000 / drain + 25
-
-        if self.elapsed + rest(60) <= BUDGET_S:
-            return 60
-        self.notes.append(
-            f"end to end ran 20 s instead of 60 s: at 60 s the run would take about "
-            f"{(self.elapsed + rest(60)) / 60:.0f} minutes"
-        )
-        return 20
+    def drain_rate(self) -> float:
+        """The last measured drain rate at the simulator's 50 ms (else at 0 ms), in msg/s."""
+        for key in ("dispatch-50ms", "dispatch"):
+            if key in self.results:
+                return float(self.results[key]["msg_per_s"])
+        return 0.0
 
     # Accept
 
@@ -233,25 +259,44 @@ class Bench:
         }
 
     def check_durable(self, run: LoadResult) -> dict[str, Any]:
-        """Every 200 is a committed row whose task is on the queue."""
+        """Every 200 is a committed row whose messageSid reached the broker, in an `sms.send`
+        task of its own or among the sids of an `sms.send_batch` task (workers are stopped,
+        so every task is still on the queue); and nothing else is there."""
         stack = self.stack
-        rows = stack.sql("SELECT count(*) AS n, count(published_at) AS published FROM messages")
+        # The API publishes after the commit, on a thread of its own: its last groups of the
+        # run may still be on their way. A row never published fails below.
+        deadline = time.monotonic() + PUBLISH_WAIT_S
+        while True:
+            rows = stack.sql("SELECT count(*) AS n, count(published_at) AS published FROM messages")
+            if rows.n == rows.published or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         answered = stack.sql(
             "SELECT count(*) AS n, count(published_at) AS published FROM messages "
             "WHERE sid = ANY(:sids)",
             sids=run.sids,
         )
-        queued = stack.queued_tasks(stack.settings.send_queue)
-        # A request in flight when the load generator stops is committed and queued, but its
-        # answer is never read: those rows are the only ones allowed beyond the 200s.
+        broker = stack.broker_tasks(stack.settings.send_queue)
+        on_broker = set(broker.sids)
+        answered_on_broker = sum(1 for sid in set(run.sids) if sid in on_broker)
+        broker_rows = stack.sql(
+            "SELECT count(*) AS n FROM messages WHERE sid = ANY(:sids)", sids=list(on_broker)
+        )
+        twice = len(broker.sids) - len(on_broker)
+        # A request in flight when the load generator stops is committed and published, but
+        # its answer is never read: those rows are the only ones allowed beyond the 200s.
         cut_off = rows.n - run.ok
         problems = [
             what
             for what, failed in (
                 ("a 200 without a messageSid", len(run.sids) != run.ok),
                 ("a 200 whose row is missing", answered.n != run.ok),
-                ("a 200 whose task was never published", answered.published != run.ok),
-                ("rows and queued tasks differ", not rows.n == rows.published == queued),
+                ("a 200 whose row is not marked published", answered.published != run.ok),
+                ("a 200 whose messageSid is in no broker task", answered_on_broker != run.ok),
+                ("a task's messageSid without a row", broker_rows.n != len(on_broker)),
+                ("a row whose messageSid is in no task", rows.n != len(on_broker)),
+                ("a messageSid in two tasks", twice != 0),
+                ("a task whose messageSids cannot be read", broker.unreadable != 0),
                 (
                     "more rows than 200s plus requests in flight",
                     not 0 <= cut_off <= run.connections,
@@ -260,52 +305,77 @@ class Bench:
             if failed
         ]
         ok = not problems
+        per_task = len(broker.sids) / broker.tasks if broker.tasks else 0.0
+        kinds = ", ".join(f"{n:,} {name}" for name, n in sorted(broker.by_name.items()))
         verdict = (
             f"{'OK' if ok else 'FAILED (' + '; '.join(problems) + ')'}: {run.ok} answered 200, "
-            f"{answered.n} of their rows committed, {answered.published} published; "
-            f"{rows.n} rows, {queued} tasks queued"
+            f"{answered.n} of their rows committed, {answered.published} marked published, "
+            f"{answered_on_broker} in a task on the broker; {rows.n} rows, "
+            f"{len(on_broker)} messageSids in {broker.tasks:,} tasks ({kinds or 'none'}; "
+            f"{per_task:.1f} per task)"
             + (f" ({cut_off} answered after the generator stopped)" if cut_off else "")
         )
         return {
             "ok": ok,
+            "problems": problems,
             "answered_200": run.ok,
             "sids_in_answers": len(run.sids),
             "answered_rows": answered.n,
             "answered_published": answered.published,
+            "answered_on_broker": answered_on_broker,
             "rows": rows.n,
             "rows_published": rows.published,
-            "tasks_queued": queued,
+            "tasks_queued": broker.tasks,
+            "tasks_by_name": broker.by_name,
+            "sids_on_broker": len(broker.sids),
+            "sids_per_task": per_task,
+            "sids_in_two_tasks": twice,
+            "unreadable_tasks": broker.unreadable,
             "cut_off_in_flight": cut_off,
             "verdict": verdict,
         }
 
     # Dispatch and backlog
 
-    def fill(self, count: int) -> dict[str, Any]:
-        self.stack.clean()
-        self.stack.control(
-            latency_ms=SIMULATOR_LATENCY_MS, callbacks=False, failure_rate=0, next_errors=[]
+    def fill(self, count: int, *, latency_ms: float, callbacks: bool) -> dict[str, Any]:
+        """An empty table and queue, the simulator set up, then `count` messages queued with
+        their tasks published in batches (see Stack.fill), workers stopped."""
+        stack = self.stack
+        stack.clean()
+        stack.control(
+            latency_ms=latency_ms,
+            callbacks=callbacks,
+            delivery_delay_ms=DELIVERY_DELAY_MS,
+            failure_rate=0,
+            next_errors=[],
         )
-        before = self.stack.used_memory()
-        filled = self.stack.fill(count)
-        after = self.stack.used_memory()
-        queued = self.stack.queued_tasks(self.stack.settings.send_queue)
-        if queued != count:
-            raise RuntimeError(f"{queued} tasks on the queue after filling {count}")
+        before = stack.used_memory()
+        filled = stack.fill(count, self.batch)
+        after = stack.used_memory()
+        broker = stack.broker_tasks(stack.settings.send_queue)
+        if len(broker.sids) != count or len(set(broker.sids)) != count:
+            raise RuntimeError(
+                f"{len(broker.sids)} messageSids ({len(set(broker.sids))} distinct) in "
+                f"{broker.tasks} tasks on the queue after filling {count}"
+            )
         self.say(
             f"  filled {count:,} ({filled.accepted:,} through accept_send in "
             f"{filled.accept_s:.1f} s, copies {filled.copy_s:.1f} s, publish "
-            f"{filled.publish_s:.1f} s = {1000 * filled.publish_s / count:.2f} ms/task)"
+            f"{filled.publish_s:.1f} s = {filled.tasks:,} tasks of {filled.batch}: "
+            f"{1000 * filled.publish_s / count:.3f} ms/message)"
         )
         return {
             "fill": asdict(filled),
+            "tasks_by_name": broker.by_name,
             "redis_used_memory_before": before,
             "redis_used_memory_queued": after,
             "redis_bytes_per_queued_message": (after - before) / count,
         }
 
     def drain(self, count: int, name: str) -> dict[str, Any]:
-        """Start the workers on a full queue and wait until every message is `sent`."""
+        """Start the workers on a full queue and wait until no message is left queued or
+        sending (each sent, or final). The rate is over the messages' own `sent_at`, so the
+        workers' start-up does not count; their CPU is metered from when they are ready."""
         stack = self.stack
         started = time.monotonic()
         poll = 1.0 if count <= 50_000 else 3.0
@@ -315,12 +385,15 @@ class Bench:
         rss_peak = rss_idle
         recording: Recording | None = None
         meter = self.meter()
+        seen, last_change = -1, time.monotonic()
+        stalled = False
         with running(stack, workers):
             while True:
                 rss_peak = max(rss_peak, sum(w.rss_bytes() for w in workers))
+                # With callbacks on a sent message moves on to delivered: count sent_at.
                 progress = stack.sql(
-                    "SELECT count(*) FILTER (WHERE status = 'sent') AS sent, "
-                    "count(*) FILTER (WHERE status NOT IN ('queued', 'sending', 'sent')) AS other "
+                    "SELECT count(sent_at) AS sent, "
+                    "count(*) FILTER (WHERE status IN ('queued', 'sending')) AS left "
                     "FROM messages"
                 )
                 if self.options.profile and recording is None and progress.sent > 500:
@@ -329,7 +402,13 @@ class Bench:
                     recording = record(
                         name, workers[0].pid, seconds, RESULTS / f"profile-{name}.txt"
                     )
-                if progress.sent + progress.other >= count or time.monotonic() > deadline:
+                if progress.left == 0 or time.monotonic() > deadline:
+                    break
+                moved = progress.sent + count - progress.left
+                if moved != seen:
+                    seen, last_change = moved, time.monotonic()
+                elif time.monotonic() - last_change > DRAIN_STALL_S:
+                    stalled = True
                     break
                 time.sleep(poll)
             self.foreign(f"{name} ({count:,})", meter)
@@ -337,9 +416,14 @@ class Bench:
                 profile = recording.finish()
                 if profile is not None:
                     self.profiles.append(profile)
+        if stalled:
+            self.notes.append(
+                f"{name}: nothing moved for {DRAIN_STALL_S:.0f} s, given up on (see the "
+                f"workers' logs: {', '.join(str(w.log) for w in workers)})"
+            )
         timing = stack.sql(
-            "SELECT count(*) AS n, extract(epoch FROM max(sent_at) - min(sent_at)) AS span "
-            "FROM messages WHERE status = 'sent'"
+            "SELECT count(sent_at) AS n, extract(epoch FROM max(sent_at) - min(sent_at)) AS span "
+            "FROM messages"
         )
         span = float(timing.span or 0)
         rate = (timing.n - 1) / span if span > 0 else 0.0
@@ -351,29 +435,82 @@ class Bench:
                 )
             }
         complete = timing.n == count
+        # CPU per message: every process of ours while the workers ran, over the messages sent.
+        cpu_s = {kind: cores * meter.seconds for kind, cores in meter.ours.items()}
+        per_message = {
+            kind: 1000 * seconds / timing.n if timing.n else 0.0
+            for kind, seconds in sorted(cpu_s.items())
+        }
+        per_message["all"] = sum(per_message.values())
         self.say(
-            f"  drained {timing.n:,}/{count:,} to sent at {rate:.0f} msg/s "
-            f"(worker RSS {rss_peak / 2**20:.0f} MiB)" + ("" if complete else f" {statuses}")
+            f"  drained {timing.n:,}/{count:,} to sent at {rate:.0f} msg/s, "
+            f"{per_message['all']:.2f} ms CPU/message of which workers "
+            f"{per_message.get('worker', 0.0):.2f} (worker RSS {rss_peak / 2**20:.0f} MiB)"
+            + ("" if complete else f" {statuses}")
         )
         return {
             "count": count,
             "sent": timing.n,
             "complete": complete,
+            "stalled": stalled,
             "statuses": statuses,
             "span_s": span,
             "msg_per_s": rate,
+            "cpu_ms_per_message": per_message,
             "worker_rss_idle": rss_idle,
             "worker_rss_peak": rss_peak,
         }
 
+    def dispatch_run(
+        self, name: str, count: int, *, latency_ms: float, provider: str = "simulator"
+    ) -> dict[str, Any]:
+        """`count` queued, then drained into the simulator (through `provider`'s adapter) at
+        `latency_ms`, with callbacks on: their posts to the API share the box, as in service."""
+        self.stack.use_provider(provider)
+        self.say(
+            f"{name}: {count:,} queued in tasks of {self.batch}, {provider} adapter, "
+            f"simulator at {latency_ms:g} ms, callbacks on"
+        )
+        filled = self.fill(count, latency_ms=latency_ms, callbacks=True)
+        drained = self.drain(count, name)
+        # Its callbacks still in flight must not reach the next scenario.
+        self.stack.fresh_edges()
+        return {
+            "provider": provider,
+            "latency_ms": latency_ms,
+            "callbacks": True,
+            **filled,
+            **drained,
+        }
+
     def dispatch(self) -> None:
+        self.results["dispatch"] = self.dispatch_run(
+            "dispatch", self.options.dispatch_count, latency_ms=0
+        )
+
+    def dispatch_50ms(self) -> None:
+        self.results["dispatch-50ms"] = self.dispatch_run(
+            "dispatch-50ms", self.options.dispatch_count, latency_ms=SIMULATOR_LATENCY_MS
+        )
+
+    def noop(self) -> None:
         count = self.options.dispatch_count
-        self.say(f"dispatch: {count:,} queued, simulator at {SIMULATOR_LATENCY_MS} ms")
-        filled = self.fill(count)
-        drained = self.drain(count, "dispatch")
-        self.say(f"dispatch floor: {count:,} no-op tasks, same worker settings")
-        floor = self.noop_floor(count)
-        self.results["dispatch"] = {**filled, **drained, "noop": floor}
+        self.say(f"dispatch floor: {count:,} no-op tasks, one per message, same worker settings")
+        self.results["noop"] = self.noop_floor(count)
+
+    def twilio(self) -> None:
+        """The Twilio adapter's send path (the twilio SDK over HTTP to the simulator's Twilio
+        API) beside the simulator adapter's, both at 0 ms: the SDK's own cost."""
+        count = self.options.twilio_count
+        try:
+            result = self.dispatch_run("dispatch-twilio", count, latency_ms=0, provider="twilio")
+        finally:
+            self.stack.use_provider("simulator")
+        self.results["dispatch-twilio"] = result
+        if "dispatch" not in self.results:
+            self.results["dispatch-twilio-floor"] = self.dispatch_run(
+                "dispatch-twilio-floor", count, latency_ms=0
+            )
 
     def noop_floor(self, count: int) -> dict[str, Any]:
         from bench.noop import NOOP_QUEUE, NOOP_TASK
@@ -424,8 +561,11 @@ class Bench:
         sizes = [10_000, 200_000] if self.options.full else [10_000]
         self.results["backlog"] = {}
         for size in sizes:
-            self.say(f"backlog: {size:,} queued")
-            filled = self.fill(size)
+            self.say(
+                f"backlog: {size:,} queued in tasks of {self.batch}, simulator at "
+                f"{SIMULATOR_LATENCY_MS} ms, callbacks off"
+            )
+            filled = self.fill(size, latency_ms=SIMULATOR_LATENCY_MS, callbacks=False)
             drained = self.drain(size, f"backlog-{size}")
             self.results["backlog"][str(size)] = {**filled, **drained}
 
@@ -563,7 +703,7 @@ def _sql(query: str) -> Any:
     return text(query)
 
 
-# The table
+# The table and the targets
 
 
 @dataclass
@@ -577,69 +717,227 @@ class Row:
     met: str
 
 
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "NO"
+@dataclass
+class Judgment:
+    """One target of issue 13 as this run found it: the measured value, the floor it is held
+    against (measured in the same run), their ratio, and whether the target is met (None:
+    not judged, the scenario did not run or failed, or the figure is only on record)."""
+
+    target: str
+    rule: str
+    measured: float | None = None
+    unit: str = ""
+    floor: float | None = None
+    floor_what: str = ""
+    ratio: float | None = None
+    met: bool | None = None
+    detail: str = ""
+    # Why a figure that was measured is not judged ("recorded": it is only on record).
+    unjudged: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.met is None and self.unjudged:
+            return self.unjudged
+        if self.met is None:
+            return "recorded" if self.measured is not None else "not run"
+        return "MET" if self.met else "NOT MET"
 
 
-def table(results: dict[str, Any], notes: list[str]) -> list[Row]:
+def _yes(ok: bool | None) -> str:
+    return "-" if ok is None else "yes" if ok else "NO"
+
+
+def _ratio(measured: float, floor: float) -> float | None:
+    return measured / floor if floor else None
+
+
+def _r(ratio: float | None, digits: int = 3) -> str:
+    return "-" if ratio is None else f"{ratio:.{digits}f}"
+
+
+def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Judgment]]:
+    """The rows printed, and every target of the issue judged (those not run say so)."""
     rows: list[Row] = []
+    judged: dict[str, Judgment] = {
+        "accept": Judgment("accept throughput", f">= {ACCEPT_RATIO}x the bare Litestar floor"),
+        "accept-p99": Judgment("accept latency", f"p99 <= {ACCEPT_P99_MS:.0f} ms"),
+        "accept-durable": Judgment(
+            "accept durability", "every 200 a committed row whose task reached the broker"
+        ),
+        "dispatch": Judgment(
+            "dispatch at 0 ms",
+            f">= {DISPATCH_RATIO:.0f}x the no-op one-task-per-message Celery floor",
+        ),
+        "dispatch-50ms": Judgment(
+            "dispatch at 50 ms", f">= {DISPATCH_50MS_RATE:,.0f} msg/s, callbacks on"
+        ),
+        "e2e": Judgment(
+            "end to end", f"p99 accept -> provider call <= {E2E_P99_MS:.0f} ms at 300 msg/s, 60 s"
+        ),
+        "backlog": Judgment(
+            "backlog 10k -> 200k", f"drain rate within {BACKLOG_TOLERANCE:.0%} (BENCH_FULL=1)"
+        ),
+        "twilio": Judgment("Twilio adapter dispatch", "on record: msg/s and CPU per message"),
+    }
     if "accept" in results:
         acc, bare = results["accept"]["accept"], results["accept"]["bare"]
-        ratio = acc["ok_per_s"] / bare["ok_per_s"] if bare["ok_per_s"] else 0.0
-        conns = f"{acc['connections']} conns"
+        ratio = _ratio(acc["ok_per_s"], bare["ok_per_s"])
+        judged["accept"] = j = replace(
+            judged["accept"],
+            measured=acc["ok_per_s"],
+            unit="200/s",
+            floor=bare["ok_per_s"],
+            floor_what="bare Litestar, same server settings, body and connections",
+            ratio=ratio,
+            met=ratio is not None and ratio >= ACCEPT_RATIO,
+        )
         rows.append(
             Row(
                 "Accept",
-                f"200/s, closed loop {conns}",
+                f"200/s, closed loop {acc['connections']} conns",
                 f"{acc['ok_per_s']:,.0f}/s",
                 f"bare {bare['ok_per_s']:,.0f}/s",
-                f"{ratio:.3f}",
-                ">= 0.5",
-                _yes(ratio >= 0.5),
+                _r(ratio),
+                f">= {ACCEPT_RATIO}",
+                _yes(j.met),
             )
         )
-        p99_ratio = acc["p99_ms"] / bare["p99_ms"] if bare["p99_ms"] else 0.0
+        p99_ratio = _ratio(acc["p99_ms"], bare["p99_ms"])
+        judged["accept-p99"] = j = replace(
+            judged["accept-p99"],
+            measured=acc["p99_ms"],
+            unit="ms",
+            floor=bare["p99_ms"],
+            floor_what="bare Litestar p99",
+            ratio=p99_ratio,
+            met=acc["p99_ms"] <= ACCEPT_P99_MS,
+            detail=f"p50 {acc['p50_ms']:.1f} ms (bare {bare['p50_ms']:.1f} ms)",
+        )
         rows.append(
             Row(
                 "Accept",
                 "latency p50 / p99",
                 f"{acc['p50_ms']:.1f} / {acc['p99_ms']:.1f} ms",
                 f"{bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} ms",
-                f"p99 x{p99_ratio:.1f}",
-                "p99 <= 25 ms",
-                _yes(acc["p99_ms"] <= 25 and ratio >= 0.5),
+                f"p99 x{p99_ratio:.1f}" if p99_ratio is not None else "-",
+                f"p99 <= {ACCEPT_P99_MS:.0f} ms",
+                _yes(j.met),
             )
         )
         durable = results["accept"]["durability"]
+        judged["accept-durable"] = j = replace(
+            judged["accept-durable"],
+            measured=durable["answered_on_broker"],
+            unit="200s whose row is committed and whose messageSid is in a task on the broker",
+            floor=durable["answered_200"],
+            floor_what="200s answered",
+            ratio=_ratio(durable["answered_on_broker"], durable["answered_200"]),
+            met=bool(durable["ok"]),
+            detail=durable["verdict"],
+        )
         rows.append(
             Row(
                 "Accept",
-                "every 200 durable + queued",
-                f"{durable['answered_rows']:,} rows / {durable['answered_200']:,} 200s",
-                f"{durable['tasks_queued']:,} tasks",
-                "-",
+                "every 200 a row, its sid in a broker task",
+                f"{durable['answered_on_broker']:,} of {durable['answered_200']:,} 200s",
+                f"{durable['rows']:,} rows, {durable['tasks_queued']:,} tasks "
+                f"({durable['sids_per_task']:.1f} sids/task)",
+                _r(j.ratio),
                 "all",
-                _yes(durable["ok"]),
+                _yes(j.met),
             )
         )
-    if "dispatch" in results:
-        d = results["dispatch"]
-        floor = d["noop"]["tasks_per_s"]
-        ratio = d["msg_per_s"] / floor if floor else 0.0
+    noop = results.get("noop", {}).get("tasks_per_s")
+    for key, latency in (("dispatch", 0), ("dispatch-50ms", SIMULATOR_LATENCY_MS)):
+        if key not in results:
+            continue
+        d = results[key]
+        ratio = _ratio(d["msg_per_s"], noop) if noop else None
+        if key == "dispatch":
+            met = ratio is not None and ratio >= DISPATCH_RATIO and d["complete"]
+            target = f">= {DISPATCH_RATIO:.1f}x no-op"
+        else:
+            met = d["msg_per_s"] >= DISPATCH_50MS_RATE and d["complete"]
+            target = f">= {DISPATCH_50MS_RATE:,.0f} msg/s"
+        judged[key] = replace(
+            judged[key],
+            measured=d["msg_per_s"],
+            unit="msg/s",
+            floor=noop,
+            floor_what="no-op Celery tasks/s, one task per message, same worker settings",
+            ratio=ratio,
+            met=met if noop or key != "dispatch" else None,
+            unjudged="" if noop or key != "dispatch" else "no floor",
+            detail=(
+                f"{d['sent']:,} of {d['count']:,} sent, tasks of {d['fill']['batch']}, "
+                f"{d['cpu_ms_per_message']['all']:.2f} ms CPU/message"
+            ),
+        )
         rows.append(
             Row(
                 "Dispatch",
-                f"{d['count']:,} queued -> sent, {SIMULATOR_LATENCY_MS} ms",
+                f"{d['count']:,} queued -> sent, {latency} ms, callbacks",
                 f"{d['msg_per_s']:,.0f} msg/s",
-                f"no-op {floor:,.0f}/s",
-                f"{ratio:.3f}",
-                ">= 1,000/s, >= 0.5",
-                _yes(d["msg_per_s"] >= 1000 and ratio >= 0.5 and d["complete"]),
+                f"no-op {noop:,.0f}/s" if noop else "no-op not run",
+                _r(ratio),
+                target,
+                _yes(judged[key].met),
+            )
+        )
+    if "dispatch-twilio" in results:
+        t = results["dispatch-twilio"]
+        sim = results.get("dispatch") or results.get("dispatch-twilio-floor")
+        sim_rate = sim["msg_per_s"] if sim else None
+        judged["twilio"] = replace(
+            judged["twilio"],
+            measured=t["msg_per_s"],
+            unit="msg/s",
+            floor=sim_rate,
+            floor_what="the simulator adapter at 0 ms, callbacks on",
+            ratio=_ratio(t["msg_per_s"], sim_rate) if sim_rate else None,
+            detail=(
+                f"{t['cpu_ms_per_message']['all']:.2f} ms CPU/message (workers "
+                f"{t['cpu_ms_per_message'].get('worker', 0.0):.2f})"
+                + (
+                    f"; simulator adapter {sim['cpu_ms_per_message']['all']:.2f} (workers "
+                    f"{sim['cpu_ms_per_message'].get('worker', 0.0):.2f})"
+                    if sim
+                    else ""
+                )
+            ),
+        )
+        rows.append(
+            Row(
+                "Dispatch",
+                f"Twilio SDK: {t['count']:,} queued -> sent, 0 ms",
+                f"{t['msg_per_s']:,.0f} msg/s",
+                f"simulator adapter {sim_rate:,.0f}/s" if sim_rate else "-",
+                _r(judged["twilio"].ratio),
+                "on record",
+                "-",
+            )
+        )
+        cpu, sim_cpu = t["cpu_ms_per_message"], sim["cpu_ms_per_message"] if sim else None
+        rows.append(
+            Row(
+                "Dispatch",
+                "Twilio SDK: CPU per message (workers)",
+                f"{cpu['all']:.2f} ms ({cpu.get('worker', 0.0):.2f})",
+                f"simulator adapter {sim_cpu['all']:.2f} ms ({sim_cpu.get('worker', 0.0):.2f})"
+                if sim_cpu
+                else "-",
+                _r(_ratio(cpu["all"], sim_cpu["all"]) if sim_cpu else None),
+                "on record",
+                "-",
             )
         )
     for key in ("e2e", "e2e-sustainable"):
         if key in results:
-            rows += _e2e_rows(results[key], target=key == "e2e")
+            e2e_rows, judgment = _e2e_rows(results[key], target=key == "e2e")
+            rows += e2e_rows
+            if judgment is not None:
+                judged["e2e"] = replace(judged["e2e"], **asdict(judgment))
     backlog = results.get("backlog", {})
     small, large = backlog.get("10000"), backlog.get("200000")
     if small:
@@ -655,16 +953,25 @@ def table(results: dict[str, Any], notes: list[str]) -> list[Row]:
             )
         )
     if small and large:
-        ratio = large["msg_per_s"] / small["msg_per_s"] if small["msg_per_s"] else 0.0
+        ratio = _ratio(large["msg_per_s"], small["msg_per_s"])
+        judged["backlog"] = j = replace(
+            judged["backlog"],
+            measured=large["msg_per_s"],
+            unit="msg/s",
+            floor=small["msg_per_s"],
+            floor_what="the 10,000 backlog's drain rate",
+            ratio=ratio,
+            met=ratio is not None and abs(1 - ratio) <= BACKLOG_TOLERANCE and large["complete"],
+        )
         rows.append(
             Row(
                 "Backlog",
                 "200,000 queued -> sent",
                 f"{large['msg_per_s']:,.0f} msg/s",
                 f"10k {small['msg_per_s']:,.0f} msg/s",
-                f"{ratio:.3f}",
-                "within 10%",
-                _yes(abs(1 - ratio) <= 0.10 and large["complete"]),
+                _r(ratio),
+                f"within {BACKLOG_TOLERANCE:.0%}",
+                _yes(j.met),
             )
         )
     elif small:
@@ -685,10 +992,10 @@ def table(results: dict[str, Any], notes: list[str]) -> list[Row]:
                 "-",
             )
         )
-    return rows
+    return rows, list(judged.values())
 
 
-def _e2e_rows(e: dict[str, Any], *, target: bool) -> list[Row]:
+def _e2e_rows(e: dict[str, Any], *, target: bool) -> tuple[list[Row], Judgment | None]:
     floor = e["provider_floor_ms"]["p50"]
     label = f"{e['offered_per_s']}/s x {e['seconds']} s"
     sent, prov, dlv = e["accept_to_sent"], e["accept_to_provider"], e["accept_to_delivered"]
@@ -700,9 +1007,33 @@ def _e2e_rows(e: dict[str, Any], *, target: bool) -> list[Row]:
     def times(lat: dict[str, Any], base: float) -> str:
         return f"p99 x{lat['p99_ms'] / base:.1f}" if lat["p99_ms"] is not None and base else "-"
 
-    p99 = sent["p99_ms"]
+    p99 = prov["p99_ms"]
+    met = p99 is not None and p99 <= E2E_P99_MS
+    judgment = None
+    if target:
+        judgment = Judgment(
+            "end to end",
+            f"p99 accept -> provider call <= {E2E_P99_MS:.0f} ms at 300 msg/s, 60 s",
+            measured=math.inf if p99 is None else p99,
+            unit="ms",
+            floor=floor,
+            floor_what="direct POST to the simulator (its latency + one round trip), p50",
+            ratio=p99 / floor if p99 is not None and floor else None,
+            # The issue's run is 300 msg/s for 60 s: a shorter or slower one is not judged.
+            met=met if e["seconds"] >= E2E_SECONDS and e["offered_per_s"] >= 300 else None,
+            unjudged="not judged",
+            detail=(
+                f"{e['offered_per_s']} msg/s for {e['seconds']} s; {prov['done']:,} of "
+                f"{prov['count']:,} reached the provider"
+                + (
+                    ""
+                    if e["seconds"] >= E2E_SECONDS and e["offered_per_s"] >= 300
+                    else "; not the target's 300 msg/s for 60 s: not judged"
+                )
+            ),
+        )
     dfloor = floor + e["delivery_delay_ms"]
-    return [
+    rows = [
         Row(
             "End to end",
             f"{label}: accept p50 / p99",
@@ -718,8 +1049,14 @@ def _e2e_rows(e: dict[str, Any], *, target: bool) -> list[Row]:
             pair(prov),
             f"direct POST {floor:.0f} ms",
             times(prov, floor),
-            "-",
-            f"{prov['done']:,} there",
+            f"p99 <= {E2E_P99_MS:.0f} ms" if target else "-",
+            (
+                _yes(judgment.met)
+                if judgment and judgment.met is not None
+                else f"({_yes(met)}: not the target's run)"
+            )
+            if target
+            else f"{prov['done']:,} there",
         ),
         Row(
             "End to end",
@@ -727,8 +1064,8 @@ def _e2e_rows(e: dict[str, Any], *, target: bool) -> list[Row]:
             pair(sent),
             f"direct POST {floor:.0f} ms",
             times(sent, floor),
-            "p99 <= 100 ms" if target else "-",
-            _yes(p99 is not None and p99 <= 100) if target else f"{sent['done']:,} sent",
+            "-",
+            f"{sent['done']:,} sent",
         ),
         Row(
             "End to end",
@@ -740,6 +1077,29 @@ def _e2e_rows(e: dict[str, Any], *, target: bool) -> list[Row]:
             f"{dlv['done']:,} delivered",
         ),
     ]
+    return rows, judgment
+
+
+def render_targets(judgments: list[Judgment]) -> str:
+    lines = ["Targets (issue 13), each against a floor measured in this run:"]
+    for j in judgments:
+        figure = ""
+        if j.measured is not None:
+            figure = f": {_num(j.measured)} {j.unit}".rstrip()
+            if j.floor is not None:
+                figure += f" vs {_num(j.floor)} ({j.floor_what})"
+            if j.ratio is not None:
+                figure += f", ratio {j.ratio:.3f}"
+        lines.append(f"  [{j.verdict:>10}] {j.target}, {j.rule}{figure}")
+        if j.detail:
+            lines.append(f"             {j.detail}")
+    return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    if math.isinf(value):
+        return "never (within the wait)"
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
 def render(rows: list[Row]) -> str:
@@ -781,7 +1141,7 @@ def main() -> int:
     generator = "wrk" if shutil.which("wrk") else "python"
     if generator == "python":
         notes.append(
-            "wrk is not installed: the accept scenario uses the Python load generator (httpx), "
+            "wrk is not installed: the accept scenario uses the bench's own Python load generator, "
             "which saturates before the bare app does, so accept/bare reads high"
         )
         print("NOTE: " + notes[-1], flush=True)
@@ -805,14 +1165,18 @@ def main() -> int:
                     bench.scenario("accept", lambda: bench.accept(api))
                 if options.wants("dispatch"):
                     bench.scenario("dispatch", bench.dispatch)
+                    bench.scenario("noop", bench.noop)
+                    bench.scenario("dispatch-50ms", bench.dispatch_50ms)
+                if options.wants("twilio"):
+                    bench.scenario("twilio", bench.twilio)
                 if options.wants("e2e"):
-                    seconds = options.e2e_seconds or bench.e2e_seconds()
+                    seconds = options.e2e_seconds
                     bench.scenario("e2e", lambda: bench.e2e("e2e", options.e2e_rate, seconds))
                 # The same pipeline at a rate it can carry. Accepting, sending and the callbacks
                 # share the same cores, so their costs add up: 30% of the rate both stages
                 # together managed, leaving room for the callbacks.
                 accepted = bench.results.get("accept", {}).get("accept", {}).get("ok_per_s", 0.0)
-                drained = bench.results.get("dispatch", {}).get("msg_per_s", 0.0)
+                drained = bench.drain_rate()
                 together = 1 / (1 / accepted + 1 / drained) if accepted and drained else 30.0
                 rate = max(10, int(0.3 * together))
                 if options.wants("e2e"):
@@ -827,10 +1191,13 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     assert bench is not None
-    rows = table(bench.results, notes)
+    rows, judgments = table(bench.results, notes)
     rendered = render(rows)
+    targets = render_targets(judgments)
     print()
     print(rendered)
+    print()
+    print(targets)
     for note in notes:
         print(f"note: {note}")
     print(
@@ -854,6 +1221,11 @@ def main() -> int:
         "failed": bench.failed,
         "foreign_cpu_cores": bench.interference,
         "cpu_cores_by_component": bench.cpu,
+        "targets": [
+            {**{k: _json_number(v) for k, v in asdict(j).items()}, "verdict": j.verdict}
+            for j in judgments
+        ],
+        "targets_text": targets,
         "table": [asdict(r) for r in rows],
         "table_text": rendered,
         "results": bench.results,
@@ -870,6 +1242,11 @@ def main() -> int:
     }
     (RESULTS / "latest.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
     return 1 if bench.failed else 0
+
+
+def _json_number(value: Any) -> Any:
+    """JSON has no infinity: a latency never reached is null (its detail says why)."""
+    return None if isinstance(value, float) and math.isinf(value) else value
 
 
 def _git_head() -> str:

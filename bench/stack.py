@@ -5,8 +5,11 @@ Every process leads its own process group and is stopped by its own id, never by
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,17 +22,17 @@ from typing import Any
 
 import httpx
 import redis
-from sqlalchemy import text
+from sqlalchemy import delete, text
 
 from shared.accounts import access, provisioning
 from shared.calls.tokens import issue_token
 from shared.core.broker import create_celery
 from shared.core.db import Database
 from shared.core.logging import configure_logging
-from shared.core.models import utcnow
+from shared.core.models import ProviderAccount, utcnow
 from shared.core.settings import Settings, get_settings
 from shared.messages.accept import SendSmsCommand, accept_send
-from shared.messages.outbox import publish_sends
+from shared.messages.outbox import chunked, publish_batches
 from tests.support.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +40,9 @@ TENANT = "12345678"
 KEY = "53736e07e4b05772e6475c2d"  # the seed document's sample key, as in `make run`
 CAMPAIGN = "campaign1"
 SENDER = "+12121234567"
+# The Twilio account the real SDK talks to, on the simulator's Twilio API (which takes any
+# AccountSid and token, and signs its status callbacks with the token it was given).
+TWILIO_SID = "AC" + "5" * 32
 ADDITIONAL_PARAMS = "var1=value1&var2=value"
 SEND_PATH = f"/interact/version/3/account/{TENANT}/resources/campaign/sms/{CAMPAIGN}"
 HEADERS = {"Tenant-Id": TENANT, "Application-Key": KEY, "Content-Type": "application/json"}
@@ -273,6 +279,7 @@ class Stack:
                 link_url="https://example.com/flow",
             )
             provisioning.set_provider(session, account, "simulator", sender_ids=[SENDER])
+            self.provider = "simulator"
             now = utcnow()
             for i in range(self.config.tokens):
                 caller = f"+1202555{i % 10000:04d}"
@@ -298,6 +305,29 @@ class Stack:
         with httpx.Client(base_url=self.simulator_url, timeout=60) as simulator:
             simulator.delete("/messages").raise_for_status()
 
+    def use_provider(self, provider: str) -> None:
+        """Send the demo account's messages through `provider` only: "simulator" (our own
+        adapter) or "twilio" (the real twilio SDK, its API host the simulator's Twilio API).
+        Empties the messages first (they reference the settings they were accepted with); the
+        config triggers tell every process's cache at once."""
+        if provider == self.provider:
+            return
+        self.clean()
+        credentials: dict[str, Any] = {}
+        if provider == "twilio":
+            credentials = {
+                "account_sid": TWILIO_SID,
+                "auth_token": secrets.token_hex(16),
+                "base_url": self.simulator_url,
+            }
+        with self.db.transaction() as session:
+            account = provisioning.get_account(session, TENANT)
+            session.execute(delete(ProviderAccount).where(ProviderAccount.account_id == account.id))
+            provisioning.set_provider(
+                session, account, provider, sender_ids=[SENDER], credentials=credentials
+            )
+        self.provider = provider
+
     def control(self, **behaviour: Any) -> None:
         httpx.post(f"{self.simulator_url}/control", json=behaviour, timeout=60).raise_for_status()
 
@@ -309,17 +339,36 @@ class Stack:
         waiting, unacked = pipe.execute()
         return int(waiting) + int(unacked)
 
+    def broker_tasks(self, queue: str) -> BrokerTasks:
+        """Every send task on the queue or held unacknowledged by a worker, read from Redis,
+        with the messageSids each carries (`sms.send` one, `sms.send_batch` a list)."""
+        pipe = self.redis.pipeline()
+        pipe.lrange(queue, 0, -1)
+        pipe.hvals("unacked")
+        waiting, unacked = pipe.execute()
+        tasks = BrokerTasks()
+        for raw in waiting:
+            tasks.add(json.loads(raw))
+        for raw in unacked:
+            # kombu keeps `[message, exchange, routing key]` for each unacknowledged one.
+            message, _exchange, routing_key = json.loads(raw)
+            if routing_key == queue:
+                tasks.add(message)
+        return tasks
+
     def used_memory(self) -> int:
         return int(self.redis.info("memory")["used_memory"])
 
-    def fill(self, count: int) -> Fill:
+    def fill(self, count: int, batch: int) -> Fill:
         """`count` queued messages with their send tasks published, workers stopped.
 
         One message per jpToken goes through the accept service itself (validated, rendered,
         committed in transactions of 500); the rest are copies of those rows with new
         messageSids (INSERT ... SELECT: the same rows, since everything is rendered at accept
-        time), because accepting 200,000 one by one takes longer than draining them. Every task
-        is then published through the service's own `publish_sends` (which marks the rows)."""
+        time), because accepting 200,000 one by one takes longer than draining them. The tasks
+        are then published as the sweeper publishes what it finds (and as the API publishes a
+        group commit): `batch` messageSids per task, through the outbox's own
+        `publish_batches` (which marks the rows). `batch` 1 publishes one `sms.send` each."""
         started = time.monotonic()
         seeded = min(count, len(self.tokens))
         for first in range(0, seeded, 500):
@@ -338,14 +387,20 @@ class Stack:
             sids = list(
                 connection.execute(text("SELECT sid FROM messages ORDER BY created_at")).scalars()
             )
-        for first in range(0, len(sids), 5000):
-            batch = sids[first : first + 5000]
-            if len(publish_sends(self.celery, self.db, batch)) != len(batch):
+        tasks = 0
+        # A few hundred tasks per pipeline, as a sweep of SMSD_SWEEP_BATCH_SIZE does.
+        for first in range(0, len(sids), 50 * batch):
+            batches = chunked(sids[first : first + 50 * batch], batch)
+            published = publish_batches(self.celery, self.db, batches)
+            if len(published) != sum(len(b) for b in batches):
                 raise RuntimeError("publishing send tasks failed; see the log above")
+            tasks += len(batches)
         done = time.monotonic()
         return Fill(
             count=count,
             accepted=seeded,
+            batch=batch,
+            tasks=tasks,
             accept_s=accepted - started,
             copy_s=rows - accepted,
             publish_s=done - rows,
@@ -369,6 +424,8 @@ class Stack:
 class Fill:
     count: int
     accepted: int  # of which went through the accept service one by one
+    batch: int  # messageSids per task
+    tasks: int  # tasks published
     accept_s: float
     copy_s: float
     publish_s: float
@@ -376,6 +433,45 @@ class Fill:
     @property
     def seconds(self) -> float:
         return self.accept_s + self.copy_s + self.publish_s
+
+
+@dataclass
+class BrokerTasks:
+    """Send tasks as the broker holds them: how many, of which kind, and their messageSids
+    (each as often as a task carries it)."""
+
+    tasks: int = 0
+    by_name: dict[str, int] = field(default_factory=dict)
+    sids: list[str] = field(default_factory=list)
+    unreadable: int = 0
+
+    def add(self, message: dict[str, Any]) -> None:
+        self.tasks += 1
+        name, sids = task_sids(message)
+        self.by_name[name] = self.by_name.get(name, 0) + 1
+        if not sids:
+            self.unreadable += 1
+        self.sids += sids
+
+
+def task_sids(message: dict[str, Any]) -> tuple[str, list[str]]:
+    """A Celery task message (kombu's envelope: protocol 2 headers, the body base64 JSON
+    `[args, kwargs, embed]`): its task name and the messageSids in its first argument,
+    a sid (`sms.send`) or a list of them (`sms.send_batch`)."""
+    try:
+        name = str(message.get("headers", {}).get("task", "?"))
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        first = args[0]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return "?", []
+    if isinstance(first, str):
+        return name, [first]
+    if isinstance(first, list) and all(isinstance(sid, str) for sid in first):
+        return name, list(first)
+    return name, []
 
 
 _MESSAGE_COLUMNS = (
@@ -489,8 +585,10 @@ class Interference:
     started: float = 0.0
     busy0: int = 0
     ours0: dict[int, int] = field(default_factory=dict)
-    # Filled by foreign_cores(): our own CPU over the same span, in cores, by component.
+    # Filled by foreign_cores(): our own CPU over the same span, in cores, by component, and
+    # that span in seconds.
     ours: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def start(self) -> None:
         self.started = time.monotonic()
@@ -499,7 +597,7 @@ class Interference:
 
     def foreign_cores(self) -> float:
         """Since start(): other processes' CPU, averaged over the time, in cores."""
-        seconds = time.monotonic() - self.started
+        seconds = self.seconds = time.monotonic() - self.started
         if seconds <= 0:
             return 0.0
         hz = os.sysconf("SC_CLK_TCK")

@@ -28,7 +28,7 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.core.broker import SEND_TASK
+from shared.core.broker import SEND_BATCH_TASK, SEND_TASK
 from shared.core.db import Database
 from shared.core.models import utcnow
 from shared.core.settings import Settings
@@ -89,8 +89,8 @@ def count_send(provider: str, outcome: str) -> None:
 
 @task_retry.connect
 def _count_task_retry(sender: Any = None, **_kwargs: Any) -> None:
-    # Only the send task autoretries, and only when the database failed it.
-    if getattr(sender, "name", None) == SEND_TASK:
+    # Only the send tasks autoretry, and only when the database failed them.
+    if getattr(sender, "name", None) in (SEND_TASK, SEND_BATCH_TASK):
         RETRIES.labels(reason="database").inc()
 
 

@@ -1,5 +1,6 @@
-"""The Celery tasks: send one message, and sweep. Each is a few lines around a use case in
-shared/messages: the task is where Celery's retry policy and the worker's metrics live."""
+"""The Celery tasks: send one message, send a batch, and sweep. Each is a few lines around a
+use case in shared/messages: the task is where Celery's retry policy and the worker's metrics
+live."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import threading
 import structlog
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from shared.core.broker import SEND_TASK, SWEEP_TASK
+from shared.core.broker import SEND_BATCH_TASK, SEND_TASK, SWEEP_TASK
 from shared.core.db import Database
 from shared.core.settings import get_settings
 from shared.messages.outbox import Outbox
 from shared.messages.reconcile import reconcile
-from shared.messages.send import Sender
+from shared.messages.send import BatchInterrupted, Sender, SendOutcome
 from shared.providers.circuit_breakers import circuit_breakers
 from shared.providers.rate_limits import rate_limits
 from shared.providers.registry import ProviderClients
@@ -64,7 +65,34 @@ def outbox() -> Outbox:
 def send_message(sid: str) -> None:
     """Send one message through its provider; safe to run any number of times for one sid."""
     structlog.contextvars.bind_contextvars(messageSid=sid)
-    ended = sender().send(sid)
+    _count(sender().send(sid))
+
+
+@app.task(
+    name=SEND_BATCH_TASK,
+    ignore_result=True,
+    # As for one message: the claims decide what is left to do when it runs again.
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=1,
+    retry_backoff_max=60,
+    max_retries=30,
+)
+def send_batch(sids: list[str]) -> None:
+    """Send several messages, each as `send_message` would; safe to run any number of times."""
+    structlog.contextvars.bind_contextvars(batch=len(sids))
+    try:
+        outcomes = sender().send_batch(sids)
+    except BatchInterrupted as interrupted:
+        # What was done is counted; the database error makes Celery run the task again.
+        for ended in interrupted.outcomes:
+            _count(ended)
+        raise interrupted.error from interrupted
+    for ended in outcomes:
+        _count(ended)
+
+
+def _count(ended: SendOutcome) -> None:
+    """One message's outcome and provider call, in this process's metrics."""
     if ended.provider is not None and ended.provider_seconds is not None:
         SEND_LATENCY.labels(provider=ended.provider).observe(ended.provider_seconds)
     if ended.provider is not None and ended.outcome is not None:

@@ -78,3 +78,8 @@ def follow(session: Session, code: str, now: datetime) -> str | None:
     if link.token_id is not None:
         queries.count_call_click(session, link.token_id, now)
     return link.target_url
+
+
+def drop_short_link(session: Session, short: str) -> None:
+    """Take back a short link made for a message that was not recorded after all."""
+    queries.delete_short_link(session, short.rstrip("/").rsplit("/", 1)[-1])

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Row, bindparam, func, select, update
+from sqlalchemy import Row, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.core.models import (
@@ -66,6 +67,20 @@ def token_in(
     )
 
 
+_FIND_TOKENS = select(
+    _tokens.c.id,
+    _tokens.c.token,
+    _tokens.c.expires_at,
+    _tokens.c.account_id,
+    _tokens.c.environment_id,
+).where(_tokens.c.token.in_(bindparam("tokens", expanding=True)))
+
+
+def tokens_named(session: Session, tokens: Sequence[str]) -> Sequence[Any]:
+    """Every token with one of these values, in whichever account (the caller filters)."""
+    return session.connection().execute(_FIND_TOKENS, {"tokens": list(tokens)}).all()
+
+
 # Short links
 
 
@@ -75,6 +90,10 @@ def short_link(session: Session, code: str) -> ShortLink | None:
 
 def add_short_link(session: Session, link: ShortLink) -> None:
     session.add(link)
+
+
+def delete_short_link(session: Session, code: str) -> None:
+    session.execute(delete(ShortLink).where(ShortLink.code == code))
 
 
 def count_click(session: Session, code: str, now: datetime) -> None:

@@ -14,6 +14,9 @@ from celery import Celery
 from shared.core.settings import Settings, get_settings
 
 SEND_TASK = "sms.send"
+# Several messages in one task (`[sids]`): what one group commit of the API, or one chunk of
+# the sweeper, publishes.
+SEND_BATCH_TASK = "sms.send_batch"
 SWEEP_TASK = "sms.sweep"
 
 
@@ -55,7 +58,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_send_sent_event=settings.task_events,
         task_default_queue=settings.send_queue,
         # The sweeper gets its own queue so a backlog of sends never holds it up.
-        task_routes={SEND_TASK: {"queue": settings.send_queue}, SWEEP_TASK: {"queue": sweep_queue}},
+        task_routes={
+            SEND_TASK: {"queue": settings.send_queue},
+            SEND_BATCH_TASK: {"queue": settings.send_queue},
+            SWEEP_TASK: {"queue": sweep_queue},
+        },
         broker_connection_retry_on_startup=True,
         # A worker never gives up on a lost broker (Celery's default stops after 100 tries,
         # about 25 minutes into an outage, and the process exits): it keeps reconnecting.

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.core.config_cache import ConfigCache
 from shared.core.settings import Settings
+
+T = TypeVar("T")
 
 
 def normalise_database_url(url: str) -> str:
@@ -202,3 +206,94 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class AcceptDeadlineExceeded(PoolTimeout):
+    """The database did not finish an accept within SMSD_API_ACCEPT_DEADLINE: the caller is
+    answered 503 like any other database outage (api/errors.py), and the work is abandoned."""
+
+
+class AsyncDatabase:
+    """The API's engine on the event loop: psycopg's async API (aiosqlite for the embedded
+    SQLite default), with the same timeouts as `Database`. Work runs as the same synchronous
+    SQLAlchemy code, through `AsyncConnection.run_sync`: on the event loop, its I/O awaited,
+    no thread per request."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config_cache: ConfigCache,
+        *,
+        pool_timeout: timedelta | None = None,
+    ) -> None:
+        self.engine = create_async_db_engine(settings, pool_timeout=pool_timeout)
+        self.config_cache = config_cache
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
+        """One transaction on the event loop, committed when the block ends without error and
+        rolled back (its connection closed) when it raises."""
+        async with self.engine.connect() as connection:
+            await connection.begin()
+            yield AsyncTransaction(connection, self.config_cache)
+            await connection.commit()
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+class AsyncTransaction:
+    """Runs synchronous SQLAlchemy work inside an `AsyncDatabase` transaction."""
+
+    def __init__(self, connection: AsyncConnection, config_cache: ConfigCache) -> None:
+        self._connection = connection
+        self._config_cache = config_cache
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """`work(session)` on this transaction's connection, its I/O awaited on the loop."""
+        return await self._connection.run_sync(self._in_session, work)
+
+    def _in_session(self, connection: Connection, work: Callable[[Session], T]) -> T:
+        # A session joining the transaction (begun before it, so closing the session leaves
+        # the transaction alone): it reads the config generation once (config_cache.py) and
+        # flushes what the ORM added before we commit.
+        with Session(
+            bind=connection,
+            expire_on_commit=False,
+            info={"config_cache": self._config_cache},
+        ) as session:
+            result = work(session)
+            session.flush()
+            return result
+
+
+def async_database_url(url: str) -> URL:
+    """The URL of the async driver: psycopg speaks both; SQLite goes through aiosqlite."""
+    parsed = make_url(normalise_database_url(url))
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    return parsed
+
+
+def create_async_db_engine(
+    settings: Settings, *, pool_timeout: timedelta | None = None
+) -> AsyncEngine:
+    """`create_db_engine`'s twin for the event loop, with the same timeouts and SQLite tuning."""
+    url = async_database_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    engine = create_async_engine(
+        url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_size,
+        pool_timeout=(pool_timeout or settings.database_pool_timeout).total_seconds(),
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args=postgres_connect_args(settings, url.query, server_timeouts=True),
+    )
+    event.listen(engine.sync_engine, "handle_error", _drop_timed_out_connection)
+    return engine

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     # Celery task events all the time (Flower turns the workers' own on when it starts anyway).
     task_events: bool = False
     worker_prefetch_multiplier: int = 4
+    # Provider calls one worker process keeps in flight for its batch tasks (`sms.send_batch`):
+    # one thread pool per process, shared by every task the process runs at once. A claimed
+    # message that waits for a thread longer than a quarter of SMSD_SEND_LEASE goes back on the
+    # queue instead (its lease must outlast the call and the record).
+    worker_send_threads: int = 64
     # How long one claim on a message lasts; a worker that died mid-send loses it after this.
     send_lease: Duration = timedelta(seconds=60)
     provider_timeout: Duration = timedelta(seconds=15)
@@ -115,6 +120,8 @@ class Settings(BaseSettings):
     # A committed message still unpublished after this is published by the sweeper.
     sweep_unpublished_after: Duration = timedelta(seconds=15)
     sweep_batch_size: int = 500
+    # Messages in one send task the sweeper publishes (the API's are one group commit each).
+    send_batch_size: int = 100
     # Redis: a task a worker took but never acknowledged (it was killed) is delivered again
     # after this. Every countdown we hand the broker stays far below it (long waits are kept
     # in the database), so a dead worker's prefetched tasks are sent within about a minute.
@@ -173,6 +180,13 @@ class Settings(BaseSettings):
     # An API accept (Send SMS v3/v2, Notify, SOAP, generateToken, Interaction Link) not finished
     # within this answers 503 `service unavailable`; a later commit is never answered 200.
     api_accept_deadline: Duration = timedelta(seconds=3)
+    # Group commit (shared/messages/group_commit.py): an API process accepts the send requests
+    # that arrive together in one transaction. A group closes at once when none is being
+    # committed, else after this window or when one finishes; at most this many messages and
+    # this many groups in flight (each holds a pooled connection while it commits).
+    accept_group_window: Duration = timedelta(milliseconds=2)
+    accept_group_size: int = 256
+    accept_groups_in_flight: int = 4
 
     @model_validator(mode="after")
     def _derive_urls(self) -> Settings:

@@ -1,4 +1,5 @@
-"""The accept path shared by every edge (REST v3 now, SOAP and v2 later): validate, render, record.
+"""The accept use case every send edge (REST v3 and v2, SOAP) calls: validate, render, record,
+for one request or a group of them (shared/messages/group_commit.py).
 
 Nothing here publishes to the queue: the caller commits first and publishes after, so a
 message is never on the queue without being in the database."""
@@ -8,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.accounts.access import (
@@ -22,9 +25,15 @@ from shared.accounts.access import (
     resolve_environment,
     resolve_provider_account,
 )
-from shared.calls.links import interaction_link, shorten
-from shared.calls.tokens import TokenRef, find_token
-from shared.core.errors import CampaignNotFound, IdempotencyConflict, InvalidParameter, TokenExpired
+from shared.calls.links import drop_short_link, interaction_link, shorten
+from shared.calls.tokens import TokenRef, find_tokens
+from shared.core.errors import (
+    CampaignNotFound,
+    IdempotencyConflict,
+    InvalidParameter,
+    RequestRefused,
+    TokenExpired,
+)
 from shared.core.models import Account, Campaign, MessageStatus
 from shared.core.settings import Settings
 from shared.messages import queries
@@ -78,17 +87,125 @@ class AcceptedMessage:
 def accept_send(
     session: Session, command: SendSmsCommand, settings: Settings, now: datetime
 ) -> AcceptedMessage:
-    """Check a send request in the seed's order of answers and add its message to the session."""
-    account = authenticated_account(session, command)
-    if command.idempotency_key:
-        earlier = _find_replay(session, account.id, command)
-        if earlier is not None:
-            return earlier
-    campaign = usable_campaign(session, account, command.environment_name, command.campaign_id, now)
-    to_number = _caller(command.caller_id, settings)
-    token = _token(session, campaign, command.jp_token, now, required=command.require_token)
-    params = additional_params(command.additional_params)
+    """One send request: `accept_group` of one, its refusal raised."""
+    [outcome] = accept_group(session, [command], settings, now)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
+
+Outcome = AcceptedMessage | Exception
+
+
+@dataclass(slots=True)
+class _Request:
+    """One request's way through a group: what it has been found to be so far."""
+
+    command: SendSmsCommand
+    account: Account | None = None
+    campaign: Campaign | None = None
+    to_number: str = ""
+    outcome: Outcome | None = None
+
+
+def accept_group(
+    session: Session, commands: Sequence[SendSmsCommand], settings: Settings, now: datetime
+) -> list[Outcome]:
+    """Check every request of a group in the seed's order of answers and add the messages of
+    those that pass to the session; each request's answer, in order: its message, or why it
+    was refused (a RequestRefused, or the exception that failed it alone).
+
+    What the requests need from the database is read for the whole group at once (the
+    earlier messages of their Idempotency-Keys, their tokens) and the new messages are
+    written in one statement per kind, so a group costs a few round trips however many
+    requests it holds. A database error fails the whole group: the caller rolls it back and
+    answers every request so."""
+    requests = [_Request(command) for command in commands]
+    for request in requests:
+        with _answering(request):
+            request.account = authenticated_account(session, request.command)
+    keyed = [r for r in _open(requests) if r.command.idempotency_key]
+    if keyed:
+        earlier = queries.messages_by_idempotency_keys(session, [_key(r) for r in keyed])
+        for request in keyed:
+            found = earlier.get(_key(request))
+            if found is not None:
+                with _answering(request):
+                    request.outcome = _replay_of(found, request.command)
+    for request in _open(requests):
+        with _answering(request):
+            request.campaign = usable_campaign(
+                session,
+                _account(request),
+                request.command.environment_name,
+                request.command.campaign_id,
+                now,
+            )
+            request.to_number = _caller(request.command.caller_id, settings)
+    tokens = find_tokens(
+        session,
+        [
+            (_campaign(r).account_id, _campaign(r).environment_id, r.command.jp_token)
+            for r in _open(requests)
+            if r.command.jp_token
+        ],
+    )
+    rows: list[tuple[_Request, dict[str, Any]]] = []
+    for request in _open(requests):
+        row: dict[str, Any] = {}
+        with _answering(request):
+            _message(session, request, tokens, settings, now, row)
+            rows.append((request, row))
+    _insert(session, rows)
+    return [request.outcome for request in requests if request.outcome is not None]
+
+
+@contextmanager
+def _answering(request: _Request) -> Iterator[None]:
+    """A refusal, or any error that is not the database's, answers this request alone; a
+    database error fails the group (the transaction can go no further)."""
+    try:
+        yield
+    except DBAPIError:
+        raise
+    except RequestRefused as refused:
+        request.outcome = refused
+    except Exception as exc:
+        log.exception("message.accept_failed")
+        request.outcome = exc
+
+
+def _open(requests: list[_Request]) -> list[_Request]:
+    """The requests not answered yet."""
+    return [request for request in requests if request.outcome is None]
+
+
+def _account(request: _Request) -> Account:
+    assert request.account is not None
+    return request.account
+
+
+def _campaign(request: _Request) -> Campaign:
+    assert request.campaign is not None
+    return request.campaign
+
+
+def _key(request: _Request) -> tuple[int, str]:
+    return (_account(request).id, request.command.idempotency_key or "")
+
+
+def _message(
+    session: Session,
+    request: _Request,
+    tokens: Mapping[tuple[int, int, str], TokenRef],
+    settings: Settings,
+    now: datetime,
+    message: dict[str, Any],
+) -> None:
+    """The rest of the checks; fills `message` with the row to insert."""
+    command, account, campaign = request.command, _account(request), _campaign(request)
+    token = _token(campaign, command.jp_token, tokens, now, required=command.require_token)
+    params = additional_params(command.additional_params)
     provider_account = resolve_provider_account(
         session, account, now, from_system=command.from_system_account
     )
@@ -98,16 +215,15 @@ def accept_send(
         if campaign.link_url
         else None
     )
-    message: dict[str, Any] = dict(
+    message.update(
         sid=new_message_sid(),
         account_id=account.id,
         environment_id=campaign.environment_id,
         campaign_pk=campaign.id,
         campaign_id=campaign.campaign_id,
         token_id=token.id if token else None,
-        to_number=to_number,
+        to_number=request.to_number,
         from_number=sender,
-        body="",  # rendered below, once its short link (if any) exists
         status=MessageStatus.QUEUED.value,
         provider=provider_account.provider,
         provider_account_id=provider_account.id,
@@ -118,16 +234,12 @@ def accept_send(
         expires_at=now + settings.message_validity,
     )
 
-    def record() -> None:
-        shown = link
-        if shown and campaign.shorten_links:
-            shown = shorten(session, account.id, shown, token.id if token else None, settings, now)
+    def render(shown: str | None) -> None:
         message["body"] = render_text(campaign.message_text, shown)
         size = measure(message["body"])
         if size.segments > campaign.max_segments:
             # Blame the caller's parameters only if the text fits without them; otherwise the
-            # campaign is over its own limit. Nothing is added, and the caller's transaction
-            # (with any short link) rolls back.
+            # campaign is over its own limit. Nothing is added (its short link neither).
             log.info(
                 "message.too_long",
                 segments=size.segments,
@@ -142,24 +254,57 @@ def accept_send(
             )
         message["segments"] = size.segments
         message["encoding"] = size.encoding
-        queries.insert_message(session, message)
 
-    if command.idempotency_key:
-        # A concurrent twin with the same key may win the insert: answer with its message,
-        # and keep nothing of ours (its short link included).
-        try:
-            with session.begin_nested():
-                record()
-        except IntegrityError:
-            replay = _find_replay(session, account.id, command)
-            if replay is None:
-                raise
-            return replay
+    if link and campaign.shorten_links:
+        # The short link is written now; a refusal below takes it back with the savepoint.
+        with session.begin_nested():
+            message["short_url"] = shorten(
+                session, account.id, link, token.id if token else None, settings, now
+            )
+            render(message["short_url"])
     else:
-        record()
-    structlog.contextvars.bind_contextvars(messageSid=message["sid"])
-    log.info("message.accepted", to=to_number, provider=provider_account.provider)
-    return AcceptedMessage(sid=message["sid"], campaign_id=campaign.campaign_id)
+        render(link)
+
+
+def _insert(session: Session, rows: list[tuple[_Request, dict[str, Any]]]) -> None:
+    """Write the group's new messages: one statement for those without an Idempotency-Key,
+    one for those with, where a concurrent twin (another group, another process) may have
+    taken the key since we looked: that request is then answered with the twin's message."""
+    plain = [row for _, row in rows if not row["idempotency_key"]]
+    keyed = [row for _, row in rows if row["idempotency_key"]]
+    if plain:
+        queries.insert_messages(session, [_columns(row) for row in plain])
+    taken: set[str] = set()
+    if keyed:
+        taken = queries.insert_keyed_messages(session, [_columns(row) for row in keyed])
+    for request, row in rows:
+        if row["idempotency_key"] and row["sid"] not in taken:
+            if short_url := row.get("short_url"):
+                drop_short_link(session, short_url)
+            with _answering(request):
+                request.outcome = _lost_key_race(session, request)
+            continue
+        log.info(
+            "message.accepted",
+            messageSid=row["sid"],
+            account=_account(request).tenant_id,
+            campaign=row["campaign_id"],
+            to=row["to_number"],
+            provider=row["provider"],
+        )
+        request.outcome = AcceptedMessage(sid=row["sid"], campaign_id=row["campaign_id"])
+
+
+def _columns(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in row.items() if name != "short_url"}
+
+
+def _lost_key_race(session: Session, request: _Request) -> AcceptedMessage:
+    earlier = queries.messages_by_idempotency_keys(session, [_key(request)])
+    row = next(iter(earlier.values()), None)
+    if row is None:
+        raise RuntimeError("an Idempotency-Key insert lost to a twin that cannot be found")
+    return _replay_of(row, request.command)
 
 
 def notify_external_send(
@@ -172,7 +317,12 @@ def notify_external_send(
     account = authenticated_account(session, command)
     campaign = usable_campaign(session, account, command.environment_name, command.campaign_id, now)
     _caller(command.caller_id, settings)
-    token = _token(session, campaign, command.jp_token, now, required=True)
+    tokens = (
+        find_tokens(session, [(campaign.account_id, campaign.environment_id, command.jp_token)])
+        if command.jp_token
+        else {}
+    )
+    token = _token(campaign, command.jp_token, tokens, now, required=True)
     assert token is not None  # required=True never returns None
     queries.mark_call_sent_externally(session, token.id, campaign.campaign_id, now)
     log.info("call.notified", jpToken=token.token)
@@ -253,13 +403,19 @@ def _caller(caller_id: str | None, settings: Settings) -> str:
 
 
 def _token(
-    session: Session, campaign: Campaign, jp_token: str | None, now: datetime, *, required: bool
+    campaign: Campaign,
+    jp_token: str | None,
+    tokens: Mapping[tuple[int, int, str], TokenRef],
+    now: datetime,
+    *,
+    required: bool,
 ) -> TokenRef | None:
     if not jp_token:
         if required:
             raise InvalidParameter("jpToken")
         return None
-    token = find_token(session, campaign.account_id, campaign.environment_id, jp_token)
+    # A token of this account and environment: a DEV call's token never reaches PROD.
+    token = tokens.get((campaign.account_id, campaign.environment_id, jp_token))
     if token is None:
         raise InvalidParameter("jpToken")
     if token.expires_at <= now:
@@ -279,14 +435,9 @@ def _sender(requested: str | None, sender_ids: list[str], settings: Settings) ->
     return senders[0]
 
 
-def _find_replay(
-    session: Session, account_id: int, command: SendSmsCommand
-) -> AcceptedMessage | None:
-    earlier = queries.message_by_idempotency_key(session, account_id, command.idempotency_key)
-    if earlier is None:
-        return None
+def _replay_of(earlier: queries.EarlierMessage, command: SendSmsCommand) -> AcceptedMessage:
+    """The answer to a request whose Idempotency-Key an earlier message holds."""
     if earlier.request_fingerprint != command.fingerprint():
         raise IdempotencyConflict()
-    structlog.contextvars.bind_contextvars(messageSid=earlier.sid)
-    log.info("message.replayed")
+    log.info("message.replayed", messageSid=earlier.sid)
     return AcceptedMessage(sid=earlier.sid, campaign_id=earlier.campaign_id, replayed=True)

@@ -7,7 +7,7 @@ step writes is in shared/messages/queries.py; what to write, and when, is decide
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -98,8 +98,25 @@ def _take_queued(session: Session, sid: str, settings: Settings, now: datetime) 
     if row is None:
         return None
     structlog.contextvars.bind_contextvars(account=row.tenant_id, campaign=row.campaign_id)
+    return _claim_of_row(row, settings)
+
+
+def take_batch(
+    session: Session, sids: Sequence[str], settings: Settings, now: datetime
+) -> dict[str, Claim]:
+    """`take` for a batch, the common case in one statement (PostgreSQL): the claims of the
+    queued messages it took, by sid. The others, and every sid on SQLite, are for `take` to
+    judge one by one (already taken, a dead worker's lease, expired, opted out, unknown)."""
+    if not sids or session.get_bind().dialect.name != "postgresql":
+        return {}
+    rows = queries.take_queued_batch(session, sids, now, now + settings.send_lease)
+    return {row.sid: _claim_of_row(row, settings) for row in rows}
+
+
+def _claim_of_row(row: Any, settings: Settings) -> Claim:
+    """The claim a one-statement claim (`queries.take_queued`, `take_queued_batch`) read back."""
     return Claim(
-        sid=sid,
+        sid=row.sid,
         to_number=row.to_number,
         from_number=row.from_number,
         body=row.body,

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
@@ -23,7 +24,7 @@ import structlog
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from shared.core.broker import SEND_TASK
+from shared.core.broker import SEND_BATCH_TASK, SEND_TASK
 from shared.core.db import Database
 from shared.core.models import utcnow
 from shared.core.settings import Settings
@@ -35,24 +36,43 @@ log = structlog.get_logger(__name__)
 def publish_sends(
     app: Celery,
     db: Database,
-    sids: list[str],
+    sids: Sequence[str],
     countdown: timedelta | None = None,
     *,
     mark_only_unchanged: bool = True,
 ) -> list[str]:
-    """Publish one send task per sid, then mark the rows published; return those published.
+    """Publish one send task per sid (`publish_batches` of one each)."""
+    return publish_batches(
+        app, db, [[sid] for sid in sids], countdown, mark_only_unchanged=mark_only_unchanged
+    )
+
+
+def publish_batches(
+    app: Celery,
+    db: Database,
+    batches: Sequence[Sequence[str]],
+    countdown: timedelta | None = None,
+    *,
+    mark_only_unchanged: bool = True,
+) -> list[str]:
+    """Publish one task per batch of sids (a lone sid as `sms.send`, several as
+    `sms.send_batch`), then mark the rows published; return the sids published.
 
     A failure here loses nothing: the rows are committed, and the sweeper publishes whatever
     is left unmarked. On Redis the tasks go out in one pipeline (kombu's publish batch): one
     round trip, and one Redis client instead of one per task."""
+    batches = [list(batch) for batch in batches if batch]
+    sids = [sid for batch in batches for sid in batch]
+    if not sids:
+        return []
     started = utcnow()
     try:
         # Room for a task-sent event per task too (SMSD_TASK_EVENTS), so a batch is one flush.
-        with app.producer_or_acquire() as producer, producer.batch(max_size=2 * len(sids) + 1):
-            for sid in sids:
+        with app.producer_or_acquire() as producer, producer.batch(max_size=2 * len(batches) + 1):
+            for batch in batches:
                 app.send_task(
-                    SEND_TASK,
-                    args=[sid],
+                    SEND_TASK if len(batch) == 1 else SEND_BATCH_TASK,
+                    args=[batch[0] if len(batch) == 1 else batch],
                     countdown=countdown.total_seconds() if countdown else None,
                     producer=producer,
                 )
@@ -71,12 +91,16 @@ def publish_sends(
     return sids
 
 
+def chunked(sids: Sequence[str], size: int) -> list[list[str]]:
+    return [list(sids[start : start + size]) for start in range(0, len(sids), size)]
+
+
 class Publisher:
     """The API's publishing: after the commit, on a thread of its own, in batches.
 
     A request answers 200 as soon as its message is committed; this thread then publishes
-    every message committed meanwhile in one batch and marks them in one UPDATE. Under load
-    that is one pipeline and one transaction for many messages instead of two per message.
+    what was committed meanwhile and marks it in one UPDATE. Each `submit` (one group commit's
+    new messages) becomes one task; under load, many of them go out in one pipeline.
     Whatever is still here when the process dies is committed and unmarked, so the sweeper
     publishes it after SMSD_SWEEP_UNPUBLISHED_AFTER: late, never lost."""
 
@@ -89,7 +113,8 @@ class Publisher:
         self.celery = app
         self._db = db
         self._max_batch = max_batch
-        self._pending: list[str] = []
+        self._pending: list[list[str]] = []
+        self._pending_count = 0
         self._busy = False
         self._closed = False
         self._deferring = False
@@ -98,23 +123,28 @@ class Publisher:
         Publisher._instances.add(self)
 
     def submit(self, sids: list[str]) -> None:
-        """Publish these committed messages soon; returns at once."""
+        """Publish these committed messages soon, as one task; returns at once."""
+        if not sids:
+            return
         with self._changed:
             if not self._closed:
-                if len(self._pending) >= self.MAX_PENDING:
+                if self._pending_count >= self.MAX_PENDING:
                     if not self._deferring:
-                        log.warning("queue.publish_deferred_to_sweeper", pending=len(self._pending))
+                        log.warning(
+                            "queue.publish_deferred_to_sweeper", pending=self._pending_count
+                        )
                     self._deferring = True
                     return
                 self._deferring = False
-                self._pending.extend(sids)
+                self._pending.append(list(sids))
+                self._pending_count += len(sids)
                 if self._thread is None or not self._thread.is_alive():
                     # Started by the first message (not by every app), and again should it die.
                     self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
                     self._thread.start()
                 self._changed.notify_all()
                 return
-        self._publish(sids)  # after close(): at once, on the caller's thread
+        self._publish([list(sids)])  # after close(): at once, on the caller's thread
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far was published (or failed to be)."""
@@ -150,8 +180,15 @@ class Publisher:
                     self._changed.wait()
                 if not self._pending:
                     return  # closed, and nothing left
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
+                batch: list[list[str]] = []
+                taken = 0
+                while self._pending and (
+                    not batch or taken + len(self._pending[0]) <= self._max_batch
+                ):
+                    group = self._pending.pop(0)
+                    batch.append(group)
+                    taken += len(group)
+                self._pending_count -= taken
                 self._busy = True
             try:
                 self._publish(batch)
@@ -160,10 +197,10 @@ class Publisher:
                     self._busy = False
                     self._changed.notify_all()
 
-    def _publish(self, sids: list[str]) -> None:
+    def _publish(self, groups: list[list[str]]) -> None:
         # Never raises: a failure is logged and left to the sweeper. A worker may already have
         # claimed a message and handed it back, so the mark must not land on that.
-        publish_sends(self.celery, self._db, sids, mark_only_unchanged=True)
+        publish_batches(self.celery, self._db, groups, mark_only_unchanged=True)
 
 
 # Countdowns the broker holds for us stay this short (well inside its visibility timeout);
@@ -262,7 +299,9 @@ class Outbox:
                 sids = due_for_publish(session, settings, utcnow())
             if not sids:
                 break
-            published = publish_sends(self.celery, self._db, sids)
+            published = publish_batches(
+                self.celery, self._db, chunked(sids, self._settings.send_batch_size)
+            )
             total += len(published)
             log.info("sweep.published", count=len(published))
             # A short batch is the last; a failed publish waits for the next sweep.
@@ -315,12 +354,14 @@ class Outbox:
 
 
 def sid_of_task(raw: bytes | str) -> str | None:
-    """The messageSid a Celery send task on a Redis list carries (kombu's JSON envelope, the
-    body base64 JSON `[args, kwargs, embed]`)."""
+    """The (first) messageSid a Celery send task on a Redis list carries (kombu's JSON
+    envelope, the body base64 JSON `[args, kwargs, embed]`)."""
     try:
         envelope = json.loads(raw)
         body = json.loads(base64.b64decode(envelope["body"]))
         sid = body[0][0]
+        if isinstance(sid, list):  # a batch task: its sids were published together
+            sid = sid[0]
     except (ValueError, KeyError, IndexError, TypeError):
         return None
     return sid if isinstance(sid, str) else None

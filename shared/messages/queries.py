@@ -9,6 +9,7 @@ than running it) and run on the session's connection as plain SQL."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -62,20 +64,61 @@ _INSERT_EVENT = insert(_events)
 # Accept
 
 
-def insert_message(session: Session, columns: Mapping[str, Any]) -> None:
-    # Core, not the ORM unit of work: a third of an accept's CPU went to flushing one row.
-    session.connection().execute(_INSERT_MESSAGE, columns)
+def insert_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """New messages, in one statement (a multi-row INSERT). Core, not the ORM unit of work:
+    a third of an accept's CPU went to flushing one row."""
+    session.connection().execute(_INSERT_MESSAGE, list(rows))
 
 
-def message_by_idempotency_key(
-    session: Session, account_id: int, idempotency_key: str | None
-) -> Row[str, str, str | None] | None:
-    """The sid, campaign and request fingerprint of the account's message with this key."""
-    return session.execute(
-        select(Message.sid, Message.campaign_id, Message.request_fingerprint).where(
-            Message.account_id == account_id, Message.idempotency_key == idempotency_key
+def insert_keyed_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """New messages with an Idempotency-Key, in one statement; returns the sids inserted. One
+    whose key another message already holds (a concurrent twin) is left out, not an error."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(_messages)
+        .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
+        .returning(_messages.c.sid)
+    )
+    return set(session.connection().execute(statement, list(rows)).scalars())
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierMessage:
+    """The message an Idempotency-Key already stands for."""
+
+    sid: str
+    campaign_id: str
+    request_fingerprint: str | None
+
+
+def messages_by_idempotency_keys(
+    session: Session, keys: Sequence[tuple[int, str]]
+) -> dict[tuple[int, str], EarlierMessage]:
+    """The messages that hold these (account, Idempotency-Key) pairs, in one query."""
+    rows = session.execute(
+        select(
+            Message.account_id,
+            Message.idempotency_key,
+            Message.sid,
+            Message.campaign_id,
+            Message.request_fingerprint,
+        ).where(tuple_(Message.account_id, Message.idempotency_key).in_(list(keys)))
+    ).all()
+    return {
+        (row.account_id, row.idempotency_key): EarlierMessage(
+            row.sid, row.campaign_id, row.request_fingerprint
         )
-    ).first()
+        for row in rows
+    }
+
+
+def drop_messages(session: Session, sids: Sequence[str]) -> None:
+    """Take back messages written in this transaction, before it commits."""
+    session.execute(
+        delete(Message)
+        .where(Message.sid.in_(list(sids)))
+        .execution_options(synchronize_session=False)
+    )
 
 
 def mark_call_sent_externally(
@@ -328,43 +371,50 @@ def _claimed(now: Any, lease: Any) -> dict[str, Any]:
     )
 
 
-_TAKE_QUEUED = (
-    update(_messages)
-    .where(
-        _messages.c.sid == bindparam("message_sid"),
-        _messages.c.status == MessageStatus.QUEUED.value,
-        _messages.c.expires_at > bindparam("now"),
-        _providers.c.id == _messages.c.provider_account_id,
-        _accounts.c.id == _messages.c.account_id,
-        ~select(_opt_outs.c.id)
+def _take_queued_where(sids: ColumnElement[bool]) -> Update:
+    """The one-statement claim of the queued messages `sids` picks: the one definition the
+    single and the batch claim use (the batch's also returns each message's sid)."""
+    return (
+        update(_messages)
         .where(
-            _opt_outs.c.account_id == _providers.c.account_id,
-            _opt_outs.c.sender == _messages.c.from_number,
-            _opt_outs.c.recipient == _messages.c.to_number,
+            sids,
+            _messages.c.status == MessageStatus.QUEUED.value,
+            _messages.c.expires_at > bindparam("now"),
+            _providers.c.id == _messages.c.provider_account_id,
+            _accounts.c.id == _messages.c.account_id,
+            ~select(_opt_outs.c.id)
+            .where(
+                _opt_outs.c.account_id == _providers.c.account_id,
+                _opt_outs.c.sender == _messages.c.from_number,
+                _opt_outs.c.recipient == _messages.c.to_number,
+            )
+            .exists(),
         )
-        .exists(),
+        .values(**_claimed(bindparam("now"), bindparam("lease")))
+        .returning(
+            _messages.c.sid,
+            _messages.c.to_number,
+            _messages.c.from_number,
+            _messages.c.body,
+            _messages.c.attempts,
+            _messages.c.expires_at,
+            _messages.c.campaign_id,
+            _messages.c.segments,
+            _messages.c.provider_failures,
+            _messages.c.in_doubt_since,
+            _providers.c.id.label("provider_account_id"),
+            _providers.c.provider,
+            _providers.c.credentials,
+            _providers.c.account_id.label("owner_id"),
+            _providers.c.sender_rate,
+            _providers.c.account_rate,
+            _accounts.c.tenant_id,
+            _accounts.c.max_send_attempts,
+        )
     )
-    .values(**_claimed(bindparam("now"), bindparam("lease")))
-    .returning(
-        _messages.c.to_number,
-        _messages.c.from_number,
-        _messages.c.body,
-        _messages.c.attempts,
-        _messages.c.expires_at,
-        _messages.c.campaign_id,
-        _messages.c.segments,
-        _messages.c.provider_failures,
-        _messages.c.in_doubt_since,
-        _providers.c.id.label("provider_account_id"),
-        _providers.c.provider,
-        _providers.c.credentials,
-        _providers.c.account_id.label("owner_id"),
-        _providers.c.sender_rate,
-        _providers.c.account_rate,
-        _accounts.c.tenant_id,
-        _accounts.c.max_send_attempts,
-    )
-)
+
+
+_TAKE_QUEUED = _take_queued_where(_messages.c.sid == bindparam("message_sid"))
 
 
 def take_queued(session: Session, sid: str, now: datetime, lease: datetime) -> Row[Any] | None:
@@ -514,7 +564,122 @@ def provider_ids_near(
     )
 
 
+# Batch claims
+
+
+# One array parameter (`sid = any(:sids)`): one statement whatever the batch's size.
+_TAKE_QUEUED_BATCH = _take_queued_where(
+    _messages.c.sid
+    == func.any(bindparam("message_sids", type_=postgresql.ARRAY(_messages.c.sid.type)))
+)
+
+
+def take_queued_batch(
+    session: Session, sids: Sequence[str], now: datetime, lease: datetime
+) -> Sequence[Row[Any]]:
+    """`take_queued` for every message of a batch in one statement (PostgreSQL): those it
+    took, each with its sid. The sids go in sorted, so concurrent claims and marks over
+    overlapping batches lock their rows in one order."""
+    return (
+        session.connection()
+        .execute(_TAKE_QUEUED_BATCH, {"message_sids": sorted(sids), "now": now, "lease": lease})
+        .all()
+    )
+
+
+# Batch sent
+
+
+# The rows a batch move reads: one per message, with the provider's id for it.
+BATCH_SENT = (
+    func.unnest(
+        bindparam("message_sids", type_=postgresql.ARRAY(_messages.c.sid.type)),
+        bindparam(
+            "provider_message_ids",
+            type_=postgresql.ARRAY(_messages.c.provider_message_id.type),
+        ),
+    )
+    .table_valued("sid", "provider_message_id")
+    .render_derived(name="sent")
+)
+
+
+def prepare_batch_move(expected: MessageStatus, values: Mapping[str, Any]) -> Update:
+    """`prepare_move` for many messages in one statement (PostgreSQL): the sids and provider
+    message ids come as two arrays, unnested into the rows `sent(sid, provider_message_id)`
+    that `values` may refer to through `BATCH_SENT`. Returns each moved message's sid, token
+    id and campaign. Run it with `run_prepared_batch_move`."""
+    return (
+        update(_messages)
+        .where(
+            _messages.c.sid == BATCH_SENT.c.sid,
+            _messages.c.status == expected.value,
+        )
+        .values(**values)
+        .returning(_messages.c.sid, _messages.c.token_id, _messages.c.campaign_id)
+    )
+
+
+def run_prepared_batch_move(
+    session: Session,
+    statement: Update,
+    moves: Sequence[tuple[str, str | None]],
+    params: Mapping[str, Any],
+) -> Sequence[Row[str, int | None, str]]:
+    """The sid, token id and campaign of each message `statement` (from `prepare_batch_move`)
+    moved, of the (sid, provider message id) pairs given; sorted by sid, for the lock order."""
+    ordered = sorted(moves)
+    return (
+        session.connection()
+        .execute(
+            statement,
+            {
+                "message_sids": [sid for sid, _ in ordered],
+                "provider_message_ids": [pid for _, pid in ordered],
+                **params,
+            },
+        )
+        .all()
+    )
+
+
+def store_events_fast(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """`store_event_fast` for many events without a dedupe key, in one executemany."""
+    if rows:
+        session.connection().execute(_INSERT_EVENT, list(rows))
+
+
+def run_prepared_call_updates(
+    session: Session, statement: Update, updates: Sequence[tuple[int, Mapping[str, Any]]]
+) -> None:
+    """`run_prepared_call_update` for many calls in one executemany, in token order (so
+    concurrent batches lock the calls' rows in one order)."""
+    if updates:
+        session.connection().execute(
+            statement,
+            [
+                {"token_id_": token_id, **params}
+                for token_id, params in sorted(updates, key=lambda update_: update_[0])
+            ],
+        )
+
+
 # The outbox
+
+
+_MARK_PUBLISHED = (
+    update(_messages)
+    .where(_messages.c.sid.in_(bindparam("sids", expanding=True)))
+    .values(published_at=bindparam("now"))
+)
+# Only rows still unmarked and untouched since publishing began (see outbox.mark_published).
+_MARK_PUBLISHED_UNCHANGED = _MARK_PUBLISHED.where(
+    or_(
+        _messages.c.published_at.is_(None),
+        _messages.c.published_at < bindparam("unchanged_since"),
+    ),
+    _messages.c.updated_at <= bindparam("unchanged_since"),
+)
 
 
 def mark_published(
@@ -522,21 +687,20 @@ def mark_published(
 ) -> None:
     """Note that the send tasks are on the queue. With `unchanged_since`, only rows still
     unmarked and untouched since then."""
-    if session.get_bind().dialect.name == "postgresql":
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
         # Losing this mark in a crash only costs a harmless re-publish, so skip the fsync wait.
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-    where: list[ColumnElement[bool]] = [Message.sid.in_(sids)]
-    if unchanged_since is not None:
-        where += [
-            or_(Message.published_at.is_(None), Message.published_at < unchanged_since),
-            Message.updated_at <= unchanged_since,
-        ]
-    session.execute(
-        update(Message)
-        .where(*where)
-        .values(published_at=now)
-        .execution_options(synchronize_session=False)
-    )
+        connection.execute(_ASYNCHRONOUS_COMMIT)
+    if unchanged_since is None:
+        connection.execute(_MARK_PUBLISHED, {"sids": sids, "now": now})
+    else:
+        connection.execute(
+            _MARK_PUBLISHED_UNCHANGED,
+            {"sids": sids, "now": now, "unchanged_since": unchanged_since},
+        )
+
+
+_ASYNCHRONOUS_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 
 
 def unpublished(session: Session, now: datetime, created_before: datetime, limit: int) -> list[str]:

@@ -9,8 +9,11 @@ calling again; take the sender's rate-limit slot; call the provider; record what
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -19,6 +22,7 @@ from typing import Any, TypeVar, cast
 import structlog
 from celery import Celery
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from shared.accounts.access import CALLBACK_TOKEN
 from shared.core.db import Database
@@ -37,7 +41,9 @@ from shared.messages.claims import (
     release,
     schedule_retry,
     take,
+    take_batch,
 )
+from shared.messages.lifecycle import StatusReport, sent_from_sending_batch
 from shared.messages.optout import add_opt_out
 from shared.messages.outbox import publish_after
 from shared.providers.circuit_breakers import CircuitBreakers
@@ -97,6 +103,40 @@ class AdapterBug(TransientProviderError):
     """An exception no provider error type covers: retried a bounded number of times."""
 
 
+class BatchInterrupted(Exception):
+    """The database failed some messages of a batch (`error`, the first): the others were
+    sent and recorded, and `outcomes` says how each ended, as `send_batch` would have."""
+
+    def __init__(self, outcomes: list[SendOutcome], error: Exception) -> None:
+        super().__init__(str(error))
+        self.outcomes = outcomes
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    """The provider has the message, not yet recorded. `provider_seconds`: how long the call
+    took; None when an earlier call in doubt was found at the provider (no call now)."""
+
+    owned: Claim
+    result: SendResult
+    provider_seconds: float | None
+
+    def outcome(self) -> SendOutcome:
+        return SendOutcome(Outcome.SENT, self.owned.provider, self.provider_seconds)
+
+
+def _sent_report(owned: Claim, result: SendResult) -> StatusReport:
+    """The worker's own `sent`, as `record_accepted` reports it."""
+    return StatusReport(
+        MessageStatus.SENT,
+        source="worker",
+        provider=owned.provider,
+        provider_message_id=result.provider_message_id,
+        provider_status=result.provider_status,
+    )
+
+
 class Sender:
     """The send use case for one process: its database, the broker to re-publish through, the
     provider clients, and the rate limits and circuit breakers every worker shares."""
@@ -116,38 +156,111 @@ class Sender:
         self.providers = providers
         self.rate_limits = rate_limits
         self.breakers = breakers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def send(self, sid: str) -> SendOutcome:
         """Send one message through its provider, or do nothing if it is not ours to send."""
-        settings = self.settings
         with self.db.transaction() as session:
-            taken = take(session, sid, settings, utcnow())
-            paused = False
-            if (
-                isinstance(taken, Claim)
-                and not taken.in_doubt
-                and _quietly(self.breakers.is_open, taken.provider_account_id)
-            ):
-                # Its provider keeps failing: go straight to a healthy one, if the owner has
-                # one; else wait for the breaker instead of spending the call on a dead
-                # provider. (Never for a message in doubt: the first provider may have it.)
-                moved = fail_over(session, taken, settings, utcnow(), self._healthy)
-                if moved is None:
-                    release(session, taken, settings.breaker_cooldown, utcnow())
-                    paused = True
-                taken = moved or taken
+            taken, paused = self._steer(session, take(session, sid, self.settings, utcnow()))
         if isinstance(taken, NotClaimed):
             ending = _CLAIM_ENDINGS.get(taken.ended) if taken.ended else None
             return SendOutcome(ending, taken.provider)
-        owned = taken
         if paused:
-            return SendOutcome(Outcome.PAUSED, owned.provider)
+            return SendOutcome(Outcome.PAUSED, taken.provider)
+        return self._finish(self._deliver(taken))
+
+    def send_batch(self, sids: Sequence[str]) -> list[SendOutcome]:
+        """Send a batch of messages, each by the rules of `send`; how each ended, in order.
+
+        All of them are claimed in one statement (PostgreSQL), sent concurrently on this
+        process's send threads, and the plain `sent`s recorded in a few statements for the
+        whole batch. Sids the claim did not take (already taken, a dead worker's lease,
+        expired, opted out, unknown; every sid on SQLite) take `send`'s way, on the same
+        threads. One message that fails in a way nobody foresaw fails alone.
+
+        Raises `BatchInterrupted` when the database failed some messages (the others are
+        recorded): the task runs again, and the claims decide what is left to do."""
+        wanted = list(dict.fromkeys(sids))
+        with self.db.transaction() as session:
+            claims = take_batch(session, wanted, self.settings, utcnow())
+            is_open = _memoised(self.breakers.is_open)
+            steered = {sid: self._steer(session, owned, is_open) for sid, owned in claims.items()}
+        claimed_at = time.monotonic()
+        pool = self._send_pool()
+        jobs: dict[str, Future[SendOutcome | _Accepted]] = {}
+        ended: dict[str, SendOutcome] = {}
+        for sid in wanted:
+            if sid not in steered:
+                jobs[sid] = pool.submit(contextvars.copy_context().run, self._send_alone, sid)
+                continue
+            owned, paused = steered[sid]
+            if paused:
+                ended[sid] = SendOutcome(Outcome.PAUSED, owned.provider)
+                continue
+            assert isinstance(owned, Claim)
+            jobs[sid] = pool.submit(
+                contextvars.copy_context().run, self._deliver_claimed, owned, claimed_at
+            )
+        accepted: list[_Accepted] = []
+        database_errors: list[Exception] = []
+        for sid, job in jobs.items():
+            try:
+                done = job.result()
+            except (OperationalError, InterfaceError) as exc:
+                database_errors.append(exc)
+                ended[sid] = SendOutcome()
+                continue
+            except Exception:
+                # Not even its failure could be recorded: left to its lease (the next claim
+                # finds it in doubt if it was claimed), the rest of the batch goes on.
+                log.exception("send.batch_message_error", messageSid=sid)
+                ended[sid] = SendOutcome()
+                continue
+            if isinstance(done, _Accepted):
+                accepted.append(done)
+            else:
+                ended[sid] = done
+        ended.update(self._finish_batch(accepted))
+        outcomes = [ended.pop(sid, SendOutcome()) for sid in sids]
+        if database_errors:
+            raise BatchInterrupted(outcomes, database_errors[0])
+        return outcomes
+
+    def _steer(
+        self,
+        session: Session,
+        taken: Claim | NotClaimed,
+        is_open: Callable[[int], bool] | None = None,
+    ) -> tuple[Claim | NotClaimed, bool]:
+        """In the claim's transaction: skip a provider whose circuit is open. The claim to
+        send (moved to a healthy provider, if the owner has one), and whether it waits for
+        the breaker instead (handed back)."""
+        if (
+            isinstance(taken, Claim)
+            and not taken.in_doubt
+            and _quietly(is_open or self.breakers.is_open, taken.provider_account_id)
+        ):
+            # Its provider keeps failing: go straight to a healthy one, if the owner has
+            # one; else wait for the breaker instead of spending the call on a dead
+            # provider. (Never for a message in doubt: the first provider may have it.)
+            moved = fail_over(session, taken, self.settings, utcnow(), self._healthy)
+            if moved is None:
+                release(session, taken, self.settings.breaker_cooldown, utcnow())
+                return taken, True
+            return moved, False
+        return taken, False
+
+    def _deliver(self, owned: Claim) -> SendOutcome | _Accepted:
+        """Everything after the claim up to the record of a success: settle an earlier call
+        in doubt, take the rate-limit slot, call the provider, record a failure. A success
+        is returned for the caller to record (`_finish`, or `_finish_batch` for many)."""
         try:
             # Built (and warmed) before the rate-limit slot is taken, so the send leaves on time.
             provider = self._client(owned)
+            request = self._request(owned)
         except Exception as exc:
             return self._failed(owned, exc if isinstance(exc, ProviderError) else _unexpected(exc))
-        request = self._request(owned)
         if owned.in_doubt and not provider.idempotent:
             settled = self._resolve_doubt(owned, provider, request)
             if settled is not None:
@@ -167,11 +280,78 @@ class Sender:
             error = exc if isinstance(exc, ProviderError) else _unexpected(exc)
             outcome = self._failed(owned, error)
             return SendOutcome(outcome.outcome, owned.provider, time.perf_counter() - started)
-        seconds = time.perf_counter() - started
-        self._record_sent(owned, result)
-        # After the record, and never able to undo it: a Redis blip here costs a breaker count.
-        _quietly(self.breakers.succeeded, owned.provider_account_id)
-        return SendOutcome(Outcome.SENT, owned.provider, seconds)
+        return _Accepted(owned, result, time.perf_counter() - started)
+
+    def _finish(self, done: SendOutcome | _Accepted) -> SendOutcome:
+        """Record one success (a failure is recorded already)."""
+        if isinstance(done, SendOutcome):
+            return done
+        self._record_sent(done.owned, done.result)
+        if done.provider_seconds is not None:
+            # After the record, and never able to undo it: a Redis blip here costs a breaker
+            # count.
+            _quietly(self.breakers.succeeded, done.owned.provider_account_id)
+        return done.outcome()
+
+    def _finish_batch(self, accepted: Sequence[_Accepted]) -> dict[str, SendOutcome]:
+        """Record a batch's successes: the plain ones in a few statements for all of them,
+        the others (a callback got there first, a message the provider took as several
+        parts) one by one, the careful way."""
+        plain = {
+            done.owned.sid: done
+            for done in accepted
+            if len(done.result.parts) <= 1 and not done.result.unsent_parts
+        }
+        moved: set[str] = set()
+        if plain and self.db.engine.dialect.name == "postgresql":
+            reports = {sid: _sent_report(done.owned, done.result) for sid, done in plain.items()}
+            accounts = {sid: done.owned.tenant_id for sid, done in plain.items()}
+
+            def record() -> None:
+                nonlocal moved
+                with self.db.transaction() as session:
+                    done = sent_from_sending_batch(session, reports, utcnow(), accounts=accounts)
+                moved = done  # committed
+
+            self._until_recorded(record)
+        for done in accepted:
+            if done.owned.sid not in moved:
+                self._record_sent(done.owned, done.result)
+        # After the record, and never able to undo it: once per provider of the batch.
+        for provider_account_id in dict.fromkeys(
+            done.owned.provider_account_id for done in accepted if done.provider_seconds is not None
+        ):
+            _quietly(self.breakers.succeeded, provider_account_id)
+        return {done.owned.sid: done.outcome() for done in accepted}
+
+    def _send_alone(self, sid: str) -> SendOutcome | _Accepted:
+        """A sid of a batch that the batch claim did not take: `send`'s way, on a send thread."""
+        structlog.contextvars.bind_contextvars(messageSid=sid)
+        return self.send(sid)
+
+    def _deliver_claimed(self, owned: Claim, claimed_at: float) -> SendOutcome | _Accepted:
+        """A claimed message of a batch, on a send thread."""
+        structlog.contextvars.bind_contextvars(
+            messageSid=owned.sid, account=owned.tenant_id, campaign=owned.campaign_id
+        )
+        if time.monotonic() - claimed_at > self.settings.send_lease.total_seconds() / 4:
+            # It waited for a thread while the process was busy: its lease must outlast the
+            # call and the record, so it goes back on the queue, its attempt not spent.
+            log.warning("send.batch_waited", seconds=round(time.monotonic() - claimed_at, 3))
+            with self.db.transaction() as session:
+                release(session, owned, timedelta(0), utcnow())
+            self._publish_after(owned, None)
+            return SendOutcome(Outcome.THROTTLED, owned.provider)
+        return self._deliver(owned)
+
+    def _send_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=max(1, self.settings.worker_send_threads),
+                    thread_name_prefix="send",
+                )
+            return self._pool
 
     def _client(self, owned: Claim) -> Provider:
         return self.providers.client(owned.provider, owned.provider_account_id, owned.credentials)
@@ -184,7 +364,7 @@ class Sender:
 
     def _resolve_doubt(
         self, owned: Claim, provider: Provider, request: SendRequest
-    ) -> SendOutcome | None:
+    ) -> SendOutcome | _Accepted | None:
         """A call before this one may have reached the provider, which does not deduplicate.
         Ask the provider where it can be searched; otherwise never send again. The outcome when
         the message is settled (found, or left `in_doubt`); None when it provably is not
@@ -221,25 +401,32 @@ class Sender:
         log.info(
             "send.in_doubt_resolved", found=True, provider_message_id=found.provider_message_id
         )
-        self._record_sent(owned, found)
-        return SendOutcome(Outcome.SENT, owned.provider)
+        return _Accepted(owned, found, None)
 
     def _record_sent(self, owned: Claim, result: SendResult) -> None:
         """The provider has it: record that, trying again while the database is briefly away,
         since this is the one thing we must not forget (the lease outlives these tries)."""
+
+        def record() -> None:
+            with self.db.transaction() as session:
+                record_accepted(
+                    session,
+                    owned,
+                    result.provider_message_id,
+                    result.provider_status,
+                    utcnow(),
+                    parts=result.parts,
+                    unsent_parts=result.unsent_parts,
+                )
+
+        self._until_recorded(record)
+
+    def _until_recorded(self, record: Callable[[], None]) -> None:
+        """Run `record`, again while the database is briefly away."""
         deadline = time.monotonic() + self.settings.send_lease.total_seconds() / 2
         while True:
             try:
-                with self.db.transaction() as session:
-                    record_accepted(
-                        session,
-                        owned,
-                        result.provider_message_id,
-                        result.provider_status,
-                        utcnow(),
-                        parts=result.parts,
-                        unsent_parts=result.unsent_parts,
-                    )
+                record()
                 return
             except (OperationalError, InterfaceError):
                 if time.monotonic() > deadline:
@@ -346,6 +533,18 @@ def _quietly(call: Callable[..., _T], *args: Any, default: _T | None = None) -> 
     except Exception:
         log.warning("coordination.unavailable", call=getattr(call, "__name__", str(call)))
         return cast(_T, default if default is not None else False)
+
+
+def _memoised(call: Callable[[int], bool]) -> Callable[[int], bool]:
+    """`call`, asked once per provider account (a batch's breakers, read at its claim)."""
+    seen: dict[int, bool] = {}
+
+    def is_open(provider_account_id: int) -> bool:
+        if provider_account_id not in seen:
+            seen[provider_account_id] = call(provider_account_id)
+        return seen[provider_account_id]
+
+    return is_open
 
 
 def _unexpected(exc: Exception) -> TransientProviderError:

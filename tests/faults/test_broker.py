@@ -177,9 +177,11 @@ def test_a_worker_killed_holding_prefetched_tasks_has_them_sent_by_the_other(
     own_redis: RedisControl,
     start_worker: Callable[..., Process],
 ) -> None:
-    # Slow sends and a deep prefetch: each worker holds many tasks it has not started.
+    # Slow sends and a deep prefetch: each worker holds many tasks it has not started. One
+    # message per task from the sweeper, so there are many tasks to hold (a batch task held by
+    # a killed worker: tests/faults/test_group_commit.py).
     simulator.post("/control", json={"latency_ms": 500})
-    env = broker_env(own_redis, SMSD_WORKER_PREFETCH_MULTIPLIER="8")
+    env = broker_env(own_redis, SMSD_WORKER_PREFETCH_MULTIPLIER="8", SMSD_SEND_BATCH_SIZE="1")
     keeper = start_worker(env=env, concurrency=4)
     victim = start_worker(env=env, concurrency=4, beat=False)
     sids = accept(db, migrated, 120)

@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from shared.core.db import Database
 from shared.core.models import Message, utcnow
 from shared.core.settings import Settings
+from shared.messages.outbox import Publisher
 from tests.support.api import V3, issue_token
 from tests.support.data import CALLER, Demo, headers
 from tests.support.metrics import label_values, sample, scrape, send, value
@@ -98,6 +99,8 @@ def test_the_backlog_gauges_read_the_broker_and_the_database(
             .where(Message.sid == sids[0])
             .values(created_at=utcnow() - timedelta(minutes=2))
         )
+    # The API publishes after the 200, on its publisher's thread: wait until it has.
+    Publisher.flush_all()
     registry = CollectorRegistry()
     registry.register(BacklogCollector(migrated))
 
