@@ -51,10 +51,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # A request waits only briefly for a pooled connection, then answers 503.
     db = Database(settings, pool_timeout=settings.api_database_pool_timeout)
     # The API process publishes through a Celery app built from the same settings.
-    publisher = Publisher(create_celery(settings), db)
-    # Send requests are accepted on the event loop, in groups (shared/messages/group_commit.py).
+    # Send requests are accepted on the event loop, in groups (shared/messages/group_commit.py),
+    # whose transactions also mark what the publisher published.
     async_db = AsyncDatabase(
         settings, db.config_cache, pool_timeout=settings.api_database_pool_timeout
+    )
+    publisher = Publisher(
+        create_celery(settings), db, mark=lambda *marked: groups.note_published(*marked)
     )
     groups = GroupAccept(async_db, settings, publisher.submit)
     guard = KeyGuessingGuard(settings)

@@ -291,6 +291,8 @@ def create_async_db_engine(
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
         pool_timeout=(pool_timeout or settings.database_pool_timeout).total_seconds(),
+        # A ping before each group (a round trip): a connection the server dropped meanwhile
+        # (a restart, an administrator's terminate) is replaced, never answered 503 for.
         pool_pre_ping=True,
         pool_recycle=1800,
         connect_args=postgres_connect_args(settings, url.query, server_timeouts=True),

@@ -1,11 +1,13 @@
 """Group commit: the send requests one API process receives at about the same time are
 accepted in one transaction, on the event loop, and answered together once it committed.
 
-A request joins the pending group and waits. A group closes when no group is being committed
-(a lone IVR send goes at once, never waiting for company), or else after SMSD_ACCEPT_GROUP_WINDOW
-or when a group being committed finishes, whichever is first; at most
-SMSD_ACCEPT_GROUPS_IN_FLIGHT groups are committed at once. Each group is one `accept_group`
-(a few statements for all its messages), one COMMIT, then one task for all its new messages.
+A request joins the pending group and waits. A group closes on the event loop's next turn when
+no group is being committed (a lone IVR send goes at once, never waiting for company; requests
+that arrived together go together), or else after SMSD_ACCEPT_GROUP_WINDOW or when a group being
+committed finishes, whichever is first; at most SMSD_ACCEPT_GROUPS_IN_FLIGHT groups are
+committed at once. Each group is one `accept_group` (a few statements for all its messages), one
+COMMIT, then one task for all its new messages. Two requests with one Idempotency-Key never
+share a group: the second waits for the next, and finds the first one's message committed.
 
 What a 200 means is unchanged: the request's message was committed. A group that fails (the
 database unreachable) answers every request of it with that error (503) and leaves nothing.
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import structlog
 from sqlalchemy.orm import Session
@@ -53,18 +57,24 @@ class GroupAccept:
         publish: Callable[[list[str]], None],
     ) -> None:
         self._db = db
-        self.settings = self._settings = settings
+        self.settings = settings
         self._deadline = settings.api_accept_deadline.total_seconds()
         self._publish = publish
         self._pending: deque[_Entry] = deque()
         self._in_flight = 0
         self._timer: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Published, not yet marked so: (sids, when publishing began). The next group's
+        # transaction marks them, saving the publisher a transaction of its own; without a
+        # group soon, a transaction of their own does (`_mark_alone`).
+        self._marks: list[tuple[list[str], datetime]] = []
+        self._mark_timer: asyncio.TimerHandle | None = None
 
     async def send(self, command: SendSmsCommand) -> AcceptedMessage:
         """Accept one request with whoever else is asking now; its answer once committed, or
         AcceptDeadlineExceeded (503) past SMSD_API_ACCEPT_DEADLINE."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         entry = _Entry(command, loop.create_future())
         if command.idempotency_key and command.tenant_id:
             entry.key = (command.tenant_id, command.idempotency_key)
@@ -87,6 +97,45 @@ class GroupAccept:
             AcceptDeadlineExceeded(f"no answer from the database within {self._deadline:g} s")
         )
 
+    def note_published(self, sids: list[str], started: datetime) -> None:
+        """Called by the publisher's thread once these committed messages are on the broker."""
+        if self._loop is None or self._loop.is_closed():
+            raise RuntimeError("no event loop to mark the published messages on")
+        self._loop.call_soon_threadsafe(self._add_marks, sids, started)
+
+    def _add_marks(self, sids: list[str], started: datetime) -> None:
+        self._requeue_marks([(sids, started)])
+
+    def _requeue_marks(self, marks: list[tuple[list[str], datetime]]) -> None:
+        self._marks.extend(marks)
+        if self._marks and self._mark_timer is None:
+            self._mark_timer = asyncio.get_running_loop().call_later(
+                MARK_ALONE_AFTER, lambda: self._spawn(self._mark_alone())
+            )
+
+    def _take_marks(self) -> list[tuple[list[str], datetime]]:
+        marks, self._marks = self._marks, []
+        if self._mark_timer is not None:
+            self._mark_timer.cancel()
+            self._mark_timer = None
+        return marks
+
+    async def _mark_alone(self) -> None:
+        marks = self._take_marks()
+        if not marks:
+            return
+        try:
+            async with self._db.transaction() as transaction:
+                await transaction.run(lambda session: _mark(session, marks, durable=False))
+        except Exception:
+            # Only costs a duplicate publish later (the sweeper's), should the process end first.
+            log.warning("queue.mark_failed", count=sum(len(sids) for sids, _ in marks))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
         """Wait for the groups being committed (at shutdown)."""
         if self._tasks:
@@ -101,9 +150,9 @@ class GroupAccept:
             # requests that arrived together (a burst, the callers of the last group coming
             # back) go together, and a lone request waits for nothing but that turn.
             self._timer = loop.call_soon(self._on_timer)
-        elif self._in_flight < self._settings.accept_groups_in_flight:
+        elif self._in_flight < self.settings.accept_groups_in_flight:
             self._timer = loop.call_later(
-                self._settings.accept_group_window.total_seconds(), self._on_timer
+                self.settings.accept_group_window.total_seconds(), self._on_timer
             )
 
     def _group_done(self) -> None:
@@ -117,7 +166,7 @@ class GroupAccept:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._in_flight < self._settings.accept_groups_in_flight:
+        if self._in_flight < self.settings.accept_groups_in_flight:
             self._close_group()
 
     def _close_group(self) -> None:
@@ -127,7 +176,7 @@ class GroupAccept:
         group: list[_Entry] = []
         keys: set[tuple[str, str]] = set()
         later: list[_Entry] = []
-        while self._pending and len(group) < self._settings.accept_group_size:
+        while self._pending and len(group) < self.settings.accept_group_size:
             entry = self._pending.popleft()
             if entry.abandoned or entry.answer.done():
                 continue
@@ -148,9 +197,12 @@ class GroupAccept:
         task.add_done_callback(self._tasks.discard)
 
     async def _commit(self, group: list[_Entry]) -> None:
+        marks = self._take_marks()
         try:
             async with self._db.transaction() as transaction:
-                outcomes = await transaction.run(lambda session: self._accept(session, group))
+                outcomes = await transaction.run(
+                    lambda session: self._accept(session, group, marks)
+                )
                 # Requests that stopped waiting meanwhile: their messages are taken out
                 # before COMMIT, so nobody told 503 has a message sent.
                 gone = [
@@ -164,6 +216,7 @@ class GroupAccept:
                     await transaction.run(lambda session: queries.drop_messages(session, gone))
         except Exception as exc:
             log.warning("accept.group_failed", size=len(group), error=type(exc).__name__)
+            self._requeue_marks(marks)  # rolled back with the group: marked by the next one
             for entry in group:
                 if not entry.answer.done():
                     entry.answer.set_exception(exc)
@@ -189,5 +242,22 @@ class GroupAccept:
             else:
                 entry.answer.set_exception(outcome)
 
-    def _accept(self, session: Session, group: list[_Entry]) -> list[Outcome]:
-        return accept_group(session, [entry.command for entry in group], self._settings, utcnow())
+    def _accept(
+        self, session: Session, group: list[_Entry], marks: list[tuple[list[str], datetime]]
+    ) -> list[Outcome]:
+        if marks:
+            _mark(session, marks, durable=True)
+        return accept_group(session, [entry.command for entry in group], self.settings, utcnow())
+
+
+# How long published messages may wait for a group commit to mark them before a transaction of
+# their own does: long enough for the next group under load, short beside the sweeper's wait.
+MARK_ALONE_AFTER = 0.05
+
+
+def _mark(session: Session, marks: list[tuple[list[str], datetime]], *, durable: bool) -> None:
+    """Mark published messages, as `outbox.mark_published` does: only rows untouched since
+    their publish began (a worker may have handed one back meanwhile)."""
+    now = utcnow()
+    for sids, started in marks:
+        queries.mark_published(session, sids, now, unchanged_since=started, durable=durable)

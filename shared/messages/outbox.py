@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
@@ -54,6 +54,7 @@ def publish_batches(
     countdown: timedelta | None = None,
     *,
     mark_only_unchanged: bool = True,
+    mark: bool = True,
 ) -> list[str]:
     """Publish one task per batch of sids (a lone sid as `sms.send`, several as
     `sms.send_batch`), then mark the rows published; return the sids published.
@@ -81,6 +82,8 @@ def publish_batches(
         # are published again by the sweeper, and a second copy of a send task loses the claim.
         log.exception("queue.publish_failed", count=len(sids))
         return []
+    if not mark:
+        return sids  # the caller marks them
     try:
         with db.transaction() as session:
             queries.mark_published(
@@ -109,9 +112,19 @@ class Publisher:
     MAX_PENDING = 100_000
     _instances: ClassVar[weakref.WeakSet[Publisher]] = weakref.WeakSet()
 
-    def __init__(self, app: Celery, db: Database, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        db: Database,
+        max_batch: int = 500,
+        *,
+        mark: Callable[[list[str], datetime], None] | None = None,
+    ) -> None:
         self.celery = app
         self._db = db
+        # Who marks what was published (sids, when publishing began); by default this thread,
+        # in a transaction of its own. The API hands it to its next group commit instead.
+        self._mark = mark
         self._max_batch = max_batch
         self._pending: list[list[str]] = []
         self._pending_count = 0
@@ -200,7 +213,16 @@ class Publisher:
     def _publish(self, groups: list[list[str]]) -> None:
         # Never raises: a failure is logged and left to the sweeper. A worker may already have
         # claimed a message and handed it back, so the mark must not land on that.
-        publish_batches(self.celery, self._db, groups, mark_only_unchanged=True)
+        if self._mark is None:
+            publish_batches(self.celery, self._db, groups, mark_only_unchanged=True)
+            return
+        started = utcnow()
+        published = publish_batches(self.celery, self._db, groups, mark=False)
+        if published:
+            try:
+                self._mark(published, started)
+            except Exception:
+                log.exception("queue.mark_failed")  # only costs a duplicate publish later
 
 
 # Countdowns the broker holds for us stay this short (well inside its visibility timeout);

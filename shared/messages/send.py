@@ -9,10 +9,11 @@ calling again; take the sender's rate-limit slot; call the provider; record what
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -54,6 +55,7 @@ from shared.providers.interface import (
     RecipientOptedOut,
     SendRequest,
     SendResult,
+    SendsAsync,
     TransientProviderError,
 )
 from shared.providers.rate_limits import RateLimits
@@ -158,6 +160,8 @@ class Sender:
         self.breakers = breakers
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._slots = _Slots(max(1, settings.worker_send_threads))
+        self._loop = _SendLoop()
 
     def send(self, sid: str) -> SendOutcome:
         """Send one message through its provider, or do nothing if it is not ours to send."""
@@ -182,27 +186,62 @@ class Sender:
         Raises `BatchInterrupted` when the database failed some messages (the others are
         recorded): the task runs again, and the claims decide what is left to do."""
         wanted = list(dict.fromkeys(sids))
-        with self.db.transaction() as session:
-            claims = take_batch(session, wanted, self.settings, utcnow())
-            is_open = _memoised(self.breakers.is_open)
-            steered = {sid: self._steer(session, owned, is_open) for sid, owned in claims.items()}
-        claimed_at = time.monotonic()
         pool = self._send_pool()
         jobs: dict[str, Future[SendOutcome | _Accepted]] = {}
         ended: dict[str, SendOutcome] = {}
-        for sid in wanted:
-            if sid not in steered:
-                jobs[sid] = pool.submit(contextvars.copy_context().run, self._send_alone, sid)
-                continue
-            owned, paused = steered[sid]
-            if paused:
-                ended[sid] = SendOutcome(Outcome.PAUSED, owned.provider)
-                continue
-            assert isinstance(owned, Claim)
-            jobs[sid] = pool.submit(
-                contextvars.copy_context().run, self._deliver_claimed, owned, claimed_at
-            )
-        accepted: list[_Accepted] = []
+        loop_accepted: list[_Accepted] = []
+        taken = 0
+        while taken < len(wanted):
+            # Claimed no faster than send threads come free (one statement for the whole batch
+            # when they are): a claimed message never waits for a thread, since its lease runs
+            # from the claim, and the claims of many batches cannot outrun the pool.
+            count = self._slots.take(len(wanted) - taken)
+            chunk = wanted[taken : taken + count]
+            taken += count
+            try:
+                with self.db.transaction() as session:
+                    claims = take_batch(session, chunk, self.settings, utcnow())
+                    is_open = _memoised(self.breakers.is_open)
+                    steered = {
+                        sid: self._steer(session, owned, is_open) for sid, owned in claims.items()
+                    }
+            except BaseException:
+                self._slots.give(count)
+                raise
+            claimed_at = time.monotonic()
+            on_loop: list[Claim] = []
+            for sid in chunk:
+                if sid not in steered:
+                    jobs[sid] = pool.submit(
+                        self._on_slot, contextvars.copy_context(), self._send_alone, sid
+                    )
+                    continue
+                owned, paused = steered[sid]
+                if paused:
+                    self._slots.give(1)
+                    ended[sid] = SendOutcome(Outcome.PAUSED, owned.provider)
+                    continue
+                assert isinstance(owned, Claim)
+                if self._sends_async(owned):
+                    on_loop.append(owned)
+                    continue
+                jobs[sid] = pool.submit(
+                    self._on_slot,
+                    contextvars.copy_context(),
+                    self._deliver_claimed,
+                    owned,
+                    claimed_at,
+                )
+            if on_loop:
+                try:
+                    for sid, answer in self._deliver_async(on_loop).items():
+                        if isinstance(answer, _Accepted):
+                            loop_accepted.append(answer)
+                        else:
+                            ended[sid] = answer
+                finally:
+                    self._slots.give(len(on_loop))
+        accepted: list[_Accepted] = list(loop_accepted)
         database_errors: list[Exception] = []
         for sid, job in jobs.items():
             try:
@@ -255,6 +294,22 @@ class Sender:
         """Everything after the claim up to the record of a success: settle an earlier call
         in doubt, take the rate-limit slot, call the provider, record a failure. A success
         is returned for the caller to record (`_finish`, or `_finish_batch` for many)."""
+        ready = self._ready(owned)
+        if isinstance(ready, SendOutcome | _Accepted):
+            return ready  # no call to make: settled, throttled, or found at the provider
+        provider, request = ready
+        started = time.perf_counter()
+        try:
+            result = provider.send(request)
+        except Exception as exc:
+            return self._went_wrong(owned, exc, time.perf_counter() - started)
+        return _Accepted(owned, result, time.perf_counter() - started)
+
+    def _ready(self, owned: Claim) -> SendOutcome | _Accepted | tuple[Provider, SendRequest]:
+        """What comes before the provider call: its client and request, an earlier call in
+        doubt settled, the sender's rate-limit slot taken. An outcome when there is to be no
+        call (settled, throttled, or the request could not even be built); a success to record
+        when the message was found at the provider after all."""
         try:
             # Built (and warmed) before the rate-limit slot is taken, so the send leaves on time.
             provider = self._client(owned)
@@ -273,14 +328,40 @@ class Sender:
                 release(session, owned, timedelta(seconds=wait), utcnow())
             self._publish_after(owned, timedelta(seconds=wait))
             return SendOutcome(Outcome.THROTTLED, owned.provider)
-        started = time.perf_counter()
-        try:
-            result = provider.send(request)
-        except Exception as exc:
-            error = exc if isinstance(exc, ProviderError) else _unexpected(exc)
-            outcome = self._failed(owned, error)
-            return SendOutcome(outcome.outcome, owned.provider, time.perf_counter() - started)
-        return _Accepted(owned, result, time.perf_counter() - started)
+        return provider, request
+
+    def _went_wrong(self, owned: Claim, exc: Exception, seconds: float) -> SendOutcome:
+        """Record a provider call that raised, by what it raised."""
+        error = exc if isinstance(exc, ProviderError) else _unexpected(exc)
+        return SendOutcome(self._failed(owned, error).outcome, owned.provider, seconds)
+
+    def _deliver_async(self, claims: list[Claim]) -> dict[str, SendOutcome | _Accepted]:
+        """`_deliver` for a batch's messages whose clients send on an event loop: each one
+        made ready here, their calls side by side on the process's send loop, then each
+        answer handled as `_deliver` handles it."""
+        done: dict[str, SendOutcome | _Accepted] = {}
+        calls: list[tuple[Claim, SendsAsync, SendRequest]] = []
+        for owned in claims:
+            try:
+                ready = self._ready(owned)
+            except Exception:
+                log.exception("send.batch_message_error", messageSid=owned.sid)
+                done[owned.sid] = SendOutcome()  # left to its lease, as in `send_batch`
+                continue
+            if isinstance(ready, SendOutcome | _Accepted):
+                done[owned.sid] = ready
+            else:
+                provider, request = ready
+                assert isinstance(provider, SendsAsync)
+                calls.append((owned, provider, request))
+        if calls:
+            answers = self._loop.run(_send_all([(p, r) for _, p, r in calls]))
+            for (owned, _, _), (answer, seconds) in zip(calls, answers, strict=True):
+                if isinstance(answer, SendResult):
+                    done[owned.sid] = _Accepted(owned, answer, seconds)
+                else:
+                    done[owned.sid] = self._went_wrong(owned, answer, seconds)
+        return done
 
     def _finish(self, done: SendOutcome | _Accepted) -> SendOutcome:
         """Record one success (a failure is recorded already)."""
@@ -343,6 +424,24 @@ class Sender:
             self._publish_after(owned, None)
             return SendOutcome(Outcome.THROTTLED, owned.provider)
         return self._deliver(owned)
+
+    def _on_slot(
+        self,
+        context: contextvars.Context,
+        work: Callable[..., SendOutcome | _Accepted],
+        *args: Any,
+    ) -> SendOutcome | _Accepted:
+        """Run `work` on a send thread in the batch's logging context, then free its slot."""
+        try:
+            return context.run(work, *args)
+        finally:
+            self._slots.give(1)
+
+    def _sends_async(self, owned: Claim) -> bool:
+        try:
+            return isinstance(self._client(owned), SendsAsync)
+        except Exception:
+            return False  # `_deliver` records why the client cannot be built
 
     def _send_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -552,3 +651,61 @@ def _unexpected(exc: Exception) -> TransientProviderError:
     # of sitting in `sending`.
     log.exception("send.unexpected_error")
     return AdapterBug("error", f"{type(exc).__name__}: {exc}")
+
+
+class _Slots:
+    """The send threads not yet promised to a claimed message."""
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._changed = threading.Condition()
+
+    def take(self, most: int) -> int:
+        """Promise between 1 and `most` slots, waiting until at least one is free."""
+        with self._changed:
+            while self._free == 0:
+                self._changed.wait()
+            count = min(self._free, most)
+            self._free -= count
+            return count
+
+    def give(self, count: int) -> None:
+        with self._changed:
+            self._free += count
+            self._changed.notify_all()
+
+
+class _SendLoop:
+    """The process's event loop for provider calls, on a thread of its own, started on first
+    use: a batch's async sends run there side by side."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def run(self, work: Coroutine[Any, Any, _T]) -> _T:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=self._loop.run_forever, name="send-loop", daemon=True
+                ).start()
+            loop = self._loop
+        return asyncio.run_coroutine_threadsafe(work, loop).result()
+
+
+async def _send_all(
+    calls: list[tuple[SendsAsync, SendRequest]],
+) -> list[tuple[SendResult | Exception, float]]:
+    """Every call at once; each one's answer (or what it raised) and how long it took."""
+
+    async def timed(
+        provider: SendsAsync, request: SendRequest
+    ) -> tuple[SendResult | Exception, float]:
+        started = time.perf_counter()
+        try:
+            return await provider.send_async(request), time.perf_counter() - started
+        except Exception as exc:
+            return exc, time.perf_counter() - started
+
+    return list(await asyncio.gather(*(timed(p, r) for p, r in calls)))

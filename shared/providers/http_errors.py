@@ -14,6 +14,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterator
 
+import aiohttp
 import httpx
 import requests
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError
@@ -76,4 +77,16 @@ def classify_httpx_error(exc: httpx.TransportError) -> ProviderError:
     if isinstance(exc, httpx.TimeoutException):  # ReadTimeout, WriteTimeout
         return InDoubtProviderError("timeout", text)
     # ReadError, WriteError, RemoteProtocolError, and anything else after connecting.
+    return InDoubtProviderError("connection", text)
+
+
+def classify_aiohttp_error(exc: BaseException) -> ProviderError:
+    """An `aiohttp` failure (no HTTP answer) as transient or in doubt: a connection that was
+    never made (refused, DNS, TLS, a connect timeout) sent nothing; a timeout or a break after
+    connecting may have delivered the request."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return TransientProviderError("connection", text)
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return InDoubtProviderError("timeout", text)
     return InDoubtProviderError("connection", text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from shared.core.settings import Settings
 
@@ -113,3 +113,11 @@ def register(
         return factory
 
     return decorate
+
+
+@runtime_checkable
+class SendsAsync(Protocol):
+    """A provider client that can also send on an event loop (its HTTP client is async): a
+    worker sends a batch's messages for it side by side on one thread."""
+
+    async def send_async(self, request: SendRequest) -> SendResult: ...

@@ -33,11 +33,12 @@ from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+import aiohttp
 import httpx
 
 from shared.core.models import MessageStatus
 from shared.core.settings import Settings
-from shared.providers.http_errors import classify_httpx_error
+from shared.providers.http_errors import classify_aiohttp_error, classify_httpx_error
 from shared.providers.interface import (
     InDoubtProviderError,
     PermanentProviderError,
@@ -114,39 +115,53 @@ class SimulatorProvider:
             timeout=settings.provider_timeout.total_seconds(),
             limits=httpx.Limits(max_connections=settings.worker_concurrency),
         )
+        self._base_url = base_url
+        self._auth = (
+            aiohttp.BasicAuth(str(account_id), str(secret)) if account_id and secret else None
+        )
+        self._timeout = settings.provider_timeout.total_seconds()
+        self._connections = max(1, settings.worker_send_threads)
+        self._async_session: aiohttp.ClientSession | None = None
 
     def send(self, request: SendRequest) -> SendResult:
         try:
             response = self._client.post(
-                "/messages",
-                json={
-                    "to": request.to,
-                    "from": request.sender,
-                    "body": request.body,
-                    "statusCallback": request.status_callback_url,
-                    "validityPeriod": request.validity_seconds,
-                },
-                headers={IDEMPOTENCY_HEADER: request.idempotency_key},
+                "/messages", json=_payload(request), headers=_headers(request)
             )
         except httpx.TransportError as exc:
             raise classify_httpx_error(exc) from exc
-        data: dict[str, Any] = _json(response)
-        if response.status_code in (200, 201):
-            return SendResult(
-                provider_message_id=str(data["id"]),
-                provider_status=str(data.get("status", "queued")),
-                raw=data,
+        return _answer(response.status_code, _json(response), response.reason_phrase)
+
+    async def send_async(self, request: SendRequest) -> SendResult:
+        """`send` on the worker's event loop (aiohttp): a tenth of httpx's CPU per call, so a
+        batch's sends run side by side on one thread."""
+        session = self._session()
+        try:
+            async with session.post(
+                "/messages", json=_payload(request), headers=_headers(request)
+            ) as response:
+                try:
+                    data = await response.json(content_type=None)
+                except ValueError:
+                    data = {}
+                return _answer(
+                    response.status, data if isinstance(data, dict) else {}, response.reason
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise classify_aiohttp_error(exc) from exc
+
+    def _session(self) -> aiohttp.ClientSession:
+        # Made on the event loop that uses it (the worker's one send loop), on first use.
+        if self._async_session is None or self._async_session.closed:
+            self._async_session = aiohttp.ClientSession(
+                base_url=self._base_url,
+                auth=self._auth,
+                timeout=aiohttp.ClientTimeout(
+                    total=self._timeout, sock_connect=min(self._timeout, 5.0)
+                ),
+                connector=aiohttp.TCPConnector(limit=self._connections),
             )
-        code = str(data.get("code", response.status_code))
-        text = str(data.get("message", response.reason_phrase))
-        if response.status_code in NOT_PROCESSED_HTTP_STATUSES or code in TRANSIENT_CODES:
-            raise TransientProviderError(code, text)
-        if response.status_code >= 500:
-            # Its own 500, or a gateway's 502/504 that may have passed the request on.
-            raise InDoubtProviderError(code, text)
-        if code == OPTED_OUT:  # the simulator speaks Twilio's error codes
-            raise RecipientOptedOut(code, text)
-        raise PermanentProviderError(code, text)
+        return self._async_session
 
     def find(
         self, request: SendRequest, sent_after: datetime, taken: frozenset[str] = frozenset()
@@ -166,6 +181,40 @@ class SimulatorProvider:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _payload(request: SendRequest) -> dict[str, Any]:
+    return {
+        "to": request.to,
+        "from": request.sender,
+        "body": request.body,
+        "statusCallback": request.status_callback_url,
+        "validityPeriod": request.validity_seconds,
+    }
+
+
+def _headers(request: SendRequest) -> dict[str, str]:
+    return {IDEMPOTENCY_HEADER: request.idempotency_key}
+
+
+def _answer(status: int, data: dict[str, Any], reason: str | None) -> SendResult:
+    """The simulator's HTTP answer as a result, or the error it stands for."""
+    if status in (200, 201):
+        return SendResult(
+            provider_message_id=str(data["id"]),
+            provider_status=str(data.get("status", "queued")),
+            raw=data,
+        )
+    code = str(data.get("code", status))
+    text = str(data.get("message", reason or ""))
+    if status in NOT_PROCESSED_HTTP_STATUSES or code in TRANSIENT_CODES:
+        raise TransientProviderError(code, text)
+    if status >= 500:
+        # Its own 500, or a gateway's 502/504 that may have passed the request on.
+        raise InDoubtProviderError(code, text)
+    if code == OPTED_OUT:  # the simulator speaks Twilio's error codes
+        raise RecipientOptedOut(code, text)
+    raise PermanentProviderError(code, text)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -32,6 +32,9 @@ def broker_env(control: RedisControl, **extra: str) -> dict[str, str]:
     return {
         "SMSD_BROKER_URL": control.url,
         "SMSD_REDIS_URL": control.url,
+        # One message per task from the sweeper: many tasks on the broker and in the workers'
+        # hands when it fails (a batch task's fate under faults: test_group_commit.py).
+        "SMSD_SEND_BATCH_SIZE": "1",
         # The value proposed as the default (60 s): a dead worker's tasks come back in a minute.
         "SMSD_BROKER_VISIBILITY_TIMEOUT": "60",
         **extra,
@@ -177,11 +180,9 @@ def test_a_worker_killed_holding_prefetched_tasks_has_them_sent_by_the_other(
     own_redis: RedisControl,
     start_worker: Callable[..., Process],
 ) -> None:
-    # Slow sends and a deep prefetch: each worker holds many tasks it has not started. One
-    # message per task from the sweeper, so there are many tasks to hold (a batch task held by
-    # a killed worker: tests/faults/test_group_commit.py).
+    # Slow sends and a deep prefetch: each worker holds many tasks it has not started.
     simulator.post("/control", json={"latency_ms": 500})
-    env = broker_env(own_redis, SMSD_WORKER_PREFETCH_MULTIPLIER="8", SMSD_SEND_BATCH_SIZE="1")
+    env = broker_env(own_redis, SMSD_WORKER_PREFETCH_MULTIPLIER="8")
     keeper = start_worker(env=env, concurrency=4)
     victim = start_worker(env=env, concurrency=4, beat=False)
     sids = accept(db, migrated, 120)
