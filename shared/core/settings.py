@@ -184,9 +184,9 @@ class Settings(BaseSettings):
     # that arrive together in one transaction. A group closes at once when none is being
     # committed, else after this window or when one finishes; at most this many messages and
     # this many groups in flight (each holds a pooled connection while it commits).
-    accept_group_window: Duration = timedelta(milliseconds=5)
+    accept_group_window: Duration = timedelta(milliseconds=2)
     accept_group_size: int = 256
-    accept_groups_in_flight: int = 2
+    accept_groups_in_flight: int = 4
 
     @model_validator(mode="after")
     def _derive_urls(self) -> Settings:
