@@ -104,18 +104,23 @@ def create_db_engine(
     connect_args: dict[str, Any] = {}
     if url.get_backend_name() == "postgresql":
         connect_args = postgres_connect_args(settings, url.query, server_timeouts=server_timeouts)
-    engine = create_engine(
-        url,
+    engine = create_engine(url, connect_args=connect_args, **_pool(settings, pool_timeout))
+    if url.get_backend_name() == "postgresql":
+        event.listen(engine, "handle_error", _drop_timed_out_connection)
+    return engine
+
+
+def _pool(settings: Settings, pool_timeout: timedelta | None) -> dict[str, Any]:
+    """The pool both engines use. A ping on checkout (a round trip): a connection the server
+    dropped meanwhile (a restart, an administrator's terminate) is replaced, never answered
+    503 for."""
+    return dict(
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
         pool_timeout=(pool_timeout or settings.database_pool_timeout).total_seconds(),
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args=connect_args,
     )
-    if url.get_backend_name() == "postgresql":
-        event.listen(engine, "handle_error", _drop_timed_out_connection)
-    return engine
 
 
 # SQLSTATEs after which a connection is not trusted back into the pool: a statement cancelled
@@ -288,14 +293,8 @@ def create_async_db_engine(
         return engine
     engine = create_async_engine(
         url,
-        pool_size=settings.database_pool_size,
-        max_overflow=settings.database_pool_size,
-        pool_timeout=(pool_timeout or settings.database_pool_timeout).total_seconds(),
-        # A ping before each group (a round trip): a connection the server dropped meanwhile
-        # (a restart, an administrator's terminate) is replaced, never answered 503 for.
-        pool_pre_ping=True,
-        pool_recycle=1800,
         connect_args=postgres_connect_args(settings, url.query, server_timeouts=True),
+        **_pool(settings, pool_timeout),
     )
     event.listen(engine.sync_engine, "handle_error", _drop_timed_out_connection)
     return engine

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from base64 import b64encode
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, ClassVar
@@ -116,8 +117,12 @@ class SimulatorProvider:
             limits=httpx.Limits(max_connections=settings.worker_concurrency),
         )
         self._base_url = base_url
-        self._auth = (
-            aiohttp.BasicAuth(str(account_id), str(secret)) if account_id and secret else None
+        # The same Basic credentials as the httpx client's, as a header (aiohttp 4 drops
+        # BasicAuth objects).
+        self._auth_headers = (
+            {"Authorization": "Basic " + b64encode(f"{account_id}:{secret}".encode()).decode()}
+            if account_id and secret
+            else {}
         )
         self._timeout = settings.provider_timeout.total_seconds()
         self._connections = max(1, settings.worker_send_threads)
@@ -155,7 +160,7 @@ class SimulatorProvider:
         if self._async_session is None or self._async_session.closed:
             self._async_session = aiohttp.ClientSession(
                 base_url=self._base_url,
-                auth=self._auth,
+                headers=self._auth_headers,
                 timeout=aiohttp.ClientTimeout(
                     total=self._timeout, sock_connect=min(self._timeout, 5.0)
                 ),
