@@ -35,7 +35,7 @@ from api.metrics import instrument, metrics
 from api.soap import agent_wsdl, soap_endpoint
 from api.tracking import deflected_call_report, get_message
 from api.webhooks import WEBHOOKS
-from shared.core.broker import create_celery
+from shared.core.broker import RedisTaskQueue, create_celery
 from shared.core.db import AsyncDatabase, Database
 from shared.core.errors import RequestRefused
 from shared.core.logging import configure_logging
@@ -57,13 +57,18 @@ def create_app(settings: Settings | None = None) -> Litestar:
         settings, db.config_cache, pool_timeout=settings.api_database_pool_timeout
     )
     publisher = Publisher(
-        create_celery(settings), db, mark=lambda *marked: groups.note_published(*marked)
+        create_celery(settings),
+        db,
+        mark=lambda *marked: groups.note_published(*marked),
+        queue=RedisTaskQueue(settings) if RedisTaskQueue.wanted(settings) else None,
     )
     groups = GroupAccept(async_db, settings, publisher.submit)
     guard = KeyGuessingGuard(settings)
 
-    async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
+    async def before_request(request: Request[Any, Any, Any]) -> None:
+        # Async, though it awaits nothing: Litestar runs a plain function hook on a thread.
         structlog.contextvars.clear_contextvars()
+        no_control_characters(request)
 
     async def shutdown() -> None:
         await guard.close()
@@ -93,11 +98,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         # What handlers take as parameters (api/dependencies.py): services, never a locator.
         dependencies=dependencies(settings, db, publisher, groups),
-        before_request=clear_log_context,
+        before_request=before_request,
         on_startup=[guard.start],
         on_shutdown=[shutdown],
         middleware=[guard.middleware],
-        guards=[no_control_characters],
         # Checked as the body arrives (and against Content-Length before): never buffered whole.
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

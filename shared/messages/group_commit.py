@@ -6,8 +6,10 @@ no group is being committed (a lone IVR send goes at once, never waiting for com
 that arrived together go together), or else after SMSD_ACCEPT_GROUP_WINDOW or when a group being
 committed finishes, whichever is first; at most SMSD_ACCEPT_GROUPS_IN_FLIGHT groups are
 committed at once. Each group is one `accept_group` (a few statements for all its messages), one
-COMMIT, then one task for all its new messages. Two requests with one Idempotency-Key never
-share a group: the second waits for the next, and finds the first one's message committed.
+COMMIT, then one task for all its new messages; on PostgreSQL its statements go through
+psycopg's own connection in two pipelined round trips (shared/messages/group_sql.py). Two
+requests with one Idempotency-Key never share a group: the second waits for the next, and
+finds the first one's message committed.
 
 What a 200 means is unchanged: the request's message was committed. A group that fails (the
 database unreachable) answers every request of it with that error (503) and leaves nothing.
@@ -28,11 +30,13 @@ from typing import Any
 import structlog
 from sqlalchemy.orm import Session
 
-from shared.core.db import AcceptDeadlineExceeded, AsyncDatabase
+from shared.core.config_cache import NotCached
+from shared.core.db import Abandoned, AcceptDeadlineExceeded, AsyncDatabase
 from shared.core.models import utcnow
 from shared.core.settings import Settings
 from shared.messages import queries
 from shared.messages.accept import AcceptedMessage, Outcome, SendSmsCommand, accept_group
+from shared.messages.group_sql import KeyRaceLost, accept_group_on_postgres
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +64,9 @@ class GroupAccept:
         self.settings = settings
         self._deadline = settings.api_accept_deadline.total_seconds()
         self._publish = publish
+        # PostgreSQL with the config cache on: the group's statements on psycopg's own
+        # connection, pipelined (shared/messages/group_sql.py); otherwise on a session.
+        self._fast = db.is_postgresql and settings.config_cache_ttl.total_seconds() > 0
         self._pending: deque[_Entry] = deque()
         self._in_flight = 0
         self._timer: asyncio.Handle | None = None
@@ -199,21 +206,12 @@ class GroupAccept:
     async def _commit(self, group: list[_Entry]) -> None:
         marks = self._take_marks()
         try:
-            async with self._db.transaction() as transaction:
-                outcomes = await transaction.run(
-                    lambda session: self._accept(session, group, marks)
-                )
-                # Requests that stopped waiting meanwhile: their messages are taken out
-                # before COMMIT, so nobody told 503 has a message sent.
-                gone = [
-                    outcome.sid
-                    for entry, outcome in zip(group, outcomes, strict=True)
-                    if entry.abandoned
-                    and isinstance(outcome, AcceptedMessage)
-                    and not outcome.replayed
-                ]
-                if gone:
-                    await transaction.run(lambda session: queries.drop_messages(session, gone))
+            try:
+                outcomes = await self._transaction(group, marks, fast=self._fast)
+            except KeyRaceLost:
+                # Another process took one of the keys meanwhile: again on the session, which
+                # finds the twin's message (the marks were rolled back with the rest).
+                outcomes = await self._transaction(group, marks, fast=False)
         except Exception as exc:
             log.warning("accept.group_failed", size=len(group), error=type(exc).__name__)
             self._requeue_marks(marks)  # rolled back with the group: marked by the next one
@@ -227,20 +225,53 @@ class GroupAccept:
         new = [
             outcome.sid
             for outcome in outcomes
-            if isinstance(outcome, AcceptedMessage)
-            and not outcome.replayed
-            and outcome.sid not in gone
+            if isinstance(outcome, AcceptedMessage) and not outcome.replayed
         ]
         if new:
             # Committed: from here a crash or a broker outage delays these, never loses them.
             self._publish(new)
         for entry, outcome in zip(group, outcomes, strict=True):
             if entry.answer.done():
-                continue  # gave up at the deadline (or its message was taken out)
+                continue  # gave up at the deadline (and its message was left out)
             if isinstance(outcome, AcceptedMessage):
                 entry.answer.set_result(outcome)
             else:
                 entry.answer.set_exception(outcome)
+
+    async def _transaction(
+        self, group: list[_Entry], marks: list[tuple[list[str], datetime]], *, fast: bool
+    ) -> list[Outcome]:
+        """The group's transaction, committed: its outcomes, in order."""
+        commands = [entry.command for entry in group]
+        async with self._db.transaction() as transaction:
+            if fast:
+                try:
+                    return await accept_group_on_postgres(
+                        transaction,
+                        self._db.config_cache,
+                        commands,
+                        self.settings,
+                        utcnow(),
+                        marks,
+                        lambda: [not entry.abandoned for entry in group],
+                    )
+                except NotCached:
+                    pass  # nothing written yet: the same on the session, which reads as it goes
+            outcomes = await transaction.run(lambda session: self._accept(session, group, marks))
+            # Requests that stopped waiting meanwhile: their messages are taken out before
+            # COMMIT, so nobody told 503 has a message sent.
+            gone = {
+                outcome.sid
+                for entry, outcome in zip(group, outcomes, strict=True)
+                if entry.abandoned and isinstance(outcome, AcceptedMessage) and not outcome.replayed
+            }
+            if gone:
+                await transaction.run(lambda session: queries.drop_messages(session, list(gone)))
+                outcomes = [
+                    Abandoned() if isinstance(o, AcceptedMessage) and o.sid in gone else o
+                    for o in outcomes
+                ]
+            return outcomes
 
     def _accept(
         self, session: Session, group: list[_Entry], marks: list[tuple[list[str], datetime]]

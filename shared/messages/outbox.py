@@ -24,7 +24,7 @@ import structlog
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from shared.core.broker import SEND_BATCH_TASK, SEND_TASK
+from shared.core.broker import SEND_BATCH_TASK, SEND_TASK, RedisTaskQueue
 from shared.core.db import Database
 from shared.core.models import utcnow
 from shared.core.settings import Settings
@@ -119,9 +119,12 @@ class Publisher:
         max_batch: int = 500,
         *,
         mark: Callable[[list[str], datetime], None] | None = None,
+        queue: RedisTaskQueue | None = None,
     ) -> None:
         self.celery = app
         self._db = db
+        # On a Redis broker, the tasks go straight onto its queue (shared/core/broker.py).
+        self._queue = queue
         # Who marks what was published (sids, when publishing began); by default this thread,
         # in a transaction of its own. The API hands it to its next group commit instead.
         self._mark = mark
@@ -178,6 +181,8 @@ class Publisher:
             thread = self._thread
         if thread is not None:
             thread.join(timeout=15)
+        if self._queue is not None:
+            self._queue.close()
 
     @classmethod
     def flush_all(cls, timeout: float = 10.0) -> None:
@@ -217,12 +222,31 @@ class Publisher:
             publish_batches(self.celery, self._db, groups, mark_only_unchanged=True)
             return
         started = utcnow()
-        published = publish_batches(self.celery, self._db, groups, mark=False)
+        if self._queue is not None:
+            published = self._put_on_queue(self._queue, groups)
+        else:
+            published = publish_batches(self.celery, self._db, groups, mark=False)
         if published:
             try:
                 self._mark(published, started)
             except Exception:
                 log.exception("queue.mark_failed")  # only costs a duplicate publish later
+
+    @staticmethod
+    def _put_on_queue(queue: RedisTaskQueue, groups: list[list[str]]) -> list[str]:
+        # As publish_batches: a lone sid as `sms.send`, several as `sms.send_batch`.
+        tasks = [
+            (SEND_TASK, [group[0]]) if len(group) == 1 else (SEND_BATCH_TASK, [group])
+            for group in groups
+        ]
+        try:
+            queue.publish(tasks)
+        except redis.RedisError:
+            # Counted as none published, though some may have reached the broker: the
+            # sweeper publishes them again, and a second copy of a send task loses the claim.
+            log.exception("queue.publish_failed", count=sum(len(group) for group in groups))
+            return []
+        return [sid for group in groups for sid in group]
 
 
 # Countdowns the broker holds for us stay this short (well inside its visibility timeout);

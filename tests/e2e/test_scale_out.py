@@ -99,7 +99,8 @@ def _worker_sends(process: Process) -> int:
 
 
 def _api_accepts(process: Process) -> int:
-    return process.output().count('"event": "message.accepted"')
+    lines = [json.loads(line) for line in process.output().splitlines() if line.startswith("{")]
+    return sum(1 for line in lines if line.get("event") == "message.accepted")
 
 
 def test_apis_and_workers_share_the_load_and_restart_one_by_one_without_loss(
