@@ -41,7 +41,7 @@ from shared.core.errors import RequestRefused
 from shared.core.logging import configure_logging
 from shared.core.settings import Settings, get_settings
 from shared.messages.group_commit import GroupAccept
-from shared.messages.outbox import Publisher
+from shared.messages.outbox import Publisher, QueuePublisher
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -50,17 +50,18 @@ def create_app(settings: Settings | None = None) -> Litestar:
     configure_logging(settings)
     # A request waits only briefly for a pooled connection, then answers 503.
     db = Database(settings, pool_timeout=settings.api_database_pool_timeout)
-    # The API process publishes through a Celery app built from the same settings.
     # Send requests are accepted on the event loop, in groups (shared/messages/group_commit.py),
     # whose transactions also mark what the publisher published.
     async_db = AsyncDatabase(
         settings, db.config_cache, pool_timeout=settings.api_database_pool_timeout
     )
-    publisher = Publisher(
-        create_celery(settings),
-        db,
-        mark=lambda *marked: groups.note_published(*marked),
-        queue=RedisTaskQueue(settings) if RedisTaskQueue.wanted(settings) else None,
+    celery = create_celery(settings)
+    # On Redis the tasks go straight onto its queue from the event loop; otherwise (the
+    # embedded SQL broker, RabbitMQ) through Celery's producer on a thread.
+    publisher: Publisher | QueuePublisher = (
+        QueuePublisher(RedisTaskQueue(settings), lambda *marked: groups.note_published(*marked))
+        if RedisTaskQueue.wanted(settings)
+        else Publisher(celery, db, mark=lambda *marked: groups.note_published(*marked))
     )
     groups = GroupAccept(async_db, settings, publisher.submit)
     guard = KeyGuessingGuard(settings)
@@ -74,8 +75,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await guard.close()
         await groups.close()
         await async_db.dispose()
-        # Publishes what is still waiting: a blocking join, so off the event loop.
-        await anyio.to_thread.run_sync(publisher.close)
+        if isinstance(publisher, QueuePublisher):
+            await publisher.close()
+        else:
+            # Publishes what is still waiting: a blocking join, so off the event loop.
+            await anyio.to_thread.run_sync(publisher.close)
         db.dispose()
 
     app = Litestar(
@@ -97,7 +101,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             metrics,
         ],
         # What handlers take as parameters (api/dependencies.py): services, never a locator.
-        dependencies=dependencies(settings, db, publisher, groups),
+        dependencies=dependencies(settings, db, celery, groups),
         before_request=before_request,
         on_startup=[guard.start],
         on_shutdown=[shutdown],

@@ -2,7 +2,7 @@
 `create_app`): the settings, the database, the transaction runner (`Transactions`: one
 transaction on a worker thread, within SMSD_API_ACCEPT_DEADLINE for the request paths that
 promise it), the accept use case (`GroupAccept`: send requests committed in groups on the
-event loop, then published) and the Celery app the publisher sends through."""
+event loop, then published) and the Celery app (the broker /health/ready checks)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 from shared.core.db import AcceptDeadlineExceeded, Database
 from shared.core.settings import Settings
 from shared.messages.group_commit import GroupAccept
-from shared.messages.outbox import Publisher
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +93,7 @@ def _value(value: Any) -> Provide:
 
 
 def dependencies(
-    settings: Settings, db: Database, publisher: Publisher, groups: GroupAccept
+    settings: Settings, db: Database, celery: Celery, groups: GroupAccept
 ) -> dict[str, Provide]:
     """The app-level dependencies: a handler names a parameter after one of these keys and
     receives it (never a query parameter, never in the OpenAPI document)."""
@@ -104,5 +103,5 @@ def dependencies(
         "database": _value(db),
         "transactions": _value(transactions),
         "accept": _value(groups),
-        "celery": _value(publisher.celery),
+        "celery": _value(celery),
     }

@@ -9,6 +9,7 @@ however the process, the broker or the network fail in between.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -17,7 +18,6 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar
 
 import redis
 import structlog
@@ -110,7 +110,6 @@ class Publisher:
     # Beyond this many waiting (the broker has been down for a while), new ones are left to
     # the sweeper rather than held in memory.
     MAX_PENDING = 100_000
-    _instances: ClassVar[weakref.WeakSet[Publisher]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -119,12 +118,9 @@ class Publisher:
         max_batch: int = 500,
         *,
         mark: Callable[[list[str], datetime], None] | None = None,
-        queue: RedisTaskQueue | None = None,
     ) -> None:
         self.celery = app
         self._db = db
-        # On a Redis broker, the tasks go straight onto its queue (shared/core/broker.py).
-        self._queue = queue
         # Who marks what was published (sids, when publishing began); by default this thread,
         # in a transaction of its own. The API hands it to its next group commit instead.
         self._mark = mark
@@ -136,7 +132,7 @@ class Publisher:
         self._deferring = False
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
-        Publisher._instances.add(self)
+        _PUBLISHERS.add(self)
 
     def submit(self, sids: list[str]) -> None:
         """Publish these committed messages soon, as one task; returns at once."""
@@ -181,14 +177,12 @@ class Publisher:
             thread = self._thread
         if thread is not None:
             thread.join(timeout=15)
-        if self._queue is not None:
-            self._queue.close()
 
     @classmethod
     def flush_all(cls, timeout: float = 10.0) -> None:
         """`flush` every publisher of this process: whoever reads the broker right after a
         200 (tests, a shutdown hook) sees every task the 200s stand for."""
-        for publisher in list(cls._instances):
+        for publisher in list(_PUBLISHERS):
             publisher.flush(timeout)
 
     def _run(self) -> None:
@@ -222,31 +216,86 @@ class Publisher:
             publish_batches(self.celery, self._db, groups, mark_only_unchanged=True)
             return
         started = utcnow()
-        if self._queue is not None:
-            published = self._put_on_queue(self._queue, groups)
-        else:
-            published = publish_batches(self.celery, self._db, groups, mark=False)
+        published = publish_batches(self.celery, self._db, groups, mark=False)
         if published:
             try:
                 self._mark(published, started)
             except Exception:
                 log.exception("queue.mark_failed")  # only costs a duplicate publish later
 
-    @staticmethod
-    def _put_on_queue(queue: RedisTaskQueue, groups: list[list[str]]) -> list[str]:
-        # As publish_batches: a lone sid as `sms.send`, several as `sms.send_batch`.
-        tasks = [
-            (SEND_TASK, [group[0]]) if len(group) == 1 else (SEND_BATCH_TASK, [group])
-            for group in groups
-        ]
+
+class QueuePublisher:
+    """The API's publishing on a Redis broker: `Publisher`'s job on the event loop, each
+    group's task put straight onto the queue (`RedisTaskQueue`), no thread to wake.
+
+    While one publish is on the wire the groups committed meanwhile wait, then go together in
+    one round trip. What is published is handed to `mark` (the next group commit marks it);
+    what could not be is left to the sweeper, as with `Publisher`."""
+
+    MAX_PENDING = Publisher.MAX_PENDING
+
+    def __init__(self, queue: RedisTaskQueue, mark: Callable[[list[str], datetime], None]) -> None:
+        self._queue = queue
+        self._mark = mark
+        self._pending: list[list[str]] = []
+        self._pending_count = 0
+        self._deferring = False
+        self._draining: asyncio.Task[None] | None = None
+        # Set while nothing is waiting or on the wire; read by `flush` from other threads.
+        self._idle = threading.Event()
+        self._idle.set()
+        _PUBLISHERS.add(self)
+
+    def submit(self, sids: list[str]) -> None:
+        """Publish these committed messages soon, as one task (on the event loop)."""
+        if not sids:
+            return
+        if self._pending_count >= self.MAX_PENDING:
+            if not self._deferring:
+                log.warning("queue.publish_deferred_to_sweeper", pending=self._pending_count)
+            self._deferring = True
+            return
+        self._deferring = False
+        self._pending.append(list(sids))
+        self._pending_count += len(sids)
+        self._idle.clear()
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
         try:
-            queue.publish(tasks)
-        except redis.RedisError:
-            # Counted as none published, though some may have reached the broker: the
-            # sweeper publishes them again, and a second copy of a send task loses the claim.
-            log.exception("queue.publish_failed", count=sum(len(group) for group in groups))
-            return []
-        return [sid for group in groups for sid in group]
+            while self._pending:
+                groups, self._pending, self._pending_count = self._pending, [], 0
+                started = utcnow()
+                tasks = [
+                    (SEND_TASK, [group[0]]) if len(group) == 1 else (SEND_BATCH_TASK, [group])
+                    for group in groups
+                ]
+                try:
+                    await self._queue.publish(tasks)
+                except Exception:
+                    # Counted as none published, though some may have reached the broker:
+                    # the sweeper publishes them again, and a second copy loses the claim.
+                    log.exception("queue.publish_failed", count=sum(len(group) for group in groups))
+                    continue
+                self._mark([sid for group in groups for sid in group], started)
+        finally:
+            self._draining = None
+            self._idle.set()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait (from another thread) until everything submitted so far was published."""
+        return self._idle.wait(timeout)
+
+    async def close(self) -> None:
+        """Publish what is waiting, then stop (at shutdown)."""
+        if self._draining is not None:
+            await asyncio.wait({self._draining}, timeout=15)
+        await self._queue.close()
+
+
+# Every publisher of this process, for `flush_all`.
+_PUBLISHERS: weakref.WeakSet[Publisher | QueuePublisher] = weakref.WeakSet()
 
 
 # Countdowns the broker holds for us stay this short (well inside its visibility timeout);

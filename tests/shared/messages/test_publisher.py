@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import datetime
+from typing import Any
 
 import redis
+import structlog
 from sqlalchemy import update
 
-from shared.core.broker import SEND_TASK, create_celery
+from shared.core.broker import SEND_BATCH_TASK, SEND_TASK, RedisTaskQueue, create_celery
 from shared.core.db import Database
 from shared.core.models import Message, utcnow
 from shared.core.settings import Settings
-from shared.messages.outbox import Publisher, publish_sends
+from shared.messages.outbox import Publisher, QueuePublisher, publish_sends
 from tests.support.api import queued_sends
 from tests.support.data import Demo
 from tests.support.messages import accept_message, load_message
+from tests.support.services import free_port
 from tests.support.sql import statements
 
 
@@ -118,3 +123,65 @@ def test_a_broker_outage_leaves_the_rows_unmarked_for_the_sweeper(
         publisher.close()
 
     assert load_message(db, sid).published_at is None
+
+
+def test_the_queue_publisher_puts_each_group_on_the_queue_as_celery_would(
+    migrated: Settings, redis_url: str, db: Database
+) -> None:
+    """The API's publisher on Redis writes the envelopes itself: a worker must read them as
+    it reads `send_task`'s (same task names, args, routing and headers Flower shows)."""
+    marked: list[list[str]] = []
+
+    async def run() -> None:
+        publisher = QueuePublisher(RedisTaskQueue(migrated), lambda sids, _at: marked.append(sids))
+        publisher.submit(["SMone"])
+        publisher.submit(["SMa", "SMb"])
+        await asyncio.sleep(0)  # both wait for the first publish, then go together
+        publisher.submit(["SMc", "SMd"])
+        await publisher.close()
+
+    asyncio.run(run())
+
+    assert queued_sends(redis_url) == [
+        (SEND_TASK, ["SMone"]),
+        (SEND_BATCH_TASK, [["SMa", "SMb"]]),
+        (SEND_BATCH_TASK, [["SMc", "SMd"]]),
+    ]
+    assert sorted(sid for sids in marked for sid in sids) == ["SMa", "SMb", "SMc", "SMd", "SMone"]
+    ours = json.loads(redis.Redis.from_url(redis_url).lrange(migrated.send_queue, 0, 0)[0])
+    celerys = _celery_envelope(migrated, redis_url)
+    assert ours.keys() == celerys.keys()
+    assert ours["headers"].keys() == celerys["headers"].keys()
+    assert ours["properties"]["delivery_info"] == celerys["properties"]["delivery_info"]
+    assert ours["headers"]["argsrepr"] == "[['SMc', 'SMd']]"
+
+
+def _celery_envelope(settings: Settings, redis_url: str) -> dict[str, Any]:
+    client = redis.Redis.from_url(redis_url)
+    client.delete(settings.send_queue)
+    create_celery(settings).send_task(SEND_BATCH_TASK, args=[["SMx"]])
+    envelope: dict[str, Any] = json.loads(client.lpop(settings.send_queue))  # type: ignore[arg-type]
+    return envelope
+
+
+def test_the_queue_publisher_leaves_to_the_sweeper_what_the_broker_did_not_take(
+    migrated: Settings,
+) -> None:
+    """Breaks: the broker is not there (nothing listens on its port). Nothing is marked, so
+    the sweeper publishes the messages later; the publisher goes on with the next group."""
+    unreachable = migrated.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
+    marked: list[list[str]] = []
+
+    async def run() -> None:
+        publisher = QueuePublisher(
+            RedisTaskQueue(unreachable), lambda sids, _at: marked.append(sids)
+        )
+        publisher.submit(["SMlost"])
+        await publisher.close()
+        assert publisher.flush(0)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(run())
+
+    assert marked == []
+    assert [entry["event"] for entry in logs] == ["queue.publish_failed"]
