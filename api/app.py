@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import anyio.to_thread
@@ -103,7 +104,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # What handlers take as parameters (api/dependencies.py): services, never a locator.
         dependencies=dependencies(settings, db, celery, groups),
         before_request=before_request,
-        on_startup=[guard.start],
+        on_startup=[guard.start, _freeze_startup_objects],
         on_shutdown=[shutdown],
         middleware=[guard.middleware],
         # Checked as the body arrives (and against Content-Length before): never buffered whole.
@@ -129,3 +130,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     instrument(app, send_handlers=[send_sms, send_sms_to_caller, send_sms_v2, soap_endpoint])
     return app
+
+
+async def _freeze_startup_objects() -> None:
+    # What exists once the app has started (modules, routes, SQLAlchemy's and Litestar's
+    # caches) lives as long as the process: out of the collector's way, so its full
+    # collections under load stop walking it (shorter pauses, so a lower accept p99).
+    gc.freeze()
