@@ -40,6 +40,7 @@ from shared.core.db import AsyncDatabase, Database
 from shared.core.errors import RequestRefused
 from shared.core.logging import configure_logging
 from shared.core.settings import Settings, get_settings
+from shared.messages.callback_groups import CallbackGroups
 from shared.messages.group_commit import GroupAccept
 from shared.messages.outbox import Publisher
 
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     groups = GroupAccept(async_db, settings, publisher.submit)
     guard = KeyGuessingGuard(settings)
+    # Provider callbacks, applied in groups on the same engine (shared/messages/callback_groups.py).
+    callbacks = CallbackGroups(async_db)
 
     async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
         structlog.contextvars.clear_contextvars()
@@ -68,6 +71,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def shutdown() -> None:
         await guard.close()
         await groups.close()
+        await callbacks.close()
         await async_db.dispose()
         # Publishes what is still waiting: a blocking join, so off the event loop.
         await anyio.to_thread.run_sync(publisher.close)
@@ -92,7 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             metrics,
         ],
         # What handlers take as parameters (api/dependencies.py): services, never a locator.
-        dependencies=dependencies(settings, db, publisher, groups),
+        dependencies=dependencies(settings, db, publisher, groups, callbacks),
         before_request=clear_log_context,
         on_startup=[guard.start],
         on_shutdown=[shutdown],

@@ -27,11 +27,12 @@ from litestar.exceptions import ClientException, PermissionDeniedException
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from sqlalchemy.orm import Session
 
-from api.dependencies import SettingsDep, Transactions, TransactionsDep
+from api.dependencies import CallbacksDep, SettingsDep
 from api.openapi import documented, json_object, string, text
 from shared.accounts.access import callback_tokens, provider_accounts_named
 from shared.core.models import Message, MessageStatus, ProviderAccount, utcnow
 from shared.core.settings import Settings
+from shared.messages.callback_groups import CallbackGroups
 from shared.messages.lifecycle import StatusReport, apply_part_status, apply_status, find_sid
 from shared.messages.optout import add_opt_out, handle_inbound
 from shared.messages.queries import message_by_sid, provider_account_by_id
@@ -230,7 +231,7 @@ def _apply(
 async def twilio_status(
     request: Request[object, object, State],
     settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     message_sid: MessageSid = None,
     signature: TwilioSignature = None,
     idempotency_token: TwilioIdempotency = None,
@@ -273,7 +274,7 @@ async def twilio_status(
         )
         _apply(session, target, report, dedupe_key("twilio", target.signer, *repeat))
 
-    await transactions.run_unbounded(apply)
+    await callbacks.apply(apply, message_sid=message_sid)
 
 
 def _vonage_check(params: Mapping[str, str], token: str | None, max_age: float) -> Check:
@@ -300,7 +301,7 @@ def _same(given: str, issued: str) -> bool:
 async def _vonage_receipt(
     request: Request[object, object, State],
     settings: Settings,
-    transactions: Transactions,
+    callbacks: CallbackGroups,
     message_sid: str | None,
     token: str | None,
 ) -> None:
@@ -326,7 +327,7 @@ async def _vonage_receipt(
         # Each SMS part of a long text has its own id and its own receipt.
         _apply(session, target, report, key, per_part=True)
 
-    await transactions.run_unbounded(apply)
+    await callbacks.apply(apply, message_sid=message_sid or params.get("client-ref"))
 
 
 VONAGE_RECEIPT = (
@@ -349,10 +350,10 @@ VONAGE_RECEIPT = (
 async def vonage_receipt(
     request: Request[object, object, State],
     settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     message_sid: MessageSid = None,
 ) -> None:
-    await _vonage_receipt(request, settings, transactions, message_sid, None)
+    await _vonage_receipt(request, settings, callbacks, message_sid, None)
 
 
 @route(
@@ -372,11 +373,11 @@ async def vonage_receipt(
 async def vonage_receipt_with_token(
     request: Request[object, object, State],
     settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     token: CallbackToken,
     message_sid: MessageSid = None,
 ) -> None:
-    await _vonage_receipt(request, settings, transactions, message_sid, token)
+    await _vonage_receipt(request, settings, callbacks, message_sid, token)
 
 
 @route(
@@ -404,7 +405,7 @@ async def vonage_receipt_with_token(
 async def simulator_callback(
     request: Request[object, object, State],
     settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     message_sid: MessageSid = None,
     signature: Annotated[
         str | None,
@@ -452,7 +453,7 @@ async def simulator_callback(
         key = dedupe_key("simulator", target.signer, provider_id, str(payload["status"]))
         _apply(session, target, report, key)
 
-    await transactions.run_unbounded(apply)
+    await callbacks.apply(apply, message_sid=message_sid)
 
 
 @route(
@@ -471,7 +472,7 @@ async def simulator_callback(
 async def twilio_inbound(
     request: Request[object, object, State],
     settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     signature: TwilioSignature = None,
 ) -> Response[str]:
     params = await _params(request, with_query=False)
@@ -481,7 +482,7 @@ async def twilio_inbound(
         return twilio.verify_webhook(credentials, url, params, signature)
 
     await _inbound(
-        transactions,
+        callbacks,
         "twilio",
         params.get("AccountSid"),
         check,
@@ -496,14 +497,14 @@ async def twilio_inbound(
 async def _vonage_inbound(
     request: Request[object, object, State],
     settings: Settings,
-    transactions: Transactions,
+    callbacks: CallbackGroups,
     token: str | None,
 ) -> None:
     params = await _params(request)
     check = _vonage_check(params, token, settings.webhook_max_age.total_seconds())
 
     await _inbound(
-        transactions,
+        callbacks,
         "vonage",
         params.get("api-key"),
         check,
@@ -514,7 +515,7 @@ async def _vonage_inbound(
 
 
 async def _inbound(
-    transactions: Transactions,
+    callbacks: CallbackGroups,
     provider: str,
     public_id: str | None,
     check: Check,
@@ -537,7 +538,7 @@ async def _inbound(
                 now=utcnow(),
             )
 
-    await transactions.run_unbounded(apply)
+    await callbacks.apply(apply)
 
 
 @route(
@@ -551,9 +552,9 @@ async def _inbound(
     operation_class=documented(errors={400: BAD_BODY, 403: FORBIDDEN, 413: TOO_LARGE}),
 )
 async def vonage_inbound(
-    request: Request[object, object, State], settings: SettingsDep, transactions: TransactionsDep
+    request: Request[object, object, State], settings: SettingsDep, callbacks: CallbacksDep
 ) -> None:
-    await _vonage_inbound(request, settings, transactions, None)
+    await _vonage_inbound(request, settings, callbacks, None)
 
 
 @route(
@@ -570,10 +571,10 @@ async def vonage_inbound(
 async def vonage_inbound_with_token(
     request: Request[object, object, State],
     settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     token: CallbackToken,
 ) -> None:
-    await _vonage_inbound(request, settings, transactions, token)
+    await _vonage_inbound(request, settings, callbacks, token)
 
 
 WEBHOOKS = [
