@@ -412,6 +412,11 @@ class Bench:
                     break
                 time.sleep(poll)
             self.foreign(f"{name} ({count:,})", meter)
+            # The provider callbacks the API stored while the CPU was metered: what its CPU
+            # is divided by, and the proof that the scenario ran with callbacks on.
+            callbacks = stack.sql(
+                "SELECT count(*) AS n FROM delivery_events WHERE source = 'callback'"
+            ).n
             if recording is not None:
                 profile = recording.finish()
                 if profile is not None:
@@ -442,10 +447,13 @@ class Bench:
             for kind, seconds in sorted(cpu_s.items())
         }
         per_message["all"] = sum(per_message.values())
+        api_per_callback = 1000 * cpu_s.get("api", 0.0) / callbacks if callbacks else None
         self.say(
             f"  drained {timing.n:,}/{count:,} to sent at {rate:.0f} msg/s, "
             f"{per_message['all']:.2f} ms CPU/message of which workers "
-            f"{per_message.get('worker', 0.0):.2f} (worker RSS {rss_peak / 2**20:.0f} MiB)"
+            f"{per_message.get('worker', 0.0):.2f} (worker RSS {rss_peak / 2**20:.0f} MiB); "
+            f"{callbacks:,} callbacks stored meanwhile"
+            + (f", API {api_per_callback:.2f} ms CPU each" if api_per_callback else "")
             + ("" if complete else f" {statuses}")
         )
         return {
@@ -457,6 +465,8 @@ class Bench:
             "span_s": span,
             "msg_per_s": rate,
             "cpu_ms_per_message": per_message,
+            "callbacks_applied": callbacks,
+            "api_cpu_ms_per_callback": api_per_callback,
             "worker_rss_idle": rss_idle,
             "worker_rss_peak": rss_peak,
         }
