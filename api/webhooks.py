@@ -33,9 +33,16 @@ from shared.accounts.access import callback_tokens, provider_accounts_named
 from shared.core.models import Message, MessageStatus, ProviderAccount, utcnow
 from shared.core.settings import Settings
 from shared.messages.callback_groups import CallbackGroups
-from shared.messages.lifecycle import StatusReport, apply_part_status, apply_status, find_sid
+from shared.messages.lifecycle import (
+    StatusMove,
+    StatusReport,
+    apply_part_status,
+    apply_status,
+    apply_status_batch,
+    find_sid,
+)
 from shared.messages.optout import add_opt_out, handle_inbound
-from shared.messages.queries import message_by_sid, provider_account_by_id
+from shared.messages.queries import callback_targets, message_by_sid, provider_account_by_id
 from shared.providers import simulator, twilio, vonage
 
 log = structlog.get_logger(__name__)
@@ -151,8 +158,71 @@ def fresh(timestamp: str | None, settings_max_age: float, now: float | None = No
 def dedupe_key(provider: str, signer: ProviderAccount, *parts: str | None) -> str:
     """The same callback again has the same key: one provider account, one of its message
     ids and one status (or Twilio's idempotency token)."""
-    material = "\0".join([provider, str(signer.id), *(part or "" for part in parts)])
+    return _dedupe_key(provider, signer.id, *parts)
+
+
+def _dedupe_key(provider: str, signer_id: int, *parts: str | None) -> str:
+    material = "\0".join([provider, str(signer_id), *(part or "" for part in parts)])
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCallback:
+    """A status callback as parsed, not yet verified: what a group of callbacks applies
+    set-based (`_status_callbacks`). `repeat`: what, beside the signer, makes its dedupe key."""
+
+    provider: str
+    sid: str | None
+    provider_message_id: str | None
+    public_id: str | None
+    check: Check
+    report: StatusReport
+    repeat: tuple[str | None, ...]
+
+
+def _status_callbacks(session: Session, items: list[StatusCallback]) -> list[object]:
+    """A group's status callbacks, set-based: each bound and verified as `bound_to_signer`
+    does (the message's own provider account decides), then all applied by
+    `apply_status_batch` in a few statements. A forged one answers 403 having changed nothing;
+    one naming no message of ours takes the way it takes alone (stored unmatched if a provider
+    account of that id signed it)."""
+    sids = [
+        item.sid or find_sid(session, item.provider, item.provider_message_id) for item in items
+    ]
+    targets = callback_targets(session, [sid for sid in sids if sid])
+    outcomes: list[object] = [None] * len(items)
+    moves: list[StatusMove] = []
+    moved: list[int] = []
+    alone: list[int] = []
+    for index, (item, sid) in enumerate(zip(items, sids, strict=True)):
+        row = targets.get(sid) if sid else None
+        if sid is None or row is None:
+            alone.append(index)
+            continue
+        if (
+            row.signer_provider != item.provider
+            or row.signer_public_id != item.public_id
+            or not item.check(row.signer_credentials or {})
+        ):
+            outcomes[index] = Forged(
+                "not signed by the message's provider account", provider=item.provider
+            )
+            continue
+        key = _dedupe_key(item.provider, row.provider_account_id, *item.repeat)
+        moves.append(StatusMove(sid, item.report, key))
+        moved.append(index)
+    apply_status_batch(session, moves, targets, utcnow())
+    for index in alone:
+        item = items[index]
+        try:
+            target = bound_to_signer(
+                session, item.provider, sids[index], item.public_id, item.check
+            )
+        except Forged as refused:
+            outcomes[index] = refused
+            continue
+        _apply(session, target, item.report, dedupe_key(item.provider, target.signer, *item.repeat))
+    return outcomes
 
 
 async def _params(
@@ -274,7 +344,29 @@ async def twilio_status(
         )
         _apply(session, target, report, dedupe_key("twilio", target.signer, *repeat))
 
-    await callbacks.apply(apply, message_sid=message_sid)
+    if error_code in twilio.OPT_OUT_ERROR_CODES:
+        await callbacks.apply(apply, message_sid=message_sid)  # an opt-out: alone
+        return
+    item = StatusCallback(
+        "twilio",
+        message_sid,
+        provider_id,
+        params.get("AccountSid"),
+        check,
+        StatusReport(
+            status,
+            source="callback",
+            provider="twilio",
+            provider_status=params.get("MessageStatus"),
+            provider_message_id=provider_id,
+            error_code=error_code,
+            payload=params,
+        ),
+        (provider_id, params.get("MessageStatus"))
+        if provider_id
+        else ("idempotency", idempotency_token),
+    )
+    await callbacks.apply(apply, message_sid=message_sid, batch=_status_callbacks, item=item)
 
 
 def _vonage_check(params: Mapping[str, str], token: str | None, max_age: float) -> Check:
@@ -453,7 +545,24 @@ async def simulator_callback(
         key = dedupe_key("simulator", target.signer, provider_id, str(payload["status"]))
         _apply(session, target, report, key)
 
-    await callbacks.apply(apply, message_sid=message_sid)
+    item = StatusCallback(
+        "simulator",
+        message_sid,
+        provider_id,
+        str(payload.get("accountId") or "") or None,
+        check,
+        StatusReport(
+            status,
+            source="callback",
+            provider="simulator",
+            provider_status=str(payload["status"]),
+            provider_message_id=provider_id,
+            error_code=str(payload["errorCode"]) if payload.get("errorCode") else None,
+            payload=payload,
+        ),
+        (provider_id, str(payload["status"])),
+    )
+    await callbacks.apply(apply, message_sid=message_sid, batch=_status_callbacks, item=item)
 
 
 @route(

@@ -53,11 +53,18 @@ _RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 _ATTEMPTS = 3
 
 
+# Applies many callbacks of one kind at once (PostgreSQL), in order, with the outcome each
+# would have had alone: its result, or the exception it answers with, having written nothing.
+Batch = Callable[[Session, list[Any]], list[Any]]
+
+
 @dataclass(eq=False, slots=True)
 class _Entry:
     work: Callable[[Session], Any]
     order: str
     answer: asyncio.Future[Any]
+    batch: Batch | None = None
+    item: Any = None
 
 
 class _ItemFailed:
@@ -76,6 +83,7 @@ class CallbackGroups:
         self, db: AsyncDatabase, *, size: int = GROUP_SIZE, in_flight: int = GROUPS_IN_FLIGHT
     ) -> None:
         self._db = db
+        self._batches = db.engine.dialect.name == "postgresql"
         self._size = size
         self._max_in_flight = in_flight
         self._pending: deque[_Entry] = deque()
@@ -83,11 +91,21 @@ class CallbackGroups:
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def apply(self, work: Callable[[Session], T], *, message_sid: str | None = None) -> T:
+    async def apply(
+        self,
+        work: Callable[[Session], T],
+        *,
+        message_sid: str | None = None,
+        batch: Batch | None = None,
+        item: Any = None,
+    ) -> T:
         """`work(session)` in the transaction of the group this callback joins; its result once
-        that committed, or what it (or the group's transaction) raised."""
+        that committed, or what it (or the group's transaction) raised. With `batch`, the
+        callbacks of the group next to each other that share it are applied as
+        `batch(session, their items)` instead, set-based (PostgreSQL; `work` remains the way
+        each is applied alone, in a savepoint, should the group have to run again)."""
         loop = asyncio.get_running_loop()
-        entry = _Entry(work, message_sid or "", loop.create_future())
+        entry = _Entry(work, message_sid or "", loop.create_future(), batch, item)
         self._pending.append(entry)
         self._schedule(loop)
         return cast(T, await entry.answer)
@@ -147,7 +165,14 @@ class CallbackGroups:
         while True:
             try:
                 async with self._db.transaction() as transaction:
-                    return await transaction.run(partial(_apply_each, group=group, careful=careful))
+                    return await transaction.run(
+                        partial(
+                            _apply_each,
+                            group=group,
+                            careful=careful,
+                            batches=self._batches and not careful,
+                        )
+                    )
             except _OneRaised:
                 # Rolled back whole; again, each callback alone in a savepoint.
                 careful = True
@@ -164,11 +189,32 @@ class _OneRaised(Exception):
     """A callback's work raised in a group run without savepoints: run the group again."""
 
 
-def _apply_each(session: Session, *, group: list[_Entry], careful: bool) -> list[Any]:
+def _apply_each(
+    session: Session, *, group: list[_Entry], careful: bool, batches: bool
+) -> list[Any]:
     outcomes: list[Any] = []
-    for entry in group:
+    index = 0
+    while index < len(group):
+        entry = group[index]
         # Each callback logs with its own context only (the lifecycle binds the message).
         structlog.contextvars.clear_contextvars()
+        if batches and entry.batch is not None:
+            end = index + 1
+            while end < len(group) and group[end].batch is entry.batch:
+                end += 1
+            try:
+                done = entry.batch(session, [each.item for each in group[index:end]])
+            except Exception as exc:
+                if _connection_lost(exc):
+                    raise
+                raise _OneRaised() from exc
+            outcomes += [
+                _ItemFailed(outcome) if isinstance(outcome, BaseException) else outcome
+                for outcome in done
+            ]
+            index = end
+            continue
+        index += 1
         if not careful:
             try:
                 outcomes.append(entry.work(session))
