@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     groups = GroupAccept(async_db, settings, publisher.submit)
     guard = KeyGuessingGuard(settings)
     # Provider callbacks, applied in groups on the same engine (shared/messages/callback_groups.py).
-    callbacks = CallbackGroups(async_db)
+    callbacks = CallbackGroups(async_db, settings)
 
     async def clear_log_context(_request: Request[Any, Any, Any]) -> None:
         structlog.contextvars.clear_contextvars()

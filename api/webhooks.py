@@ -27,7 +27,7 @@ from litestar.exceptions import ClientException, PermissionDeniedException
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from sqlalchemy.orm import Session
 
-from api.dependencies import CallbacksDep, SettingsDep
+from api.dependencies import CallbacksDep
 from api.openapi import documented, json_object, string, text
 from shared.accounts.access import callback_tokens, provider_accounts_named
 from shared.core.models import Message, MessageStatus, ProviderAccount, utcnow
@@ -300,14 +300,13 @@ def _apply(
 )
 async def twilio_status(
     request: Request[object, object, State],
-    settings: SettingsDep,
     callbacks: CallbacksDep,
     message_sid: MessageSid = None,
     signature: TwilioSignature = None,
     idempotency_token: TwilioIdempotency = None,
 ) -> None:
     params = await _params(request, with_query=False)
-    url = _public_url(settings, request)
+    url = _public_url(callbacks.settings, request)
     status = _status(twilio.TWILIO_STATUSES, params.get("MessageStatus"))
     error_code = _error_code(params.get("ErrorCode"))
     provider_id = params.get("MessageSid")
@@ -392,7 +391,6 @@ def _same(given: str, issued: str) -> bool:
 
 async def _vonage_receipt(
     request: Request[object, object, State],
-    settings: Settings,
     callbacks: CallbackGroups,
     message_sid: str | None,
     token: str | None,
@@ -400,7 +398,7 @@ async def _vonage_receipt(
     params = await _params(request)
     params.pop("messageSid", None)  # ours, added to the URL; not part of what Vonage signed
     status = _status(vonage.VONAGE_STATUSES, params.get("status"))
-    check = _vonage_check(params, token, settings.webhook_max_age.total_seconds())
+    check = _vonage_check(params, token, callbacks.settings.webhook_max_age.total_seconds())
     part_id = params.get("messageId")
 
     def apply(session: Session) -> None:
@@ -441,11 +439,10 @@ VONAGE_RECEIPT = (
 )
 async def vonage_receipt(
     request: Request[object, object, State],
-    settings: SettingsDep,
     callbacks: CallbacksDep,
     message_sid: MessageSid = None,
 ) -> None:
-    await _vonage_receipt(request, settings, callbacks, message_sid, None)
+    await _vonage_receipt(request, callbacks, message_sid, None)
 
 
 @route(
@@ -464,12 +461,11 @@ async def vonage_receipt(
 )
 async def vonage_receipt_with_token(
     request: Request[object, object, State],
-    settings: SettingsDep,
     callbacks: CallbacksDep,
     token: CallbackToken,
     message_sid: MessageSid = None,
 ) -> None:
-    await _vonage_receipt(request, settings, callbacks, message_sid, token)
+    await _vonage_receipt(request, callbacks, message_sid, token)
 
 
 @route(
@@ -496,7 +492,6 @@ async def vonage_receipt_with_token(
 )
 async def simulator_callback(
     request: Request[object, object, State],
-    settings: SettingsDep,
     callbacks: CallbacksDep,
     message_sid: MessageSid = None,
     signature: Annotated[
@@ -512,8 +507,8 @@ async def simulator_callback(
     ] = None,
 ) -> None:
     raw = await request.body()
-    url = _public_url(settings, request)
-    max_age = settings.webhook_max_age.total_seconds()
+    url = _public_url(callbacks.settings, request)
+    max_age = callbacks.settings.webhook_max_age.total_seconds()
     try:
         payload = msgspec.json.decode(raw, type=dict[str, object])
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -580,12 +575,11 @@ async def simulator_callback(
 )
 async def twilio_inbound(
     request: Request[object, object, State],
-    settings: SettingsDep,
     callbacks: CallbacksDep,
     signature: TwilioSignature = None,
 ) -> Response[str]:
     params = await _params(request, with_query=False)
-    url = _public_url(settings, request)
+    url = _public_url(callbacks.settings, request)
 
     def check(credentials: Mapping[str, Any]) -> bool:
         return twilio.verify_webhook(credentials, url, params, signature)
@@ -605,12 +599,11 @@ async def twilio_inbound(
 
 async def _vonage_inbound(
     request: Request[object, object, State],
-    settings: Settings,
     callbacks: CallbackGroups,
     token: str | None,
 ) -> None:
     params = await _params(request)
-    check = _vonage_check(params, token, settings.webhook_max_age.total_seconds())
+    check = _vonage_check(params, token, callbacks.settings.webhook_max_age.total_seconds())
 
     await _inbound(
         callbacks,
@@ -660,10 +653,8 @@ async def _inbound(
     request_max_body_size=MAX_BODY_BYTES,
     operation_class=documented(errors={400: BAD_BODY, 403: FORBIDDEN, 413: TOO_LARGE}),
 )
-async def vonage_inbound(
-    request: Request[object, object, State], settings: SettingsDep, callbacks: CallbacksDep
-) -> None:
-    await _vonage_inbound(request, settings, callbacks, None)
+async def vonage_inbound(request: Request[object, object, State], callbacks: CallbacksDep) -> None:
+    await _vonage_inbound(request, callbacks, None)
 
 
 @route(
@@ -679,11 +670,10 @@ async def vonage_inbound(
 )
 async def vonage_inbound_with_token(
     request: Request[object, object, State],
-    settings: SettingsDep,
     callbacks: CallbacksDep,
     token: CallbackToken,
 ) -> None:
-    await _vonage_inbound(request, settings, callbacks, token)
+    await _vonage_inbound(request, callbacks, token)
 
 
 WEBHOOKS = [

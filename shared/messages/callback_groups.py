@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.core.db import AsyncDatabase
+from shared.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -80,8 +81,16 @@ class CallbackGroups:
     """Applies provider callbacks for one API process, in groups on the event loop."""
 
     def __init__(
-        self, db: AsyncDatabase, *, size: int = GROUP_SIZE, in_flight: int = GROUPS_IN_FLIGHT
+        self,
+        db: AsyncDatabase,
+        settings: Settings,
+        *,
+        size: int = GROUP_SIZE,
+        in_flight: int = GROUPS_IN_FLIGHT,
     ) -> None:
+        # The webhooks read their settings here: a handler with a second dependency costs
+        # Litestar a task group per request to resolve both.
+        self.settings = settings
         self._db = db
         self._batches = db.engine.dialect.name == "postgresql"
         self._size = size

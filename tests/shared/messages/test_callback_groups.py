@@ -80,7 +80,7 @@ def in_one_group(
 
     async def main() -> tuple[list[Any], int]:
         database = CountingDatabase(settings, db.config_cache)
-        groups = CallbackGroups(database)
+        groups = CallbackGroups(database, settings)
         try:
             calls: list[Coroutine[Any, Any, Any]] = [
                 groups.apply(work, message_sid=sid) for work, sid in works
