@@ -41,6 +41,7 @@ from shared.core.db import AsyncDatabase, Database
 from shared.core.errors import RequestRefused
 from shared.core.logging import configure_logging
 from shared.core.settings import Settings, get_settings
+from shared.messages.callback_groups import CallbackGroups
 from shared.messages.group_commit import GroupAccept
 from shared.messages.outbox import Publisher, QueuePublisher
 
@@ -66,6 +67,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     groups = GroupAccept(async_db, settings, publisher.submit)
     guard = KeyGuessingGuard(settings)
+    # Provider callbacks, applied in groups on the same engine (shared/messages/callback_groups.py).
+    callbacks = CallbackGroups(async_db, settings)
 
     async def before_request(request: Request[Any, Any, Any]) -> None:
         # Async, though it awaits nothing: Litestar runs a plain function hook on a thread.
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def shutdown() -> None:
         await guard.close()
         await groups.close()
+        await callbacks.close()
         await async_db.dispose()
         if isinstance(publisher, QueuePublisher):
             await publisher.close()
@@ -102,7 +106,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             metrics,
         ],
         # What handlers take as parameters (api/dependencies.py): services, never a locator.
-        dependencies=dependencies(settings, db, celery, groups),
+        dependencies=dependencies(settings, db, celery, groups, callbacks),
         before_request=before_request,
         on_startup=[guard.start, _freeze_startup_objects],
         on_shutdown=[shutdown],

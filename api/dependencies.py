@@ -2,7 +2,8 @@
 `create_app`): the settings, the database, the transaction runner (`Transactions`: one
 transaction on a worker thread, within SMSD_API_ACCEPT_DEADLINE for the request paths that
 promise it), the accept use case (`GroupAccept`: send requests committed in groups on the
-event loop, then published) and the Celery app (the broker /health/ready checks)."""
+event loop, then published), the provider callbacks' runner (`CallbackGroups`: applied in
+groups on the event loop) and the Celery app (the broker /health/ready checks)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from shared.core.db import AcceptDeadlineExceeded, Database
 from shared.core.settings import Settings
+from shared.messages.callback_groups import CallbackGroups
 from shared.messages.group_commit import GroupAccept
 
 log = structlog.get_logger(__name__)
@@ -82,6 +84,7 @@ SettingsDep = NamedDependency[Settings]
 DatabaseDep = NamedDependency[Database]
 TransactionsDep = NamedDependency[Transactions]
 AcceptDep = NamedDependency[GroupAccept]
+CallbacksDep = NamedDependency[CallbackGroups]
 CeleryDep = NamedDependency[Celery]
 
 
@@ -93,7 +96,11 @@ def _value(value: Any) -> Provide:
 
 
 def dependencies(
-    settings: Settings, db: Database, celery: Celery, groups: GroupAccept
+    settings: Settings,
+    db: Database,
+    celery: Celery,
+    groups: GroupAccept,
+    callbacks: CallbackGroups,
 ) -> dict[str, Provide]:
     """The app-level dependencies: a handler names a parameter after one of these keys and
     receives it (never a query parameter, never in the OpenAPI document)."""
@@ -103,5 +110,6 @@ def dependencies(
         "database": _value(db),
         "transactions": _value(transactions),
         "accept": _value(groups),
+        "callbacks": _value(callbacks),
         "celery": _value(celery),
     }

@@ -27,14 +27,22 @@ from litestar.exceptions import ClientException, PermissionDeniedException
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from sqlalchemy.orm import Session
 
-from api.dependencies import SettingsDep, Transactions, TransactionsDep
+from api.dependencies import CallbacksDep
 from api.openapi import documented, json_object, string, text
 from shared.accounts.access import callback_tokens, provider_accounts_named
 from shared.core.models import Message, MessageStatus, ProviderAccount, utcnow
 from shared.core.settings import Settings
-from shared.messages.lifecycle import StatusReport, apply_part_status, apply_status, find_sid
+from shared.messages.callback_groups import CallbackGroups
+from shared.messages.lifecycle import (
+    StatusMove,
+    StatusReport,
+    apply_part_status,
+    apply_status,
+    apply_status_batch,
+    find_sid,
+)
 from shared.messages.optout import add_opt_out, handle_inbound
-from shared.messages.queries import message_by_sid, provider_account_by_id
+from shared.messages.queries import callback_targets, message_by_sid, provider_account_by_id
 from shared.providers import simulator, twilio, vonage
 
 log = structlog.get_logger(__name__)
@@ -150,8 +158,71 @@ def fresh(timestamp: str | None, settings_max_age: float, now: float | None = No
 def dedupe_key(provider: str, signer: ProviderAccount, *parts: str | None) -> str:
     """The same callback again has the same key: one provider account, one of its message
     ids and one status (or Twilio's idempotency token)."""
-    material = "\0".join([provider, str(signer.id), *(part or "" for part in parts)])
+    return _dedupe_key(provider, signer.id, *parts)
+
+
+def _dedupe_key(provider: str, signer_id: int, *parts: str | None) -> str:
+    material = "\0".join([provider, str(signer_id), *(part or "" for part in parts)])
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCallback:
+    """A status callback as parsed, not yet verified: what a group of callbacks applies
+    set-based (`_status_callbacks`). `repeat`: what, beside the signer, makes its dedupe key."""
+
+    provider: str
+    sid: str | None
+    provider_message_id: str | None
+    public_id: str | None
+    check: Check
+    report: StatusReport
+    repeat: tuple[str | None, ...]
+
+
+def _status_callbacks(session: Session, items: list[StatusCallback]) -> list[object]:
+    """A group's status callbacks, set-based: each bound and verified as `bound_to_signer`
+    does (the message's own provider account decides), then all applied by
+    `apply_status_batch` in a few statements. A forged one answers 403 having changed nothing;
+    one naming no message of ours takes the way it takes alone (stored unmatched if a provider
+    account of that id signed it)."""
+    sids = [
+        item.sid or find_sid(session, item.provider, item.provider_message_id) for item in items
+    ]
+    targets = callback_targets(session, [sid for sid in sids if sid])
+    outcomes: list[object] = [None] * len(items)
+    moves: list[StatusMove] = []
+    moved: list[int] = []
+    alone: list[int] = []
+    for index, (item, sid) in enumerate(zip(items, sids, strict=True)):
+        row = targets.get(sid) if sid else None
+        if sid is None or row is None:
+            alone.append(index)
+            continue
+        if (
+            row.signer_provider != item.provider
+            or row.signer_public_id != item.public_id
+            or not item.check(row.signer_credentials or {})
+        ):
+            outcomes[index] = Forged(
+                "not signed by the message's provider account", provider=item.provider
+            )
+            continue
+        key = _dedupe_key(item.provider, row.provider_account_id, *item.repeat)
+        moves.append(StatusMove(sid, item.report, key))
+        moved.append(index)
+    apply_status_batch(session, moves, targets, utcnow())
+    for index in alone:
+        item = items[index]
+        try:
+            target = bound_to_signer(
+                session, item.provider, sids[index], item.public_id, item.check
+            )
+        except Forged as refused:
+            outcomes[index] = refused
+            continue
+        _apply(session, target, item.report, dedupe_key(item.provider, target.signer, *item.repeat))
+    return outcomes
 
 
 async def _params(
@@ -229,14 +300,13 @@ def _apply(
 )
 async def twilio_status(
     request: Request[object, object, State],
-    settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     message_sid: MessageSid = None,
     signature: TwilioSignature = None,
     idempotency_token: TwilioIdempotency = None,
 ) -> None:
     params = await _params(request, with_query=False)
-    url = _public_url(settings, request)
+    url = _public_url(callbacks.settings, request)
     status = _status(twilio.TWILIO_STATUSES, params.get("MessageStatus"))
     error_code = _error_code(params.get("ErrorCode"))
     provider_id = params.get("MessageSid")
@@ -273,7 +343,29 @@ async def twilio_status(
         )
         _apply(session, target, report, dedupe_key("twilio", target.signer, *repeat))
 
-    await transactions.run_unbounded(apply)
+    if error_code in twilio.OPT_OUT_ERROR_CODES:
+        await callbacks.apply(apply, message_sid=message_sid)  # an opt-out: alone
+        return
+    item = StatusCallback(
+        "twilio",
+        message_sid,
+        provider_id,
+        params.get("AccountSid"),
+        check,
+        StatusReport(
+            status,
+            source="callback",
+            provider="twilio",
+            provider_status=params.get("MessageStatus"),
+            provider_message_id=provider_id,
+            error_code=error_code,
+            payload=params,
+        ),
+        (provider_id, params.get("MessageStatus"))
+        if provider_id
+        else ("idempotency", idempotency_token),
+    )
+    await callbacks.apply(apply, message_sid=message_sid, batch=_status_callbacks, item=item)
 
 
 def _vonage_check(params: Mapping[str, str], token: str | None, max_age: float) -> Check:
@@ -299,15 +391,14 @@ def _same(given: str, issued: str) -> bool:
 
 async def _vonage_receipt(
     request: Request[object, object, State],
-    settings: Settings,
-    transactions: Transactions,
+    callbacks: CallbackGroups,
     message_sid: str | None,
     token: str | None,
 ) -> None:
     params = await _params(request)
     params.pop("messageSid", None)  # ours, added to the URL; not part of what Vonage signed
     status = _status(vonage.VONAGE_STATUSES, params.get("status"))
-    check = _vonage_check(params, token, settings.webhook_max_age.total_seconds())
+    check = _vonage_check(params, token, callbacks.settings.webhook_max_age.total_seconds())
     part_id = params.get("messageId")
 
     def apply(session: Session) -> None:
@@ -326,7 +417,7 @@ async def _vonage_receipt(
         # Each SMS part of a long text has its own id and its own receipt.
         _apply(session, target, report, key, per_part=True)
 
-    await transactions.run_unbounded(apply)
+    await callbacks.apply(apply, message_sid=message_sid or params.get("client-ref"))
 
 
 VONAGE_RECEIPT = (
@@ -348,11 +439,10 @@ VONAGE_RECEIPT = (
 )
 async def vonage_receipt(
     request: Request[object, object, State],
-    settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     message_sid: MessageSid = None,
 ) -> None:
-    await _vonage_receipt(request, settings, transactions, message_sid, None)
+    await _vonage_receipt(request, callbacks, message_sid, None)
 
 
 @route(
@@ -371,12 +461,11 @@ async def vonage_receipt(
 )
 async def vonage_receipt_with_token(
     request: Request[object, object, State],
-    settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     token: CallbackToken,
     message_sid: MessageSid = None,
 ) -> None:
-    await _vonage_receipt(request, settings, transactions, message_sid, token)
+    await _vonage_receipt(request, callbacks, message_sid, token)
 
 
 @route(
@@ -403,8 +492,7 @@ async def vonage_receipt_with_token(
 )
 async def simulator_callback(
     request: Request[object, object, State],
-    settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     message_sid: MessageSid = None,
     signature: Annotated[
         str | None,
@@ -419,8 +507,8 @@ async def simulator_callback(
     ] = None,
 ) -> None:
     raw = await request.body()
-    url = _public_url(settings, request)
-    max_age = settings.webhook_max_age.total_seconds()
+    url = _public_url(callbacks.settings, request)
+    max_age = callbacks.settings.webhook_max_age.total_seconds()
     try:
         payload = msgspec.json.decode(raw, type=dict[str, object])
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -452,7 +540,24 @@ async def simulator_callback(
         key = dedupe_key("simulator", target.signer, provider_id, str(payload["status"]))
         _apply(session, target, report, key)
 
-    await transactions.run_unbounded(apply)
+    item = StatusCallback(
+        "simulator",
+        message_sid,
+        provider_id,
+        str(payload.get("accountId") or "") or None,
+        check,
+        StatusReport(
+            status,
+            source="callback",
+            provider="simulator",
+            provider_status=str(payload["status"]),
+            provider_message_id=provider_id,
+            error_code=str(payload["errorCode"]) if payload.get("errorCode") else None,
+            payload=payload,
+        ),
+        (provider_id, str(payload["status"])),
+    )
+    await callbacks.apply(apply, message_sid=message_sid, batch=_status_callbacks, item=item)
 
 
 @route(
@@ -470,18 +575,17 @@ async def simulator_callback(
 )
 async def twilio_inbound(
     request: Request[object, object, State],
-    settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     signature: TwilioSignature = None,
 ) -> Response[str]:
     params = await _params(request, with_query=False)
-    url = _public_url(settings, request)
+    url = _public_url(callbacks.settings, request)
 
     def check(credentials: Mapping[str, Any]) -> bool:
         return twilio.verify_webhook(credentials, url, params, signature)
 
     await _inbound(
-        transactions,
+        callbacks,
         "twilio",
         params.get("AccountSid"),
         check,
@@ -495,15 +599,14 @@ async def twilio_inbound(
 
 async def _vonage_inbound(
     request: Request[object, object, State],
-    settings: Settings,
-    transactions: Transactions,
+    callbacks: CallbackGroups,
     token: str | None,
 ) -> None:
     params = await _params(request)
-    check = _vonage_check(params, token, settings.webhook_max_age.total_seconds())
+    check = _vonage_check(params, token, callbacks.settings.webhook_max_age.total_seconds())
 
     await _inbound(
-        transactions,
+        callbacks,
         "vonage",
         params.get("api-key"),
         check,
@@ -514,7 +617,7 @@ async def _vonage_inbound(
 
 
 async def _inbound(
-    transactions: Transactions,
+    callbacks: CallbackGroups,
     provider: str,
     public_id: str | None,
     check: Check,
@@ -537,7 +640,7 @@ async def _inbound(
                 now=utcnow(),
             )
 
-    await transactions.run_unbounded(apply)
+    await callbacks.apply(apply)
 
 
 @route(
@@ -550,10 +653,8 @@ async def _inbound(
     request_max_body_size=MAX_BODY_BYTES,
     operation_class=documented(errors={400: BAD_BODY, 403: FORBIDDEN, 413: TOO_LARGE}),
 )
-async def vonage_inbound(
-    request: Request[object, object, State], settings: SettingsDep, transactions: TransactionsDep
-) -> None:
-    await _vonage_inbound(request, settings, transactions, None)
+async def vonage_inbound(request: Request[object, object, State], callbacks: CallbacksDep) -> None:
+    await _vonage_inbound(request, callbacks, None)
 
 
 @route(
@@ -569,11 +670,10 @@ async def vonage_inbound(
 )
 async def vonage_inbound_with_token(
     request: Request[object, object, State],
-    settings: SettingsDep,
-    transactions: TransactionsDep,
+    callbacks: CallbacksDep,
     token: CallbackToken,
 ) -> None:
-    await _vonage_inbound(request, settings, transactions, token)
+    await _vonage_inbound(request, callbacks, token)
 
 
 WEBHOOKS = [

@@ -78,6 +78,10 @@ E2E_WAIT_S = 120.0  # after an end-to-end run, at most this long for the straggl
 E2E_STALL_S = 15.0  # ... and no longer once nothing has moved for this long
 E2E_WARMUP_S = 3.0  # before each end-to-end run, at its rate (not measured)
 DRAIN_STALL_S = 60.0  # a drain where nothing moved for this long is given up on
+# After a drain with callbacks on, how long to wait for every message to be delivered (so
+# the CPU of their callbacks is metered too), at most and without progress.
+SETTLE_MAX_S = 120.0
+SETTLE_STALL_S = 10.0
 PUBLISH_WAIT_S = 10.0  # after the accept run, at most this long for the API's last publishes
 
 # Issue 13, "What must be true when this is done".
@@ -372,7 +376,7 @@ class Bench:
             "redis_bytes_per_queued_message": (after - before) / count,
         }
 
-    def drain(self, count: int, name: str) -> dict[str, Any]:
+    def drain(self, count: int, name: str, *, settle: bool = False) -> dict[str, Any]:
         """Start the workers on a full queue and wait until no message is left queued or
         sending (each sent, or final). The rate is over the messages' own `sent_at`, so the
         workers' start-up does not count; their CPU is metered from when they are ready."""
@@ -385,6 +389,8 @@ class Bench:
         rss_peak = rss_idle
         recording: Recording | None = None
         meter = self.meter()
+        # The same from the same start, until every message's callbacks are in (`settle`).
+        whole = self.meter()
         seen, last_change = -1, time.monotonic()
         stalled = False
         with running(stack, workers):
@@ -412,10 +418,16 @@ class Bench:
                     break
                 time.sleep(poll)
             self.foreign(f"{name} ({count:,})", meter)
+            # The provider callbacks the API stored while the CPU was metered: what its CPU
+            # is divided by, and the proof that the scenario ran with callbacks on.
+            callbacks = stack.sql(
+                "SELECT count(*) AS n FROM delivery_events WHERE source = 'callback'"
+            ).n
             if recording is not None:
                 profile = recording.finish()
                 if profile is not None:
                     self.profiles.append(profile)
+            settled = self.settle(count, whole) if settle else None
         if stalled:
             self.notes.append(
                 f"{name}: nothing moved for {DRAIN_STALL_S:.0f} s, given up on (see the "
@@ -442,10 +454,13 @@ class Bench:
             for kind, seconds in sorted(cpu_s.items())
         }
         per_message["all"] = sum(per_message.values())
+        api_per_callback = 1000 * cpu_s.get("api", 0.0) / callbacks if callbacks else None
         self.say(
             f"  drained {timing.n:,}/{count:,} to sent at {rate:.0f} msg/s, "
             f"{per_message['all']:.2f} ms CPU/message of which workers "
-            f"{per_message.get('worker', 0.0):.2f} (worker RSS {rss_peak / 2**20:.0f} MiB)"
+            f"{per_message.get('worker', 0.0):.2f} (worker RSS {rss_peak / 2**20:.0f} MiB); "
+            f"{callbacks:,} callbacks stored meanwhile"
+            + (f", API {api_per_callback:.2f} ms CPU each" if api_per_callback else "")
             + ("" if complete else f" {statuses}")
         )
         return {
@@ -457,8 +472,52 @@ class Bench:
             "span_s": span,
             "msg_per_s": rate,
             "cpu_ms_per_message": per_message,
+            "callbacks_applied": callbacks,
+            "api_cpu_ms_per_callback": api_per_callback,
+            "until_delivered": settled,
             "worker_rss_idle": rss_idle,
             "worker_rss_peak": rss_peak,
+        }
+
+    def settle(self, count: int, meter: Interference) -> dict[str, Any]:
+        """After a drain with callbacks on: wait (bounded) until every message is delivered,
+        so that `meter`, started with the drain, holds each message's whole cost: its send and
+        both its callbacks, which lag the sends when the API or the simulator falls behind."""
+        started = time.monotonic()
+        seen, last_change = -1, started
+        while True:
+            delivered = self.stack.sql(
+                "SELECT count(*) FILTER (WHERE status = 'delivered') AS n FROM messages"
+            ).n
+            if delivered >= count or time.monotonic() - started > SETTLE_MAX_S:
+                break
+            if delivered != seen:
+                seen, last_change = delivered, time.monotonic()
+            elif time.monotonic() - last_change > SETTLE_STALL_S:
+                break
+            time.sleep(0.5)
+        meter.names = self.stack.names()
+        meter.foreign_cores()
+        callbacks = self.stack.sql(
+            "SELECT count(*) AS n FROM delivery_events WHERE source = 'callback'"
+        ).n
+        cpu_s = {kind: cores * meter.seconds for kind, cores in meter.ours.items()}
+        per_message = {kind: 1000 * seconds / count for kind, seconds in sorted(cpu_s.items())}
+        per_message["all"] = sum(per_message.values())
+        api_per_callback = 1000 * cpu_s.get("api", 0.0) / callbacks if callbacks else None
+        self.say(
+            f"  {delivered:,}/{count:,} delivered {time.monotonic() - started:.1f} s later: "
+            f"{per_message['all']:.2f} ms CPU/message with both callbacks ("
+            + ", ".join(f"{kind} {ms:.2f}" for kind, ms in per_message.items() if kind != "all")
+            + f"); {callbacks:,} callbacks stored"
+            + (f", API {api_per_callback:.2f} ms CPU each" if api_per_callback else "")
+        )
+        return {
+            "delivered": delivered,
+            "seconds_after_sent": time.monotonic() - started,
+            "callbacks_stored": callbacks,
+            "cpu_ms_per_message": per_message,
+            "api_cpu_ms_per_callback": api_per_callback,
         }
 
     def dispatch_run(
@@ -472,7 +531,7 @@ class Bench:
             f"simulator at {latency_ms:g} ms, callbacks on"
         )
         filled = self.fill(count, latency_ms=latency_ms, callbacks=True)
-        drained = self.drain(count, name)
+        drained = self.drain(count, name, settle=True)
         # Its callbacks still in flight must not reach the next scenario.
         self.stack.fresh_edges()
         return {

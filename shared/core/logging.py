@@ -58,8 +58,17 @@ def configure_logging(settings: Settings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     # Our own message.* lines say what happened to each message; Celery's per-task
-    # received/succeeded lines and beat's every-tick line only repeat it (errors still show).
-    for noisy in ("httpx", "httpcore", "celery.app.trace", "celery.worker.strategy", "celery.beat"):
+    # received/succeeded lines and beat's every-tick line only repeat it, and the Twilio SDK's
+    # clients log every request and answer in about ten lines (errors still show).
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "celery.app.trace",
+        "celery.worker.strategy",
+        "celery.beat",
+        "twilio.http_client",
+        "twilio.async_http_client",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

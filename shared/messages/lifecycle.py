@@ -7,13 +7,14 @@ the statements that read and write are in `queries`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import BindParameter, ColumnElement, bindparam, func
+from sqlalchemy import BindParameter, ColumnElement, Update, bindparam, func
 from sqlalchemy.orm import Session
 
 from shared.core.models import SENT_BY_SERVICE, DeflectedCall, Message, MessageStatus
@@ -162,6 +163,118 @@ def sent_from_sending_batch(
     return {row.sid for row in rows}
 
 
+@dataclass(frozen=True, slots=True)
+class StatusMove:
+    """A verified report for a message that exists, to apply with others (a group of
+    provider callbacks): `apply_status_batch`."""
+
+    sid: str
+    report: StatusReport
+    dedupe_key: str
+
+
+def apply_status_batch(
+    session: Session, moves: Sequence[StatusMove], targets: Mapping[str, Any], now: datetime
+) -> list[bool]:
+    """`apply_status` for many reports at once (PostgreSQL), in order, with the same outcome
+    as one after the other: a repeat of a stored or earlier report is neither applied nor
+    stored; a forward move is applied and every other report stored. `targets` are the
+    messages, locked by this transaction (`queries.callback_targets`), so nothing moves them
+    meanwhile. A few statements whatever the count: one read of the keys, one UPDATE per shape
+    of move (a message that moves twice is written once, as both moves would leave it), one
+    INSERT of the events, the calls' smsSent in token order. Whether each was applied."""
+    recorded = queries.events_recorded(session, [move.dedupe_key for move in moves])
+    current = {sid: MessageStatus(row.status) for sid, row in targets.items()}
+    chains: dict[str, list[StatusReport]] = {}
+    events: list[dict[str, Any]] = []
+    calls: list[tuple[Update, int, dict[str, Any]]] = []
+    applied_each: list[bool] = []
+    for move in moves:
+        report, sid, row = move.report, move.sid, targets[move.sid]
+        context = {"messageSid": sid, "account": row.tenant_id, "campaign": row.campaign_id}
+        if move.dedupe_key in recorded:
+            log.info(
+                "message.status_repeat",
+                status=report.status.value,
+                source=report.source,
+                messageSid=sid,
+            )
+            applied_each.append(False)
+            continue
+        recorded.add(move.dedupe_key)
+        before = current[sid]
+        applied = _is_forward(before, report.status)
+        events.append(_event_columns(sid, report, applied, now, move.dedupe_key))
+        applied_each.append(applied)
+        if not applied:
+            log.info(
+                "message.status_ignored",
+                status=report.status.value,
+                current=before.value,
+                **context,
+            )
+            continue
+        current[sid] = report.status
+        chains.setdefault(sid, []).append(report)
+        log.info("message.status", status=report.status.value, source=report.source, **context)
+        if report.status in (MessageStatus.SENT, MessageStatus.DELIVERED) and (
+            row.token_id is not None
+        ):
+            statement = _CALL_UPDATES[report.status, before in _NOT_YET_ACCEPTED]
+            calls.append(
+                (statement, row.token_id, {"now": now, "campaign": row.campaign_id, "sid_": sid})
+            )
+    by_shape: dict[tuple[tuple[MessageStatus, bool, bool], ...], list[dict[str, Any]]] = {}
+    for sid, chain in chains.items():
+        shape = tuple(
+            (
+                report.status,
+                report.provider_message_id is not None,
+                report.error_code is not None or report.error_message is not None,
+            )
+            for report in chain
+        )
+        with_error = [r for r in chain if r.error_code is not None or r.error_message is not None]
+        by_shape.setdefault(shape, []).append(
+            {
+                "message_sid": sid,
+                "expected_status": targets[sid].status,
+                "now": now,
+                # As one move after the other leaves them: the first provider id stays, the
+                # last error wins.
+                "provider_message_id_": next(
+                    (r.provider_message_id for r in chain if r.provider_message_id), None
+                ),
+                "error_code_": with_error[-1].error_code if with_error else None,
+                "error_message_": with_error[-1].error_message if with_error else None,
+            }
+        )
+    for shape, each in by_shape.items():
+        queries.run_status_moves(session, _chain_move(shape), each)
+    queries.store_events_once(session, events)
+    queries.run_prepared_call_updates_in_order(session, calls)
+    return applied_each
+
+
+@lru_cache(maxsize=256)
+def _chain_move(shape: tuple[tuple[MessageStatus, bool, bool], ...]) -> Update:
+    """The UPDATE for one message moved through these statuses in turn (each with or without
+    a provider id and an error): every move's columns, from the one definition, later moves'
+    over earlier ones', as the moves one after the other would write them."""
+    values: dict[str, Any] = {}
+    for status, with_provider_id, with_error in shape:
+        values.update(
+            _status_columns(
+                status,
+                bindparam("now"),
+                provider_message_id=bindparam("provider_message_id_") if with_provider_id else None,
+                error_code=cast(str, bindparam("error_code_")) if with_error else None,
+                error_message=cast(str, bindparam("error_message_")) if with_error else None,
+            )
+        )
+    return queries.prepare_status_move(values)
+
+
 def is_repeat(session: Session, dedupe_key: str | None) -> bool:
     """Whether a report with this key is already recorded."""
     if dedupe_key is None:
@@ -303,6 +416,17 @@ _FIRST_SENT_FOR_CALL = queries.prepare_call_update(
         first_acceptance=True,
     )
 )
+
+
+# smsSent for a status a callback moved a message to, by status and whether it is the
+# provider's first acceptance of the message (a group of callbacks: `apply_status_batch`).
+_CALL_UPDATES = {
+    (status, first): queries.prepare_call_update(
+        _call_columns(bindparam("sid_"), bindparam("campaign"), status, bindparam("now"), first)
+    )
+    for status in (MessageStatus.SENT, MessageStatus.DELIVERED)
+    for first in (True, False)
+}
 
 
 def find_sid(session: Session, provider: str, provider_message_id: str | None) -> str | None:

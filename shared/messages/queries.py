@@ -275,6 +275,102 @@ def store_event_fast(session: Session, columns: Mapping[str, Any]) -> None:
     session.connection().execute(_INSERT_EVENT, columns)
 
 
+# A group of provider callbacks, set-based (lifecycle.apply_status_batch)
+
+# Each message a group of callbacks names, with what binding, the lifecycle and smsSent need,
+# locked in messageSid order (the order the worker's batch statements lock them in too), so
+# that no status moves under the group while it decides.
+_CALLBACK_TARGETS = (
+    select(
+        _messages.c.sid,
+        _messages.c.status,
+        _messages.c.campaign_id,
+        _messages.c.token_id,
+        _messages.c.provider_account_id,
+        _accounts.c.tenant_id,
+        _providers.c.provider.label("signer_provider"),
+        _providers.c.public_id.label("signer_public_id"),
+        _providers.c.credentials.label("signer_credentials"),
+    )
+    .select_from(
+        _messages.join(_accounts, _accounts.c.id == _messages.c.account_id).outerjoin(
+            _providers, _providers.c.id == _messages.c.provider_account_id
+        )
+    )
+    .where(_messages.c.sid.in_(bindparam("sids", expanding=True)))
+    .order_by(_messages.c.sid)
+    .with_for_update(of=_messages)
+)
+_RECORDED_KEYS = select(_events.c.dedupe_key).where(
+    _events.c.dedupe_key.in_(bindparam("keys", expanding=True))
+)
+_INSERT_EVENTS_ONCE = postgresql.insert(_events).on_conflict_do_nothing(
+    index_elements=["dedupe_key"]
+)
+
+
+def callback_targets(session: Session, sids: Sequence[str]) -> dict[str, Any]:
+    """The messages among `sids`, locked, with their provider account (PostgreSQL)."""
+    if not sids:
+        return {}
+    rows = session.connection().execute(_CALLBACK_TARGETS, {"sids": sorted(set(sids))})
+    return {row.sid: row for row in rows}
+
+
+def events_recorded(session: Session, keys: Sequence[str]) -> set[str]:
+    """Which of these dedupe keys are stored already."""
+    if not keys:
+        return set()
+    found = session.connection().execute(_RECORDED_KEYS, {"keys": list(set(keys))})
+    return {row.dedupe_key for row in found}
+
+
+def store_events_once(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """`store_event` for many (PostgreSQL), in one statement: a key already taken (a copy of
+    the callback racing this one) is skipped, as there."""
+    if rows:
+        session.connection().execute(_INSERT_EVENTS_ONCE, list(rows))
+
+
+def prepare_status_move(values: Mapping[str, Any]) -> Update:
+    """`move_status` built once for one shape of `values` (bindparams for what varies), the
+    expected status a parameter too: run many with `run_status_moves`."""
+    return (
+        update(_messages)
+        .where(
+            _messages.c.sid == bindparam("message_sid"),
+            _messages.c.status == bindparam("expected_status"),
+        )
+        .values(**values)
+    )
+
+
+def run_status_moves(
+    session: Session, statement: Update, params: Sequence[Mapping[str, Any]]
+) -> None:
+    session.connection().execute(statement, list(params))
+
+
+def run_prepared_call_updates_in_order(
+    session: Session, updates: Sequence[tuple[Update, int, Mapping[str, Any]]]
+) -> None:
+    """`prepare_call_update` statements for many calls, in token order (as
+    `run_prepared_call_updates`: concurrent batches lock the calls' rows in one order), one
+    call's in the order given; each run of one statement in one executemany."""
+    ordered = sorted(updates, key=lambda update_: update_[1])
+    start = 0
+    while start < len(ordered):
+        statement = ordered[start][0]
+        end = start
+        while end < len(ordered) and ordered[end][0] is statement:
+            end += 1
+        session.connection().execute(
+            statement,
+            [{"token_id_": token_id, **params} for _, token_id, params in ordered[start:end]],
+        )
+        start = end
+
+
 # The deflected call's smsSent
 
 

@@ -672,7 +672,10 @@ class _Slots:
     def give(self, count: int) -> None:
         with self._changed:
             self._free += count
-            self._changed.notify_all()
+            # Each waiter woken takes at least one slot (or finds them taken by a caller that
+            # did not wait): waking more than `count` of the Celery threads waiting here only
+            # has them contend for the GIL to sleep again.
+            self._changed.notify(count)
 
 
 class _SendLoop:

@@ -3,18 +3,24 @@
 Credentials: `account_sid`, `auth_token`, optionally `messaging_service_sid` (sends through the
 service instead of a From number) and `base_url` (another API host: the simulator).
 
-How a failed send is classified (the SDK speaks `requests`; see shared.providers.http_errors):
+Two transports, both the SDK's own: `send`, `find` and `status_of` go through its `requests`
+client; `send_async` (`SendsAsync`: a worker sends a batch's messages side by side on its send
+loop) through its aiohttp client, `AsyncTwilioHttpClient`, and the SDK's `create_async`. How a
+failed send is classified, either way (see shared.providers.http_errors):
 
 | failure                                                        | error      |
 |----------------------------------------------------------------|------------|
 | connection refused, DNS failure (NewConnectionError,           | transient  |
-| NameResolutionError), requests.ConnectTimeout, TLS handshake   |            |
+| NameResolutionError), requests.ConnectTimeout, TLS handshake;  |            |
+| aiohttp: ClientConnectorError, ConnectionTimeoutError          |            |
 | HTTP 429, Twilio 20429 (throttled), 21611 and 30001 (sender's  | transient  |
 | queue full: refused before sending), HTTP 503 (Twilio's        |            |
 | "Service Unavailable": not processed)                          |            |
 | requests.ReadTimeout; ConnectionError wrapping urllib3         | in doubt   |
 | ProtocolError (RemoteDisconnected, ECONNRESET after the        |            |
-| request was written); any other transport error               |            |
+| request was written); any other transport error; aiohttp: a   |            |
+| timeout after connecting, ServerDisconnectedError, a reset or  |            |
+| a broken body (any other ClientError)                          |            |
 | HTTP 500, 502, 504 and other 5xx (Twilio's own, or a gateway's | in doubt   |
 | that may have forwarded the request)                           |            |
 | 21610 (recipient opted out)                                    | opted out  |
@@ -25,24 +31,28 @@ Twilio has it (`searchable`)."""
 
 from __future__ import annotations
 
+from base64 import b64encode
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any, ClassVar
 
+import aiohttp
 import requests
 from twilio.base.exceptions import (
     TwilioException,
     TwilioRestException,
     TwilioServiceException,
 )
+from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from shared.core.models import MessageStatus
 from shared.core.settings import Settings
-from shared.providers.http_errors import classify_requests_error
+from shared.providers.http_errors import classify_aiohttp_error, classify_requests_error
 from shared.providers.interface import (
     InDoubtProviderError,
     PermanentProviderError,
@@ -84,42 +94,55 @@ class TwilioProvider:
     searchable: ClassVar[bool] = True
 
     def __init__(self, credentials: Mapping[str, Any], settings: Settings) -> None:
-        self._http = TwilioHttpClient(timeout=settings.provider_timeout.total_seconds())
-        self._client = Client(
-            str(credentials["account_sid"]), str(credentials["auth_token"]), http_client=self._http
-        )
+        timeout = settings.provider_timeout.total_seconds()
+        account_sid, auth_token = str(credentials["account_sid"]), str(credentials["auth_token"])
+        self._http = TwilioHttpClient(timeout=timeout)
+        self._client = Client(account_sid, auth_token, http_client=self._http)
+        # The SDK binds a client to one transport: a second one for the event loop.
+        self._async_http = _LoopHttpClient(timeout, max(1, settings.worker_send_threads))
+        self._async_client = Client(account_sid, auth_token, http_client=self._async_http)
         if credentials.get("base_url"):
             self._client.api.base_url = str(credentials["base_url"])
+            self._async_client.api.base_url = str(credentials["base_url"])
         self._messaging_service_sid = credentials.get("messaging_service_sid")
         # The SDK loads its resource modules on first use; do it now, not on the first send
         # (which would then leave later than its rate-limit slot).
         self._messages = self._client.messages
+        self._async_messages = self._async_client.messages
 
     def send(self, request: SendRequest) -> SendResult:
+        try:
+            message = self._messages.create(**self._create_args(request))
+        except requests.RequestException as exc:
+            raise classify_requests_error(exc) from exc
+        except TwilioException as exc:
+            raise _sdk_error(exc) from exc
+        return _result(message)
+
+    async def send_async(self, request: SendRequest) -> SendResult:
+        """`send` on the worker's event loop, through the SDK's aiohttp client: a batch's
+        sends go side by side on one thread, at a fraction of `requests`' CPU per call."""
+        try:
+            message = await self._async_messages.create_async(**self._create_args(request))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise classify_aiohttp_error(exc) from exc
+        except TwilioException as exc:
+            raise _sdk_error(exc) from exc
+        return _result(message)
+
+    def _create_args(self, request: SendRequest) -> dict[str, Any]:
         sender: dict[str, str] = (
             {"messaging_service_sid": str(self._messaging_service_sid)}
             if self._messaging_service_sid
             else {"from_": request.sender}
         )
-        try:
-            message = self._messages.create(
-                to=request.to,
-                body=request.body,
-                status_callback=request.status_callback_url,
-                validity_period=max(1, min(request.validity_seconds, MAX_VALIDITY_SECONDS)),
-                **sender,
-            )
-        except TwilioRestException as exc:
-            raise _classify(exc.status, exc.code, str(exc.msg)) from exc
-        except TwilioServiceException as exc:
-            # The RFC 9457 problem-details body the SDK reads into its own class.
-            raise _classify(exc.status, exc.code, str(exc.detail or exc.title)) from exc
-        except requests.RequestException as exc:
-            raise classify_requests_error(exc) from exc
-        except TwilioException as exc:
-            # Raised by the SDK around a request (an answer it cannot read): it may have gone.
-            raise InDoubtProviderError("error", str(exc)) from exc
-        return _result(message)
+        return dict(
+            to=request.to,
+            body=request.body,
+            status_callback=request.status_callback_url,
+            validity_period=max(1, min(request.validity_seconds, MAX_VALIDITY_SECONDS)),
+            **sender,
+        )
 
     def find(
         self, request: SendRequest, sent_after: datetime, taken: frozenset[str] = frozenset()
@@ -163,6 +186,61 @@ class TwilioProvider:
 
     def close(self) -> None:
         self._http.session = None
+        # The aiohttp session belongs to the send loop, which closes it with itself.
+        self._async_http.session = None
+
+
+class _LoopHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # the SDK is untyped
+    """The SDK's aiohttp client, with what it leaves out for a long-lived worker: its session
+    is made on the event loop that sends (on first use, not where the adapter is built), with
+    at most `connections` connections; every request gets the client's timeout (the SDK
+    passes none, which aiohttp takes as no limit at all); and the Basic credentials go as a
+    header (aiohttp deprecates its `auth` argument, and 4.0 drops it)."""
+
+    session: aiohttp.ClientSession | None
+
+    def __init__(self, timeout: float, connections: int) -> None:
+        super().__init__(pool_connections=False, timeout=timeout)
+        self._connections = connections
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,
+        allow_redirects: bool = False,
+    ) -> Response:
+        if self.session is None or self.session.closed:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connections)
+            )
+        if auth is not None:
+            basic = b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            headers = {**(headers or {}), "Authorization": "Basic " + basic}
+        return await super().request(
+            method,
+            url,
+            params=params,
+            data=data,
+            headers=headers,
+            timeout=timeout if timeout is not None else self.timeout,
+            allow_redirects=allow_redirects,
+        )
+
+
+def _sdk_error(exc: TwilioException) -> ProviderError:
+    """What the SDK raised for an answer, or around a request it cannot read."""
+    if isinstance(exc, TwilioRestException):
+        return _classify(exc.status, exc.code, str(exc.msg))
+    if isinstance(exc, TwilioServiceException):
+        # The RFC 9457 problem-details body the SDK reads into its own class.
+        return _classify(exc.status, exc.code, str(exc.detail or exc.title))
+    # An answer it cannot read: the request may have gone.
+    return InDoubtProviderError("error", str(exc))
 
 
 def _result(message: Any) -> SendResult:
