@@ -121,10 +121,12 @@ MESSAGES_BY_IDEMPOTENCY_KEYS_SQL = (
     " ON m.account_id = k.account_id AND m.idempotency_key = k.idempotency_key"
 )
 # `mark_published` with `unchanged_since`, durable (it rides on an accept's transaction).
-# Parameters: now, sids, unchanged_since, unchanged_since.
+# Parameters: now, sids, unchanged_since, unchanged_since. Rows another transaction holds are
+# skipped, not waited for (see `mark_published`).
 MARK_PUBLISHED_SQL = (
-    "UPDATE messages SET published_at = %s WHERE sid = ANY(%s::text[])"
-    " AND (published_at IS NULL OR published_at < %s) AND updated_at <= %s"
+    "UPDATE messages SET published_at = %s WHERE sid IN (SELECT sid FROM messages"
+    " WHERE sid = ANY(%s::text[]) AND (published_at IS NULL OR published_at < %s)"
+    " AND updated_at <= %s FOR UPDATE SKIP LOCKED)"
 )
 
 
@@ -854,6 +856,30 @@ _MARK_PUBLISHED_UNCHANGED = _MARK_PUBLISHED.where(
     _messages.c.updated_at <= bindparam("unchanged_since"),
 )
 
+# The same on PostgreSQL, skipping the rows another transaction holds instead of waiting for
+# them: that transaction is changing the row (a worker's claim or send, a callback), so its
+# `updated_at` moves past `unchanged_since` and the mark would not apply anyway; should it roll
+# back, the message stays unmarked and the sweeper publishes it again (a harmless copy). The
+# API's marks ride on its accept transactions, which must never wait for a worker.
+_MARK_PUBLISHED_UNCHANGED_SKIP_LOCKED = (
+    update(_messages)
+    .where(
+        _messages.c.sid.in_(
+            select(_messages.c.sid)
+            .where(
+                _messages.c.sid.in_(bindparam("sids", expanding=True)),
+                or_(
+                    _messages.c.published_at.is_(None),
+                    _messages.c.published_at < bindparam("unchanged_since"),
+                ),
+                _messages.c.updated_at <= bindparam("unchanged_since"),
+            )
+            .with_for_update(skip_locked=True)
+        )
+    )
+    .values(published_at=bindparam("now"))
+)
+
 
 def mark_published(
     session: Session,
@@ -864,7 +890,8 @@ def mark_published(
     durable: bool = False,
 ) -> None:
     """Note that the send tasks are on the queue. With `unchanged_since`, only rows still
-    unmarked and untouched since then. Unless `durable` (the transaction carries more than this
+    unmarked and untouched since then (on PostgreSQL, and not held by another transaction:
+    see above). Unless `durable` (the transaction carries more than this
     mark), its COMMIT does not wait for the disk."""
     connection = session.connection()
     if connection.dialect.name == "postgresql" and not durable:
@@ -874,7 +901,9 @@ def mark_published(
         connection.execute(_MARK_PUBLISHED, {"sids": sids, "now": now})
     else:
         connection.execute(
-            _MARK_PUBLISHED_UNCHANGED,
+            _MARK_PUBLISHED_UNCHANGED_SKIP_LOCKED
+            if connection.dialect.name == "postgresql"
+            else _MARK_PUBLISHED_UNCHANGED,
             {"sids": sids, "now": now, "unchanged_since": unchanged_since},
         )
 
