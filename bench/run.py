@@ -434,11 +434,18 @@ class Bench:
                 f"workers' logs: {', '.join(str(w.log) for w in workers)})"
             )
         timing = stack.sql(
-            "SELECT count(sent_at) AS n, extract(epoch FROM max(sent_at) - min(sent_at)) AS span "
+            "SELECT count(sent_at) AS n, extract(epoch FROM max(sent_at) - min(sent_at)) AS span, "
+            "extract(epoch FROM percentile_disc(0.9) WITHIN GROUP (ORDER BY sent_at)"
+            " - percentile_disc(0.1) WITHIN GROUP (ORDER BY sent_at)) AS steady_span "
             "FROM messages"
         )
         span = float(timing.span or 0)
         rate = (timing.n - 1) / span if span > 0 else 0.0
+        # The middle 80% of the sends: without the workers' ramp-up (first claims, connections,
+        # the SDKs' imports) and the last stragglers, which weigh on a 14-second drain and not
+        # on a five-minute one. What the backlog comparison is judged on.
+        steady_span = float(timing.steady_span or 0)
+        steady_rate = 0.8 * timing.n / steady_span if steady_span > 0 else 0.0
         with stack.db.engine.connect() as connection:
             statuses = {
                 row.status: row.n
@@ -471,6 +478,7 @@ class Bench:
             "statuses": statuses,
             "span_s": span,
             "msg_per_s": rate,
+            "steady_msg_per_s": steady_rate,
             "cpu_ms_per_message": per_message,
             "callbacks_applied": callbacks,
             "api_cpu_ms_per_callback": api_per_callback,
@@ -1003,8 +1011,8 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
         rows.append(
             Row(
                 "Backlog",
-                "10,000 queued -> sent",
-                f"{small['msg_per_s']:,.0f} msg/s",
+                "10,000 queued -> sent (steady: middle 80%)",
+                f"{small['msg_per_s']:,.0f} msg/s ({small['steady_msg_per_s']:,.0f})",
                 "(the floor for 200k)",
                 "1.000",
                 "-",
@@ -1012,22 +1020,23 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
             )
         )
     if small and large:
-        ratio = _ratio(large["msg_per_s"], small["msg_per_s"])
+        # Judged on the steady rates: does a long queue slow the drain down?
+        ratio = _ratio(large["steady_msg_per_s"], small["steady_msg_per_s"])
         judged["backlog"] = j = replace(
             judged["backlog"],
-            measured=large["msg_per_s"],
+            measured=large["steady_msg_per_s"],
             unit="msg/s",
-            floor=small["msg_per_s"],
-            floor_what="the 10,000 backlog's drain rate",
+            floor=small["steady_msg_per_s"],
+            floor_what="the 10,000 backlog's steady drain rate (middle 80% of its sends)",
             ratio=ratio,
             met=ratio is not None and abs(1 - ratio) <= BACKLOG_TOLERANCE and large["complete"],
         )
         rows.append(
             Row(
                 "Backlog",
-                "200,000 queued -> sent",
-                f"{large['msg_per_s']:,.0f} msg/s",
-                f"10k {small['msg_per_s']:,.0f} msg/s",
+                "200,000 queued -> sent (steady: middle 80%)",
+                f"{large['msg_per_s']:,.0f} msg/s ({large['steady_msg_per_s']:,.0f})",
+                f"10k steady {small['steady_msg_per_s']:,.0f} msg/s",
                 _r(ratio),
                 f"within {BACKLOG_TOLERANCE:.0%}",
                 _yes(j.met),
