@@ -314,56 +314,38 @@ async def twilio_status(
     def check(credentials: Mapping[str, Any]) -> bool:
         return twilio.verify_webhook(credentials, url, params, signature)
 
+    opted_out = error_code in twilio.OPT_OUT_ERROR_CODES
+    report = StatusReport(
+        MessageStatus.OPTED_OUT if opted_out else status,
+        source="callback",
+        provider="twilio",
+        provider_status=params.get("MessageStatus"),
+        provider_message_id=provider_id,
+        error_code=error_code,
+        payload=params,
+    )
+    repeat = (
+        (provider_id, params.get("MessageStatus"))
+        if provider_id
+        else ("idempotency", idempotency_token)
+    )
+
     def apply(session: Session) -> None:
         sid = message_sid or find_sid(session, "twilio", provider_id)
         target = bound_to_signer(session, "twilio", sid, params.get("AccountSid"), check)
-        opted_out = error_code in twilio.OPT_OUT_ERROR_CODES
         if opted_out and target.message is not None:
             # The recipient replied STOP to this sender: Twilio refuses every later send.
             message = target.message
             add_opt_out(
                 session, message.account_id, message.from_number, message.to_number, utcnow()
             )
-        report = StatusReport(
-            MessageStatus.OPTED_OUT if opted_out else status,
-            source="callback",
-            provider="twilio",
-            provider_status=params.get("MessageStatus"),
-            provider_message_id=provider_id,
-            error_code=error_code,
-            payload=params,
-        )
-        repeat = (
-            (provider_id, params.get("MessageStatus"))
-            if provider_id
-            else (
-                "idempotency",
-                idempotency_token,
-            )
-        )
         _apply(session, target, report, dedupe_key("twilio", target.signer, *repeat))
 
-    if error_code in twilio.OPT_OUT_ERROR_CODES:
+    if opted_out:
         await callbacks.apply(apply, message_sid=message_sid)  # an opt-out: alone
         return
     item = StatusCallback(
-        "twilio",
-        message_sid,
-        provider_id,
-        params.get("AccountSid"),
-        check,
-        StatusReport(
-            status,
-            source="callback",
-            provider="twilio",
-            provider_status=params.get("MessageStatus"),
-            provider_message_id=provider_id,
-            error_code=error_code,
-            payload=params,
-        ),
-        (provider_id, params.get("MessageStatus"))
-        if provider_id
-        else ("idempotency", idempotency_token),
+        "twilio", message_sid, provider_id, params.get("AccountSid"), check, report, repeat
     )
     await callbacks.apply(apply, message_sid=message_sid, batch=_status_callbacks, item=item)
 
@@ -524,19 +506,20 @@ async def simulator_callback(
             and fresh(timestamp, max_age)
         )
 
+    report = StatusReport(
+        status,
+        source="callback",
+        provider="simulator",
+        provider_status=str(payload["status"]),
+        provider_message_id=provider_id,
+        error_code=str(payload["errorCode"]) if payload.get("errorCode") else None,
+        payload=payload,
+    )
+    account = str(payload.get("accountId") or "") or None
+
     def apply(session: Session) -> None:
         sid = message_sid or find_sid(session, "simulator", provider_id)
-        account = str(payload.get("accountId") or "") or None
         target = bound_to_signer(session, "simulator", sid, account, check)
-        report = StatusReport(
-            status,
-            source="callback",
-            provider="simulator",
-            provider_status=str(payload["status"]),
-            provider_message_id=provider_id,
-            error_code=str(payload["errorCode"]) if payload.get("errorCode") else None,
-            payload=payload,
-        )
         key = dedupe_key("simulator", target.signer, provider_id, str(payload["status"]))
         _apply(session, target, report, key)
 
@@ -544,17 +527,9 @@ async def simulator_callback(
         "simulator",
         message_sid,
         provider_id,
-        str(payload.get("accountId") or "") or None,
+        account,
         check,
-        StatusReport(
-            status,
-            source="callback",
-            provider="simulator",
-            provider_status=str(payload["status"]),
-            provider_message_id=provider_id,
-            error_code=str(payload["errorCode"]) if payload.get("errorCode") else None,
-            payload=payload,
-        ),
+        report,
         (provider_id, str(payload["status"])),
     )
     await callbacks.apply(apply, message_sid=message_sid, batch=_status_callbacks, item=item)
