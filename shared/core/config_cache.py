@@ -61,6 +61,10 @@ class ConfigCache:
             return load()
         now = time.monotonic()
         with self._lock:
+            if session.info.get(CACHE_ONLY) and generation != self._generation:
+                # Another request moved the cache on meanwhile: ask the database, never move
+                # the cache back to what this one read.
+                raise NotCached(key)
             if generation != self._generation:
                 # Some transaction changed the cached tables (or this request's snapshot is
                 # older than what we hold): start again under the generation it reads.

@@ -278,13 +278,17 @@ class QueuePublisher:
                     # the sweeper publishes them again, and a second copy loses the claim.
                     log.exception("queue.publish_failed", count=sum(len(group) for group in groups))
                     continue
-                self._mark([sid for group in groups for sid in group], started)
+                try:
+                    self._mark([sid for group in groups for sid in group], started)
+                except Exception:
+                    log.exception("queue.mark_failed")  # only costs a duplicate publish later
         finally:
             self._draining = None
             self._idle.set()
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait (from another thread) until everything submitted so far was published."""
+        """Wait until everything submitted so far was published: from another thread, never
+        from the event loop it publishes on (it would block that loop)."""
         return self._idle.wait(timeout)
 
     async def close(self) -> None:
