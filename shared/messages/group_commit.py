@@ -7,7 +7,7 @@ that arrived together go together), or else after SMSD_ACCEPT_GROUP_WINDOW or wh
 committed finishes, whichever is first; at most SMSD_ACCEPT_GROUPS_IN_FLIGHT groups are
 committed at once. Each group is one `accept_group` (a few statements for all its messages), one
 COMMIT, then one task for all its new messages; on PostgreSQL its statements go through
-psycopg's own connection in two pipelined round trips (shared/messages/group_sql.py). Two
+psycopg's own connection in two round trips (shared/messages/group_sql.py). Two
 requests with one Idempotency-Key never share a group: the second waits for the next, and
 finds the first one's message committed.
 
@@ -65,7 +65,7 @@ class GroupAccept:
         self._deadline = settings.api_accept_deadline.total_seconds()
         self._publish = publish
         # PostgreSQL with the config cache on: the group's statements on psycopg's own
-        # connection, pipelined (shared/messages/group_sql.py); otherwise on a session.
+        # connection, two round trips (shared/messages/group_sql.py); otherwise on a session.
         self._fast = db.is_postgresql and settings.config_cache_ttl.total_seconds() > 0
         self._pending: deque[_Entry] = deque()
         self._in_flight = 0

@@ -4,8 +4,8 @@ session, with its reads and its writes each sent as one query on psycopg's own c
 1. The group's reads in one round trip: the config generation (is the cache current?), the
    tokens it names and the messages holding its Idempotency-Keys.
 2. `accept_group` itself, with the configuration from the cache and those reads (no I/O).
-3. The writes in one round trip: the publisher's marks, the new messages (one unnested INSERT
-   per kind) and, unless a keyed insert must be checked first, the COMMIT.
+3. The writes in one round trip: the publisher's marks, the new messages (one INSERT of a JSON
+   array per kind) and, unless a keyed insert must be checked first, the COMMIT.
 
 Whatever this path cannot settle from the cache and those reads raises NotCached *before*
 anything is written (a lookup the cache does not hold, the config changed since it was
