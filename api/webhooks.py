@@ -250,8 +250,12 @@ async def _params(
 
 def _public_url(settings: Settings, request: Request[object, object, State]) -> str:
     # Providers sign the URL they called: ours as the public base URL says, not as proxied.
-    url = settings.public_base_url.rstrip("/") + request.url.path
-    return url + ("?" + request.url.query if request.url.query else "")
+    # The path and query as `request.url` has them, read from the scope: building that URL
+    # (a split, a join and a split again) was 2.5% of a callback's CPU.
+    scope = request.scope
+    url = settings.public_base_url.rstrip("/") + scope.get("root_path", "") + scope["path"]
+    query = scope.get("query_string", b"").decode()
+    return url + ("?" + query if query else "")
 
 
 def _number(raw: str | None) -> str:

@@ -124,9 +124,10 @@ def sent_from_sending_batch(
     *,
     accounts: Mapping[str, str] | None = None,
 ) -> set[str]:
-    """`sent_from_sending` for a batch of the worker's own `sent`s (PostgreSQL), in three
-    statements whatever its size: one UPDATE of the messages, one INSERT of their events, one
-    executemany UPDATE of their calls. Returns the sids it moved; the others were not
+    """`sent_from_sending` for a batch of the worker's own `sent`s (PostgreSQL), in a few
+    statements whatever its size: one UPDATE of the messages, one INSERT of their events, and
+    the calls locked and updated (`queries.run_batch_call_updates`: a call with two messages
+    in the batch takes a second round). Returns the sids it moved; the others were not
     `sending` (a callback got there first), nothing was written for them, and the caller
     takes the general way for each. `accounts`: each message's tenant, for its log line."""
     if not reports:
@@ -151,14 +152,15 @@ def sent_from_sending_batch(
             campaign=row.campaign_id,
         )
     # `sending` is below `sent`: each is the provider's first acceptance of its message.
-    queries.run_prepared_call_updates(
+    first_sent = _CALL_UPDATES[MessageStatus.SENT, True]
+    queries.run_batch_call_updates(
         session,
-        _FIRST_SENT_FOR_CALL,
         [
-            (row.token_id, {"now": now, "campaign": row.campaign_id, "sid_": row.sid})
+            queries.CallUpdate(first_sent, row.token_id, row.sid, row.campaign_id)
             for row in rows
             if row.token_id is not None
         ],
+        now,
     )
     return {row.sid for row in rows}
 
@@ -187,7 +189,7 @@ def apply_status_batch(
     current = {sid: MessageStatus(row.status) for sid, row in targets.items()}
     chains: dict[str, list[StatusReport]] = {}
     events: list[dict[str, Any]] = []
-    calls: list[tuple[Update, int, dict[str, Any]]] = []
+    calls: list[queries.CallUpdate] = []
     applied_each: list[bool] = []
     for move in moves:
         report, sid, row = move.report, move.sid, targets[move.sid]
@@ -221,10 +223,8 @@ def apply_status_batch(
             row.token_id is not None
         ):
             statement = _CALL_UPDATES[report.status, before in _NOT_YET_ACCEPTED]
-            calls.append(
-                (statement, row.token_id, {"now": now, "campaign": row.campaign_id, "sid_": sid})
-            )
-    by_shape: dict[tuple[tuple[MessageStatus, bool, bool], ...], list[dict[str, Any]]] = {}
+            calls.append(queries.CallUpdate(statement, row.token_id, sid, row.campaign_id))
+    by_shape: dict[tuple[tuple[MessageStatus, bool, bool], ...], list[queries.StatusMoveRow]] = {}
     for sid, chain in chains.items():
         shape = tuple(
             (
@@ -236,23 +236,22 @@ def apply_status_batch(
         )
         with_error = [r for r in chain if r.error_code is not None or r.error_message is not None]
         by_shape.setdefault(shape, []).append(
-            {
-                "message_sid": sid,
-                "expected_status": targets[sid].status,
-                "now": now,
+            queries.StatusMoveRow(
+                sid=sid,
+                expected_status=targets[sid].status,
                 # As one move after the other leaves them: the first provider id stays, the
                 # last error wins.
-                "provider_message_id_": next(
+                provider_message_id=next(
                     (r.provider_message_id for r in chain if r.provider_message_id), None
                 ),
-                "error_code_": with_error[-1].error_code if with_error else None,
-                "error_message_": with_error[-1].error_message if with_error else None,
-            }
+                error_code=with_error[-1].error_code if with_error else None,
+                error_message=with_error[-1].error_message if with_error else None,
+            )
         )
     for shape, each in by_shape.items():
-        queries.run_status_moves(session, _chain_move(shape), each)
+        queries.run_status_moves(session, _chain_move(shape), each, now)
     queries.store_events_once(session, events)
-    queries.run_prepared_call_updates_in_order(session, calls)
+    queries.run_batch_call_updates(session, calls, now)
     return applied_each
 
 
@@ -262,17 +261,18 @@ def _chain_move(shape: tuple[tuple[MessageStatus, bool, bool], ...]) -> Update:
     a provider id and an error): every move's columns, from the one definition, later moves'
     over earlier ones', as the moves one after the other would write them."""
     values: dict[str, Any] = {}
+    moves = queries.BATCH_MOVES.c
     for status, with_provider_id, with_error in shape:
         values.update(
             _status_columns(
                 status,
                 bindparam("now"),
-                provider_message_id=bindparam("provider_message_id_") if with_provider_id else None,
-                error_code=cast(str, bindparam("error_code_")) if with_error else None,
-                error_message=cast(str, bindparam("error_message_")) if with_error else None,
+                provider_message_id=moves.provider_message_id if with_provider_id else None,
+                error_code=cast(str, moves.error_code) if with_error else None,
+                error_message=cast(str, moves.error_message) if with_error else None,
             )
         )
-    return queries.prepare_status_move(values)
+    return queries.prepare_status_moves(values)
 
 
 def is_repeat(session: Session, dedupe_key: str | None) -> bool:
@@ -421,8 +421,14 @@ _FIRST_SENT_FOR_CALL = queries.prepare_call_update(
 # smsSent for a status a callback moved a message to, by status and whether it is the
 # provider's first acceptance of the message (a group of callbacks: `apply_status_batch`).
 _CALL_UPDATES = {
-    (status, first): queries.prepare_call_update(
-        _call_columns(bindparam("sid_"), bindparam("campaign"), status, bindparam("now"), first)
+    (status, first): queries.prepare_batch_call_update(
+        _call_columns(
+            queries.BATCH_CALLS.c.sid,
+            queries.BATCH_CALLS.c.campaign,
+            status,
+            bindparam("now"),
+            first,
+        )
     )
     for status in (MessageStatus.SENT, MessageStatus.DELIVERED)
     for first in (True, False)

@@ -23,7 +23,13 @@ from shared.core.models import MessageStatus, utcnow
 from shared.core.settings import Settings
 from shared.messages.callback_groups import GROUP_SIZE, CallbackGroups
 from shared.messages.claims import claim, record_accepted
-from shared.messages.lifecycle import StatusMove, StatusReport, apply_status, apply_status_batch
+from shared.messages.lifecycle import (
+    StatusMove,
+    StatusReport,
+    apply_status,
+    apply_status_batch,
+    sent_from_sending_batch,
+)
 from shared.messages.queries import callback_targets
 from shared.providers.simulator import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tests.support.api import simulator_credentials
@@ -328,6 +334,78 @@ def test_a_group_applied_set_based_ends_as_the_same_callbacks_one_by_one(
     for row in [*expected, *got]:
         row[8][:] = [(*event[:4], event[4][1:]) for event in row[8]]  # keys without the prefix
     assert got == expected
+
+
+def messages_of_one_call(db: Database, settings: Settings) -> list[str]:
+    """Two messages for one call (one jpToken), both claimed: their callbacks in one group
+    write to the same call's row."""
+    first = accept_message(db, settings, utcnow())
+    with db.transaction() as session:
+        token = session.execute(
+            text(
+                "SELECT t.token FROM interaction_tokens t JOIN messages m ON m.token_id = t.id"
+                " WHERE m.sid = :sid"
+            ),
+            {"sid": first},
+        ).scalar_one()
+    second = accept_message(db, settings, utcnow(), jp_token=token)
+    for sid in (first, second):
+        with db.transaction() as session:
+            assert claim(session, sid, settings, utcnow()) is not None
+    return [first, second]
+
+
+ONE_CALL_STEPS: list[Step] = [
+    (0, MessageStatus.SENT, "a", "P0", None),
+    (1, MessageStatus.DELIVERED, "b", "P1", None),  # overtook its `sent`: counted here
+    (0, MessageStatus.DELIVERED, "c", "P0", None),
+    (1, MessageStatus.SENT, "d", "P1", None),  # late: neither applied nor counted again
+]
+
+
+def test_a_group_moving_two_messages_of_one_call_counts_both_as_one_by_one(
+    db: Database, demo: Demo, migrated: Settings
+) -> None:
+    """One set-based UPDATE must not name a call twice (the second write would be lost), so
+    a call with two messages in a group takes its writes in turns, in the order given."""
+    one_by_one = messages_of_one_call(db, migrated)
+    for step in ONE_CALL_STEPS:
+        with db.transaction() as session:
+            apply_status(
+                session, one_by_one[step[0]], report_of(step), utcnow(), dedupe_key=f"1{step[2]}"
+            )
+    expected = outcome(db, one_by_one)
+    together = messages_of_one_call(db, migrated)
+    with db.transaction() as session:
+        targets = callback_targets(session, together)
+        moves = [
+            StatusMove(together[step[0]], report_of(step), f"2{step[2]}") for step in ONE_CALL_STEPS
+        ]
+        assert apply_status_batch(session, moves, targets, utcnow()) == [True, True, True, False]
+    got = outcome(db, together)
+    for row in [*expected, *got]:
+        row[8][:] = [(*event[:4], event[4][1:]) for event in row[8]]
+    assert got == expected
+    call = load_deflected_call(db, together[0])
+    assert call.sms_count == 2
+    assert call.last_message_sid == together[0]  # the last write applied: its delivery
+
+
+def test_the_workers_sent_batch_counts_two_messages_of_one_call_twice(
+    db: Database, demo: Demo, migrated: Settings
+) -> None:
+    sids = messages_of_one_call(db, migrated)
+    reports = {
+        sid: StatusReport(
+            MessageStatus.SENT, source="provider", provider="simulator", provider_message_id=f"P{n}"
+        )
+        for n, sid in enumerate(sids)
+    }
+    with db.transaction() as session:
+        assert sent_from_sending_batch(session, reports, utcnow()) == set(sids)
+    call = load_deflected_call(db, sids[0])
+    assert (call.sms_sent, call.sms_count) == (True, 2)
+    assert call.last_message_sid in sids
 
 
 def test_a_status_callback_group_over_http_answers_each_as_alone(
