@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -39,12 +41,27 @@ BODIES = {
 
 
 class Captured(logging.Handler):
-    def __init__(self) -> None:
+    """Every line logged meanwhile: other libraries' through stdlib logging, ours as the JSON
+    lines structlog writes straight to stderr (tests log JSON)."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self._capsys = capsys
+        self._ours: list[dict[str, Any]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+    def ours(self) -> list[dict[str, Any]]:
+        for line in self._capsys.readouterr().err.splitlines():
+            # Anything else on stderr (a traceback printed raw, a line not rendered as JSON)
+            # counts as a problem: a hostile request must not cause it.
+            try:
+                self._ours.append(json.loads(line))
+            except ValueError:
+                self._ours.append({"event": line, "level": "error", "raw": True})
+        return self._ours
 
     def problems(self) -> list[str]:
         """Error lines and tracebacks: a hostile request must cause neither."""
@@ -54,6 +71,10 @@ class Captured(logging.Handler):
             if record.levelno >= logging.ERROR
             or record.exc_info
             or (isinstance(record.msg, dict) and record.msg.get("exc_info"))
+        ] + [
+            str(line.get("event"))
+            for line in self.ours()
+            if line.get("level") in ("error", "critical") or "exception" in line
         ]
 
     def warnings(self) -> list[str]:
@@ -61,13 +82,14 @@ class Captured(logging.Handler):
             str(record.msg.get("event") if isinstance(record.msg, dict) else record.msg)
             for record in self.records
             if record.levelno == logging.WARNING
-        ]
+        ] + [str(line.get("event")) for line in self.ours() if line.get("level") == "warning"]
 
 
 @pytest.fixture
-def logs(client: TestClient[Litestar]) -> Iterator[Captured]:
+def logs(client: TestClient[Litestar], capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
     """What the app logs during the test (the app's own handler is installed by then)."""
-    handler = Captured()
+    handler = Captured(capsys)
+    capsys.readouterr()  # only what this test's requests log
     root = logging.getLogger()
     root.addHandler(handler)
     yield handler
