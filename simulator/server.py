@@ -18,6 +18,7 @@ import structlog
 import uvicorn
 from litestar import Litestar
 
+from shared.core.loops import new_event_loop
 from shared.core.settings import Settings, get_settings
 from simulator.app import create_app
 from simulator.state import DROP_HEADER, Store
@@ -97,7 +98,10 @@ class SimulatorServer:
 
     def run(self) -> None:
         """Serve until stopped (blocks; runs its own event loop)."""
-        asyncio.run(self.serve())
+        # uvloop where installed, as uvicorn picks for the API: the simulator answers every
+        # send and posts two callbacks for each.
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(self.serve())
 
     def stop(self, force: bool = False) -> None:
         """Ask both servers to stop; `force` drops open connections at once."""

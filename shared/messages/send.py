@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from shared.accounts.access import CALLBACK_TOKEN
 from shared.core.db import Database
+from shared.core.loops import new_event_loop
 from shared.core.models import MessageStatus, utcnow
 from shared.core.settings import Settings
 from shared.messages.claims import (
@@ -689,7 +690,7 @@ class _SendLoop:
     def run(self, work: Coroutine[Any, Any, _T]) -> _T:
         with self._lock:
             if self._loop is None:
-                self._loop = asyncio.new_event_loop()
+                self._loop = new_event_loop()
                 threading.Thread(
                     target=self._loop.run_forever, name="send-loop", daemon=True
                 ).start()
