@@ -388,6 +388,7 @@ class Bench:
         rss_idle = sum(w.rss_bytes() for w in workers)
         rss_peak = rss_idle
         recording: Recording | None = None
+        edges: list[Recording | None] = []
         meter = self.meter()
         # The same from the same start, until every message's callbacks are in (`settle`).
         whole = self.meter()
@@ -408,6 +409,16 @@ class Bench:
                     recording = record(
                         name, workers[0].pid, seconds, RESULTS / f"profile-{name}.txt"
                     )
+                    # The other two that pay per message: the callbacks' API, the simulator.
+                    edges = [
+                        record(
+                            f"{name}-{edge.name}",
+                            edge.pid,
+                            seconds,
+                            RESULTS / f"profile-{name}-{edge.name}.txt",
+                        )
+                        for edge in (stack.api, stack.simulator)
+                    ]
                 if progress.left == 0 or time.monotonic() > deadline:
                     break
                 moved = progress.sent + count - progress.left
@@ -423,8 +434,8 @@ class Bench:
             callbacks = stack.sql(
                 "SELECT count(*) AS n FROM delivery_events WHERE source = 'callback'"
             ).n
-            if recording is not None:
-                profile = recording.finish()
+            for done in [recording, *edges]:
+                profile = done.finish() if done is not None else None
                 if profile is not None:
                     self.profiles.append(profile)
             settled = self.settle(count, whole) if settle else None
