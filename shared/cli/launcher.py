@@ -95,7 +95,10 @@ def worker(
             settings.worker_metrics_host, settings.worker_metrics_port, "SMSD_WORKER_METRICS_PORT"
         )
     queues = f"{settings.send_queue},{settings.send_queue}.sweep"
-    args = ["worker", "-Q", queues, "-P", "threads", "-E", "--without-mingle", "--without-gossip"]
+    # No -E: task events follow SMSD_TASK_EVENTS (worker_send_task_events), off by default, as
+    # each is a broker publish per task (a sixth of a busy worker's CPU). Flower turns them on
+    # while it runs.
+    args = ["worker", "-Q", queues, "-P", "threads", "--without-mingle", "--without-gossip"]
     if not any(arg in ("-n", "--hostname") or arg.startswith("--hostname=") for arg in celery_args):
         # A node name of its own: several workers on one host must not share Celery's pidbox
         # queue (RabbitMQ refuses the second), and Flower tells them apart.
