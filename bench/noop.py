@@ -1,7 +1,7 @@
 """The dispatch floor: a Celery app whose one task does nothing, on the same broker and with the
 same worker settings as the send task (threads pool, prefetch, acks_late, events, logging).
 
-    celery -A bench.noop worker -Q bench.noop -P threads -E --without-mingle --without-gossip -c N
+    celery -A bench.noop worker -Q bench.noop -P threads --without-mingle --without-gossip -c N
 """
 
 from __future__ import annotations

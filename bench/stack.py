@@ -244,7 +244,7 @@ class Stack:
         procs = []
         for i in range(self.config.worker_procs):
             argv = [sys.executable, "-m", "celery", "-A", "bench.noop", "--quiet", "worker"]
-            argv += ["-Q", NOOP_QUEUE, "-P", "threads", "-E", "--without-mingle"]
+            argv += ["-Q", NOOP_QUEUE, "-P", "threads", "--without-mingle"]
             argv += ["--without-gossip", "--hostname", f"bench-noop-{i}-{os.getpid()}@%h"]
             argv += ["-c", str(self.config.worker_concurrency)]
             procs.append(self.start(f"noop{i}", argv))
