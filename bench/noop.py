@@ -1,5 +1,6 @@
 """The dispatch floor: a Celery app whose one task does nothing, on the same broker and with the
-same worker settings as the send task (threads pool, prefetch, acks_late, events, logging).
+same worker settings as the send task (threads pool, prefetch, acks_late, logging; task events
+as SMSD_TASK_EVENTS says, off by default).
 
     celery -A bench.noop worker -Q bench.noop -P threads --without-mingle --without-gossip -c N
 """

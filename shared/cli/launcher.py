@@ -96,8 +96,8 @@ def worker(
         )
     queues = f"{settings.send_queue},{settings.send_queue}.sweep"
     # No -E: task events follow SMSD_TASK_EVENTS (worker_send_task_events), off by default, as
-    # each is a broker publish per task (a sixth of a busy worker's CPU). Flower turns them on
-    # while it runs.
+    # each is a broker publish per task (a sixth of a busy worker's CPU). A running Flower turns
+    # them on (and they stay on until the workers restart): see docs/operations.md.
     args = ["worker", "-Q", queues, "-P", "threads", "--without-mingle", "--without-gossip"]
     if not any(arg in ("-n", "--hostname") or arg.startswith("--hostname=") for arg in celery_args):
         # A node name of its own: several workers on one host must not share Celery's pidbox

@@ -4,8 +4,8 @@ One synchronous client per channel. kombu builds a new ``redis.Redis`` for every
 bookkeeping and every ack (``Channel.conn_or_acquire`` calls ``_create_client``), and building
 one (its table of response callbacks) cost 4% of a busy worker's CPU (py-spy, 300 sends/s). A
 client on a connection pool is safe to share between threads (it takes a connection from the
-pool per command); a channel that gets a new pool (after a fork or a reconnect) gets a new
-client with it.
+pool per command). A channel whose pool is dropped (after a fork, on close, after a failed
+ping) builds a new client with its next pool.
 
 Every channel closed when the broker is lost. Why: kombu's virtual
 ``Transport.close_connection`` (kombu/transport/virtual/base.py, kombu 5.7.0) stops at the first
@@ -42,6 +42,11 @@ class Channel(redis.Channel):
         if client is None or client.connection_pool is not pool:
             client = self._shared_client = super()._create_client()  # type: ignore[misc]
         return client
+
+    def _disconnect_pools(self) -> None:
+        # The client must not keep the dropped pool (and its sockets) referenced.
+        self._shared_client = None
+        super()._disconnect_pools()  # type: ignore[misc]  # untyped in kombu
 
 
 class Transport(redis.Transport):

@@ -1,6 +1,6 @@
 """`sms-dispatch worker` sends Celery task events only when SMSD_TASK_EVENTS asks for them: each
-is a broker publish per task, and Flower turns them on by itself while it runs
-(tests/worker/test_flower.py)."""
+is a broker publish per task. A running Flower turns them on by itself, until the workers
+restart (tests/worker/test_flower.py)."""
 
 from __future__ import annotations
 
@@ -85,3 +85,4 @@ def test_a_worker_sends_task_events_when_asked(
     )
     # A worker sends its task events in bundles ("task.multi"), received and succeeded together.
     assert seen
+    assert set(seen) <= {"task.multi", "task.received", "task.started", "task.succeeded"}, seen
