@@ -61,9 +61,20 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # On Redis the tasks go straight onto its queue from the event loop; otherwise (the
     # embedded SQL broker, RabbitMQ) through Celery's producer on a thread.
     publisher: Publisher | QueuePublisher = (
-        QueuePublisher(RedisTaskQueue(settings), lambda *marked: groups.note_published(*marked))
+        QueuePublisher(
+            RedisTaskQueue(settings),
+            lambda *marked: groups.note_published(*marked),
+            window=settings.publish_window.total_seconds(),
+            batch_size=settings.send_batch_size,
+        )
         if RedisTaskQueue.wanted(settings)
-        else Publisher(celery, db, mark=lambda *marked: groups.note_published(*marked))
+        else Publisher(
+            celery,
+            db,
+            mark=lambda *marked: groups.note_published(*marked),
+            window=settings.publish_window.total_seconds(),
+            batch_size=settings.send_batch_size,
+        )
     )
     groups = GroupAccept(async_db, settings, publisher.submit)
     guard = KeyGuessingGuard(settings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import threading
 import time
 import uuid
@@ -98,12 +99,25 @@ def chunked(sids: Sequence[str], size: int) -> list[list[str]]:
     return [list(sids[start : start + size]) for start in range(0, len(sids), size)]
 
 
+def merged(groups: Sequence[Sequence[str]], size: int) -> list[list[str]]:
+    """Groups of sids as tasks of up to `size`: a group never split unless it alone is
+    larger, several small ones together."""
+    tasks: list[list[str]] = []
+    for group in groups:
+        if tasks and len(tasks[-1]) + len(group) <= size:
+            tasks[-1].extend(group)
+        else:
+            tasks.extend(chunked(group, size))
+    return tasks
+
+
 class Publisher:
     """The API's publishing: after the commit, on a thread of its own, in batches.
 
     A request answers 200 as soon as its message is committed; this thread then publishes
-    what was committed meanwhile and marks it in one UPDATE. Each `submit` (one group commit's
-    new messages) becomes one task; under load, many of them go out in one pipeline.
+    what was committed meanwhile and marks it in one UPDATE. Publishes are at least `window`
+    seconds apart, as `QueuePublisher`'s, and what committed meanwhile goes as one task of up
+    to `batch_size` messages (a lone message after a quiet spell leaves at once).
     Whatever is still here when the process dies is committed and unmarked, so the sweeper
     publishes it after SMSD_SWEEP_UNPUBLISHED_AFTER: late, never lost."""
 
@@ -118,9 +132,14 @@ class Publisher:
         max_batch: int = 500,
         *,
         mark: Callable[[list[str], datetime], None] | None = None,
+        window: float = 0.0,
+        batch_size: int = 100,
     ) -> None:
         self.celery = app
         self._db = db
+        self._window = window
+        self._batch_size = max(1, batch_size)
+        self._last_publish = -math.inf
         # Who marks what was published (sids, when publishing began); by default this thread,
         # in a transaction of its own. The API hands it to its next group commit instead.
         self._mark = mark
@@ -192,6 +211,13 @@ class Publisher:
                     self._changed.wait()
                 if not self._pending:
                     return  # closed, and nothing left
+                while (
+                    not self._closed
+                    and self._pending_count < self._batch_size
+                    and (wait := self._last_publish + self._window - time.monotonic()) > 0
+                ):
+                    self._changed.wait(wait)  # what commits meanwhile joins this task
+                self._last_publish = time.monotonic()
                 batch: list[list[str]] = []
                 taken = 0
                 while self._pending and (
@@ -212,11 +238,12 @@ class Publisher:
     def _publish(self, groups: list[list[str]]) -> None:
         # Never raises: a failure is logged and left to the sweeper. A worker may already have
         # claimed a message and handed it back, so the mark must not land on that.
+        tasks = merged(groups, self._batch_size)
         if self._mark is None:
-            publish_batches(self.celery, self._db, groups, mark_only_unchanged=True)
+            publish_batches(self.celery, self._db, tasks, mark_only_unchanged=True)
             return
         started = utcnow()
-        published = publish_batches(self.celery, self._db, groups, mark=False)
+        published = publish_batches(self.celery, self._db, tasks, mark=False)
         if published:
             try:
                 self._mark(published, started)
@@ -225,18 +252,33 @@ class Publisher:
 
 
 class QueuePublisher:
-    """The API's publishing on a Redis broker: `Publisher`'s job on the event loop, each
-    group's task put straight onto the queue (`RedisTaskQueue`), no thread to wake.
+    """The API's publishing on a Redis broker: `Publisher`'s job on the event loop, the tasks
+    put straight onto the queue (`RedisTaskQueue`), no thread to wake.
 
-    While one publish is on the wire the groups committed meanwhile wait, then go together in
-    one round trip. What is published is handed to `mark` (the next group commit marks it);
-    what could not be is left to the sweeper, as with `Publisher`."""
+    Publishes are at least `window` seconds apart: a message committed when none went out
+    within the window leaves at once (a lone IVR send waits for nothing), the rest wait for
+    the window's end, and whatever committed meanwhile goes as one task of up to `batch_size`
+    messages, in one round trip. Under load that makes tasks of many messages instead of one
+    per group commit: a worker's cost per task (Celery's delivery and ack, a claim and a
+    record transaction) is shared by more messages (docs/performance.md, fifth pass). What is
+    published is handed to `mark` (the next group commit marks it); what could not be is left
+    to the sweeper, as with `Publisher`."""
 
     MAX_PENDING = Publisher.MAX_PENDING
 
-    def __init__(self, queue: RedisTaskQueue, mark: Callable[[list[str], datetime], None]) -> None:
+    def __init__(
+        self,
+        queue: RedisTaskQueue,
+        mark: Callable[[list[str], datetime], None],
+        *,
+        window: float = 0.0,
+        batch_size: int = 100,
+    ) -> None:
         self._queue = queue
         self._mark = mark
+        self._window = window
+        self._batch_size = max(1, batch_size)
+        self._last_publish = -math.inf
         self._pending: list[list[str]] = []
         self._pending_count = 0
         self._deferring = False
@@ -264,12 +306,17 @@ class QueuePublisher:
 
     async def _drain(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while self._pending:
+                wait = self._last_publish + self._window - loop.time()
+                if wait > 0 and self._pending_count < self._batch_size:
+                    await asyncio.sleep(wait)  # what commits meanwhile joins this task
+                self._last_publish = loop.time()
                 groups, self._pending, self._pending_count = self._pending, [], 0
                 started = utcnow()
                 tasks = [
-                    (SEND_TASK, [group[0]]) if len(group) == 1 else (SEND_BATCH_TASK, [group])
-                    for group in groups
+                    (SEND_TASK, [batch[0]]) if len(batch) == 1 else (SEND_BATCH_TASK, [batch])
+                    for batch in merged(groups, self._batch_size)
                 ]
                 try:
                     await self._queue.publish(tasks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import datetime
 from typing import Any
 
@@ -14,8 +15,8 @@ from shared.core.broker import SEND_BATCH_TASK, SEND_TASK, RedisTaskQueue, creat
 from shared.core.db import Database
 from shared.core.models import Message, utcnow
 from shared.core.settings import Settings
-from shared.messages.outbox import Publisher, QueuePublisher, publish_sends
-from tests.support.api import queued_sends
+from shared.messages.outbox import Publisher, QueuePublisher, merged, publish_sends
+from tests.support.api import SEND_QUEUE, queued_sends
 from tests.support.data import Demo
 from tests.support.messages import accept_message, load_message
 from tests.support.services import free_port
@@ -48,7 +49,7 @@ def test_submitted_messages_are_published_and_marked_off_the_callers_thread(
     finally:
         publisher.close()
 
-    assert sorted(args[0] for _, args in queued_sends(redis_url)) == sorted(sids)
+    assert sorted(_sids(queued_sends(redis_url))) == sorted(sids)
     assert all(load_message(db, sid).published_at is not None for sid in sids)
 
 
@@ -105,8 +106,53 @@ def test_close_publishes_what_is_still_waiting(
         publisher.submit([sid])
     publisher.close()
 
-    assert redis.Redis.from_url(redis_url).llen(migrated.send_queue) == 50
+    assert sorted(_sids(queued_sends(redis_url))) == sorted(sids)
     assert all(load_message(db, sid).published_at is not None for sid in sids)
+
+
+def _sids(tasks: list[tuple[str, list[Any]]]) -> list[str]:
+    return [sid for name, args in tasks for sid in ([args[0]] if name == SEND_TASK else args[0])]
+
+
+def test_merged_puts_small_groups_together_and_splits_only_a_group_too_large() -> None:
+    assert merged([["a"], ["b", "c"], ["d"]], 3) == [["a", "b", "c"], ["d"]]
+    assert merged([["a"], ["b", "c", "d", "e"]], 3) == [["a"], ["b", "c", "d"], ["e"]]
+    assert merged([], 3) == []
+
+
+def test_the_publisher_thread_sends_what_commits_within_its_window_as_one_task(
+    db: Database, demo: Demo, migrated: Settings, redis_url: str
+) -> None:
+    """A lone message after a quiet spell leaves at once; what is submitted while the window
+    since that publish runs goes as one task, at most `batch_size` messages each."""
+    first, *rest = [accept_message(db, migrated, utcnow(), with_token=False) for _ in range(6)]
+    publisher = Publisher(create_celery(migrated), db, window=30.0, batch_size=3)
+    try:
+        publisher.submit([first])
+        assert _wait_for_tasks(redis_url, 1, seconds=5) == [(SEND_TASK, [first])]
+        for sid in rest:
+            publisher.submit([sid])
+    finally:
+        publisher.close()  # publishes what waits for the window at once
+
+    assert queued_sends(redis_url) == [
+        (SEND_TASK, [first]),
+        (SEND_BATCH_TASK, [rest[:3]]),
+        (SEND_BATCH_TASK, [rest[3:]]),
+    ]
+    assert all(load_message(db, sid).published_at is not None for sid in [first, *rest])
+
+
+def _wait_for_tasks(redis_url: str, count: int, seconds: float) -> list[tuple[str, list[Any]]]:
+    # Not through queued_sends: its flush would wait for the publisher.
+    broker = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + seconds
+    try:
+        while broker.llen(SEND_QUEUE) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        broker.close()
+    return queued_sends(redis_url)
 
 
 def test_a_broker_outage_leaves_the_rows_unmarked_for_the_sweeper(
@@ -135,15 +181,14 @@ def test_the_queue_publisher_puts_each_group_on_the_queue_as_celery_would(
         publisher = QueuePublisher(RedisTaskQueue(migrated), lambda sids, _at: marked.append(sids))
         publisher.submit(["SMone"])
         publisher.submit(["SMa", "SMb"])
-        await asyncio.sleep(0)  # both wait for the first publish, then go together
-        publisher.submit(["SMc", "SMd"])
+        await asyncio.sleep(0)  # both go in the first publish, as one task
+        publisher.submit(["SMc", "SMd"])  # waits for that publish, then goes
         await publisher.close()
 
     asyncio.run(run())
 
     assert queued_sends(redis_url) == [
-        (SEND_TASK, ["SMone"]),
-        (SEND_BATCH_TASK, [["SMa", "SMb"]]),
+        (SEND_BATCH_TASK, [["SMone", "SMa", "SMb"]]),
         (SEND_BATCH_TASK, [["SMc", "SMd"]]),
     ]
     assert sorted(sid for sids in marked for sid in sids) == ["SMa", "SMb", "SMc", "SMd", "SMone"]
@@ -153,6 +198,38 @@ def test_the_queue_publisher_puts_each_group_on_the_queue_as_celery_would(
     assert ours["headers"].keys() == celerys["headers"].keys()
     assert ours["properties"]["delivery_info"] == celerys["properties"]["delivery_info"]
     assert ours["headers"]["argsrepr"] == "[['SMc', 'SMd']]"
+
+
+def test_the_queue_publisher_sends_a_lone_message_at_once_and_the_next_ones_together(
+    migrated: Settings, redis_url: str
+) -> None:
+    """With a window, a message after a quiet spell waits for nothing; the groups committed
+    within the window after that publish go as one task, of at most `batch_size`."""
+    window = 0.5
+    published_at: dict[str, float] = {}
+
+    def mark(sids: list[str], _at: datetime) -> None:
+        published_at.update(dict.fromkeys(sids, time.monotonic()))
+
+    async def run() -> float:
+        publisher = QueuePublisher(RedisTaskQueue(migrated), mark, window=window, batch_size=3)
+        started = time.monotonic()
+        publisher.submit(["SMalone"])
+        for i in range(5):
+            await asyncio.sleep(0.02)
+            publisher.submit([f"SM{i}"])
+        while len(published_at) < 6 and time.monotonic() - started < 10:
+            await asyncio.sleep(0.01)
+        await publisher.close()
+        return started
+
+    started = asyncio.run(run())
+
+    assert published_at["SMalone"] - started < window / 2
+    tasks = queued_sends(redis_url)
+    assert tasks[0] == (SEND_TASK, ["SMalone"])
+    assert [len(args[0]) for _, args in tasks[1:]] == [3, 2]
+    assert min(at for sid, at in published_at.items() if sid != "SMalone") - started >= window
 
 
 def _celery_envelope(settings: Settings, redis_url: str) -> dict[str, Any]:
