@@ -23,6 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -308,18 +309,29 @@ class ShortLink(Base):
     last_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+def _partial_index(name: str, column: str, where: str) -> Index:
+    return Index(name, column, postgresql_where=text(where), sqlite_where=text(where))
+
+
 class Message(Base):
     """One SMS: recorded before the caller hears 200, then claimed, sent and tracked."""
 
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("account_id", "idempotency_key"),
-        # The sweeper's two questions: never published, and published but never claimed.
-        Index("ix_messages_status_published_at", "status", "published_at"),
-        Index("ix_messages_status_lease_expires_at", "status", "lease_expires_at"),
+        # The sweeper's two questions (never published; published but never claimed) and the
+        # reconciler's (sent or in doubt, and silent). Partial: every status change writes an
+        # entry into each index that holds the row (no status change is a HOT update), and
+        # these hold only the messages in the statuses they are asked about (migration 0007).
+        _partial_index("ix_messages_queued_published_at", "published_at", "status = 'queued'"),
+        _partial_index(
+            "ix_messages_sending_lease_expires_at", "lease_expires_at", "status = 'sending'"
+        ),
+        _partial_index(
+            "ix_messages_silent_updated_at", "updated_at", "status IN ('sent', 'in_doubt')"
+        ),
         Index("ix_messages_provider_message_id", "provider", "provider_message_id"),
         Index("ix_messages_account_id_created_at", "account_id", "created_at"),
-        Index("ix_messages_status_updated_at", "status", "updated_at"),
     )
 
     sid: Mapped[str] = mapped_column(String(34), primary_key=True)

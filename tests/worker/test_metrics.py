@@ -18,7 +18,7 @@ from shared.core.db import Database
 from shared.core.models import Message, utcnow
 from shared.core.settings import Settings
 from shared.messages.outbox import Publisher
-from tests.support.api import V3, issue_token
+from tests.support.api import V3, issue_token, queued_sends
 from tests.support.data import CALLER, Demo, headers
 from tests.support.metrics import label_values, sample, scrape, send, value
 from tests.support.processes import Process, answers, wait_until
@@ -88,7 +88,7 @@ def test_a_busy_metrics_port_stops_the_worker_at_start(
 
 
 def test_the_backlog_gauges_read_the_broker_and_the_database(
-    client: TestClient[Litestar], demo: Demo, db: Database, migrated: Settings
+    client: TestClient[Litestar], demo: Demo, db: Database, migrated: Settings, redis_url: str
 ) -> None:
     # No worker runs: what the API publishes stays on the queue, its messages `queued`.
     token = issue_token(client)
@@ -104,7 +104,10 @@ def test_the_backlog_gauges_read_the_broker_and_the_database(
     registry = CollectorRegistry()
     registry.register(BacklogCollector(migrated))
 
-    assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send"}) == 3
+    # Tasks, not messages: sends within one publish window share a task.
+    tasks = queued_sends(redis_url)
+    assert sorted(sid for _, args in tasks for sid in _flat(args[0])) == sorted(sids)
+    assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send"}) == len(tasks)
     assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send.sweep"}) == 0
     age = registry.get_sample_value("smsd_oldest_queued_message_age_seconds")
     assert age is not None
@@ -124,3 +127,7 @@ def test_the_backlog_gauges_are_left_out_while_their_sources_are_down(
     registry.register(BacklogCollector(dead))
 
     assert generate_latest(registry) == b""  # the scrape itself still succeeds
+
+
+def _flat(arg: str | list[str]) -> list[str]:
+    return [arg] if isinstance(arg, str) else arg

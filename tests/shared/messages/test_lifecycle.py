@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from shared.core.db import Database
 from shared.core.models import InteractionToken, Message, MessageStatus
 from shared.core.settings import Settings
-from shared.messages.lifecycle import StatusReport, apply_status
+from shared.messages import queries
+from shared.messages.lifecycle import StatusReport, _event_columns, apply_status
 from tests.support.data import Demo
 from tests.support.messages import (
     accept_message,
@@ -312,3 +313,49 @@ def load_deflected_call_token(db: Database, sid: str) -> str:
             .join(Message, Message.token_id == InteractionToken.id)
             .where(Message.sid == sid)
         ).scalar_one()
+
+
+def test_events_stored_in_batches_are_stored_as_one_at_a_time(
+    db: Database, sid: str, t0: datetime
+) -> None:
+    """The batch paths (a worker's sends, a group of callbacks) bind arrays instead of rows:
+    each column, the payload (a document, JSON null, unicode) and the time must come out as
+    the one-row path writes them."""
+    reports = [
+        StatusReport(
+            S.SENT,
+            source="worker",
+            provider="simulator",
+            provider_message_id="SIM1",
+            payload={"id": "SIM1", "text": "Grüße ✓", "n": [1, 2.5, None]},
+        ),
+        StatusReport(S.FAILED, source="callback", provider="twilio", error_code="30005"),
+    ]
+    one_by_one = [
+        _event_columns(sid, each, False, t0 + SECOND, f"one-{i}") for i, each in enumerate(reports)
+    ]
+    batched = [
+        _event_columns(sid, each, False, t0 + SECOND, f"batch-{i}")
+        for i, each in enumerate(reports)
+    ]
+    plain = [_event_columns(sid, each, True, t0 + SECOND) for each in reports]
+    with db.transaction() as session:
+        for row in one_by_one:
+            queries.store_event(session, row)
+        queries.store_events_once(session, batched + batched[:1])  # a repeat: stored once
+        queries.store_events_fast(session, plain)
+
+    with db.transaction() as session:
+        stored = session.execute(
+            text(
+                "SELECT dedupe_key, message_sid, source, status, provider, provider_message_id,"
+                " provider_status, error_code, applied, payload::text AS payload, created_at"
+                " FROM delivery_events ORDER BY id"
+            )
+        ).all()
+    rows = [row._asdict() for row in stored]
+    keys = [row.pop("dedupe_key") for row in rows]
+    assert keys == ["one-0", "one-1", "batch-0", "batch-1", None, None]
+    assert rows[2:4] == rows[0:2]
+    assert rows[4:6] == [{**row, "applied": True} for row in rows[0:2]]
+    assert rows[0]["created_at"] == t0 + SECOND
