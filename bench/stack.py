@@ -524,11 +524,15 @@ def running(stack: Stack, procs: list[Proc]) -> Iterator[list[Proc]]:
 
 
 def _cpu_ticks(pid: int) -> int:
+    """A process's CPU and that of the children it reaped: PostgreSQL's backends come and go
+    (a pool closes its overflow connections), and the postmaster's reaped-children time is the
+    only place their CPU stays once they exit (see `Interference.foreign_cores`)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime (also of reaped threads)
+    # utime + stime (also of its reaped threads) + cutime + cstime (its reaped children's).
+    return int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
 
 
 def _busy_ticks() -> int:
@@ -585,6 +589,7 @@ class Interference:
     started: float = 0.0
     busy0: int = 0
     ours0: dict[int, int] = field(default_factory=dict)
+    names0: dict[int, str] = field(default_factory=dict)
     # Filled by foreign_cores(): our own CPU over the same span, in cores, by component, and
     # that span in seconds.
     ours: dict[str, float] = field(default_factory=dict)
@@ -593,7 +598,8 @@ class Interference:
     def start(self) -> None:
         self.started = time.monotonic()
         self.busy0 = _busy_ticks()
-        self.ours0 = {pid: _cpu_ticks(pid) for pid in own_pids(self.database_url)}
+        self.names0 = own_pids(self.database_url)
+        self.ours0 = {pid: _cpu_ticks(pid) for pid in self.names0}
 
     def foreign_cores(self) -> float:
         """Since start(): other processes' CPU, averaged over the time, in cores."""
@@ -604,10 +610,15 @@ class Interference:
         busy = _busy_ticks() - self.busy0
         kinds = own_pids(self.database_url)
         kinds.update({pid: name for pid, name in self.names.items() if pid in kinds})
-        # Read while the measured processes still run: one that ended took its ticks with it.
+        # Read while the measured processes still run. One that ended meanwhile was reaped by
+        # its parent (ours too), whose count now holds all of its ticks, those from before
+        # start() included: they are taken off again here (it counts its ticks at start
+        # negatively). A child started and ended within the span counts through its parent.
+        first = {pid: name for pid, name in self.names0.items()}
         self.ours = {}
         for pid in set(self.ours0) | set(kinds):
-            ticks = max(0, _cpu_ticks(pid) - self.ours0.get(pid, 0))
-            kind = kinds.get(pid, "bench")
+            ticks = _cpu_ticks(pid) - self.ours0.get(pid, 0)
+            kind = kinds.get(pid) or first.get(pid, "bench")
             self.ours[kind] = self.ours.get(kind, 0.0) + ticks / hz / seconds
+        self.ours = {kind: max(0.0, cores) for kind, cores in self.ours.items()}
         return max(0.0, busy / hz / seconds - sum(self.ours.values()))

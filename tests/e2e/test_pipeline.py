@@ -99,7 +99,9 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_sends_nothing_twice(
     simulator.post("/control", json={"latency_ms": 400})
     token = _token(api)
     sids = [_send(api, token) for _ in range(60)]
-    first = start_worker(concurrency=8)
+    # The sends published within one window share a task: eight provider calls in flight at
+    # most, so the kill lands while most of the batch waits.
+    first = start_worker(concurrency=8, env={"SMSD_WORKER_SEND_THREADS": "8"})
     wait_until(lambda: len(_handset_messages(simulator)) >= 8, 30, "the batch to be under way")
     first.stop(signal.SIGKILL)
     assert len(_handset_messages(simulator)) < len(sids), "the kill must land mid-batch"
