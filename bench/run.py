@@ -165,7 +165,7 @@ class Bench:
             traceback.print_exc()
 
     def meter(self) -> Interference:
-        meter = Interference(self.stack.database_url)
+        meter = Interference(self.stack.database_url, names=self.stack.names())
         meter.start()
         return meter
 

@@ -599,6 +599,7 @@ class Interference:
         self.started = time.monotonic()
         self.busy0 = _busy_ticks()
         self.names0 = own_pids(self.database_url)
+        self.names0.update({pid: name for pid, name in self.names.items() if pid in self.names0})
         self.ours0 = {pid: _cpu_ticks(pid) for pid in self.names0}
 
     def foreign_cores(self) -> float:
@@ -614,7 +615,7 @@ class Interference:
         # its parent (ours too), whose count now holds all of its ticks, those from before
         # start() included: they are taken off again here (it counts its ticks at start
         # negatively). A child started and ended within the span counts through its parent.
-        first = {pid: name for pid, name in self.names0.items()}
+        first = self.names0
         self.ours = {}
         for pid in set(self.ours0) | set(kinds):
             ticks = _cpu_ticks(pid) - self.ours0.get(pid, 0)

@@ -13,11 +13,13 @@ updates on its way to delivered write two index entries fewer each (PostgreSQL's
 dispatched message fell by about a third; docs/performance.md, issue 13, fifth pass).
 
 On PostgreSQL the indexes are built and dropped CONCURRENTLY, outside a transaction, so a
-running service keeps writing while this migrates a large table.
+running service keeps writing while this migrates a large table; a run that failed half-way
+can be run again.
 """
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -42,24 +44,32 @@ _FULL = (
 def upgrade() -> None:
     with _outside_transaction():
         for name, column, where in _PARTIAL:
+            # A build that failed half-way (CONCURRENTLY commits as it goes) left an invalid
+            # index of this name: dropped, so running the migration again finishes it.
+            op.drop_index(name, table_name="messages", if_exists=True, **_CONCURRENTLY)
             op.create_index(
                 name,
                 "messages",
                 [column],
                 postgresql_where=sa.text(where),
                 sqlite_where=sa.text(where),
-                postgresql_concurrently=True,
+                **_CONCURRENTLY,
             )
         for name, _ in _FULL:
-            op.drop_index(name, table_name="messages", postgresql_concurrently=True)
+            op.drop_index(name, table_name="messages", if_exists=True, **_CONCURRENTLY)
 
 
 def downgrade() -> None:
     with _outside_transaction():
         for name, column in _FULL:
-            op.create_index(name, "messages", ["status", column], postgresql_concurrently=True)
+            op.drop_index(name, table_name="messages", if_exists=True, **_CONCURRENTLY)
+            op.create_index(name, "messages", ["status", column], **_CONCURRENTLY)
         for name, _, _ in _PARTIAL:
-            op.drop_index(name, table_name="messages", postgresql_concurrently=True)
+            op.drop_index(name, table_name="messages", if_exists=True, **_CONCURRENTLY)
+
+
+# Ignored by SQLite.
+_CONCURRENTLY: dict[str, Any] = {"postgresql_concurrently": True}
 
 
 def _outside_transaction() -> AbstractContextManager[object]:

@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     # A committed message still unpublished after this is published by the sweeper.
     sweep_unpublished_after: Duration = timedelta(seconds=15)
     sweep_batch_size: int = 500
-    # Messages in one send task, at most: the sweeper's, and the API's on Redis (publish_window).
+    # Messages in one send task, at most: the sweeper's, and the API's (publish_window).
     send_batch_size: int = 100
     # Redis: a task a worker took but never acknowledged (it was killed) is delivered again
     # after this. Every countdown we hand the broker stays far below it (long waits are kept
@@ -187,9 +187,9 @@ class Settings(BaseSettings):
     accept_group_window: Duration = timedelta(milliseconds=2)
     accept_group_size: int = 256
     accept_groups_in_flight: int = 4
-    # The API's send tasks on Redis (shared/messages/outbox.py, QueuePublisher): at most one
-    # publish per this window per API process. A message committed after a quiet spell leaves
-    # at once; under load, what commits within the window goes as one task (up to
+    # The API's send tasks (shared/messages/outbox.py): at most one publish per this window
+    # per API process, unless send_batch_size messages wait. A message committed after a quiet
+    # spell leaves at once; under load, what commits within the window goes as one task (up to
     # send_batch_size messages), so workers pay their per-task cost for many messages.
     publish_window: Duration = timedelta(milliseconds=20)
 

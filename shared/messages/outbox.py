@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import threading
@@ -116,8 +117,9 @@ class Publisher:
 
     A request answers 200 as soon as its message is committed; this thread then publishes
     what was committed meanwhile and marks it in one UPDATE. Publishes are at least `window`
-    seconds apart, as `QueuePublisher`'s, and what committed meanwhile goes as one task of up
-    to `batch_size` messages (a lone message after a quiet spell leaves at once).
+    seconds apart unless a full task's worth waits, as `QueuePublisher`'s, and what committed
+    meanwhile goes as tasks of up to `batch_size` messages (a lone message after a quiet spell
+    leaves at once).
     Whatever is still here when the process dies is committed and unmarked, so the sweeper
     publishes it after SMSD_SWEEP_UNPUBLISHED_AFTER: late, never lost."""
 
@@ -255,10 +257,11 @@ class QueuePublisher:
     """The API's publishing on a Redis broker: `Publisher`'s job on the event loop, the tasks
     put straight onto the queue (`RedisTaskQueue`), no thread to wake.
 
-    Publishes are at least `window` seconds apart: a message committed when none went out
-    within the window leaves at once (a lone IVR send waits for nothing), the rest wait for
-    the window's end, and whatever committed meanwhile goes as one task of up to `batch_size`
-    messages, in one round trip. Under load that makes tasks of many messages instead of one
+    Publishes are at least `window` seconds apart unless a full task's worth (`batch_size`) is
+    waiting: a message committed when none went out within the window leaves at once (a lone
+    IVR send waits for nothing), the rest wait for the window's end or a full task, and
+    whatever committed meanwhile goes as tasks of up to `batch_size` messages, in one round
+    trip. Under load that makes tasks of many messages instead of one
     per group commit: a worker's cost per task (Celery's delivery and ack, a claim and a
     record transaction) is shared by more messages (docs/performance.md, fifth pass). What is
     published is handed to `mark` (the next group commit marks it); what could not be is left
@@ -283,6 +286,8 @@ class QueuePublisher:
         self._pending_count = 0
         self._deferring = False
         self._draining: asyncio.Task[None] | None = None
+        # Set when a full task's worth is waiting: the window's wait ends early.
+        self._full = asyncio.Event()
         # Set while nothing is waiting or on the wire; read by `flush` from other threads.
         self._idle = threading.Event()
         self._idle.set()
@@ -301,6 +306,8 @@ class QueuePublisher:
         self._pending.append(list(sids))
         self._pending_count += len(sids)
         self._idle.clear()
+        if self._pending_count >= self._batch_size:
+            self._full.set()
         if self._draining is None:
             self._draining = asyncio.get_running_loop().create_task(self._drain())
 
@@ -310,7 +317,10 @@ class QueuePublisher:
             while self._pending:
                 wait = self._last_publish + self._window - loop.time()
                 if wait > 0 and self._pending_count < self._batch_size:
-                    await asyncio.sleep(wait)  # what commits meanwhile joins this task
+                    # What commits meanwhile joins this task; a full task's worth ends the wait.
+                    self._full.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._full.wait(), wait)
                 self._last_publish = loop.time()
                 groups, self._pending, self._pending_count = self._pending, [], 0
                 started = utcnow()

@@ -32,6 +32,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     or_,
     select,
     text,
@@ -69,6 +70,20 @@ _events = table_of(DeliveryEvent)
 # without an error (PostgreSQL's explicit casts do), where a scalar bind of the same value fails
 # or matches nothing.
 _TEXTS = postgresql.ARRAY(Text)
+
+
+def _status_is(*statuses: MessageStatus) -> ColumnElement[bool]:
+    """`messages.status` is (among) these, written into the SQL text rather than bound: the
+    sweeper's and the reconciler's partial indexes (`WHERE status = 'queued'` ...) serve only a
+    query whose own predicate proves theirs, which a bound parameter in a prepared (generic)
+    plan does not. The values are our enum's, never input."""
+    literals: list[ColumnElement[str]] = [
+        literal_column(f"'{status.value}'") for status in statuses
+    ]
+    if len(literals) == 1:
+        return Message.status == literals[0]
+    return Message.status.in_(literals)
+
 
 # Built once: constructing and hashing these costs more CPU than running them.
 _INSERT_MESSAGE = insert(_messages)
@@ -1057,13 +1072,13 @@ def unpublished(session: Session, now: datetime, created_before: datetime, limit
         .where(
             or_(
                 and_(
-                    Message.status == MessageStatus.QUEUED.value,
+                    _status_is(MessageStatus.QUEUED),
                     Message.published_at.is_(None),
                     Message.created_at <= created_before,
                     due,
                 ),
                 and_(
-                    Message.status == MessageStatus.SENDING.value,
+                    _status_is(MessageStatus.SENDING),
                     Message.lease_expires_at <= now,
                     or_(
                         Message.published_at.is_(None),
@@ -1083,7 +1098,7 @@ def unmark_published_before(session: Session, before: datetime) -> int:
     result = session.execute(
         update(Message)
         .where(
-            Message.status == MessageStatus.QUEUED.value,
+            _status_is(MessageStatus.QUEUED),
             Message.published_at.is_not(None),
             Message.published_at < before,
         )
@@ -1117,7 +1132,7 @@ def take_silent(session: Session, quiet_since: datetime, now: datetime, limit: i
     due = (
         select(Message.sid)
         .where(
-            Message.status.in_([MessageStatus.SENT.value, MessageStatus.IN_DOUBT.value]),
+            _status_is(MessageStatus.SENT, MessageStatus.IN_DOUBT),
             Message.updated_at <= quiet_since,
             or_(Message.reconciled_at.is_(None), Message.reconciled_at <= quiet_since),
         )
@@ -1163,7 +1178,7 @@ def oldest_queued_created_at(session: Session, timeout: timedelta) -> datetime |
         milliseconds = max(1, int(timeout.total_seconds() * 1000))
         session.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
     return session.scalar(
-        select(func.min(Message.created_at)).where(Message.status == MessageStatus.QUEUED.value)
+        select(func.min(Message.created_at)).where(_status_is(MessageStatus.QUEUED))
     )
 
 

@@ -204,15 +204,16 @@ def test_the_queue_publisher_sends_a_lone_message_at_once_and_the_next_ones_toge
     migrated: Settings, redis_url: str
 ) -> None:
     """With a window, a message after a quiet spell waits for nothing; the groups committed
-    within the window after that publish go as one task, of at most `batch_size`."""
+    within the window after that publish wait for its end and go as one task."""
     window = 0.5
     published_at: dict[str, float] = {}
+    redis.Redis.from_url(redis_url).delete(migrated.send_queue)  # another test's tasks
 
     def mark(sids: list[str], _at: datetime) -> None:
         published_at.update(dict.fromkeys(sids, time.monotonic()))
 
     async def run() -> float:
-        publisher = QueuePublisher(RedisTaskQueue(migrated), mark, window=window, batch_size=3)
+        publisher = QueuePublisher(RedisTaskQueue(migrated), mark, window=window, batch_size=10)
         started = time.monotonic()
         publisher.submit(["SMalone"])
         for i in range(5):
@@ -228,8 +229,44 @@ def test_the_queue_publisher_sends_a_lone_message_at_once_and_the_next_ones_toge
     assert published_at["SMalone"] - started < window / 2
     tasks = queued_sends(redis_url)
     assert tasks[0] == (SEND_TASK, ["SMalone"])
-    assert [len(args[0]) for _, args in tasks[1:]] == [3, 2]
+    assert [len(args[0]) for _, args in tasks[1:]] == [5]
     assert min(at for sid, at in published_at.items() if sid != "SMalone") - started >= window
+
+
+def test_the_queue_publisher_does_not_hold_a_full_task_for_the_window(
+    migrated: Settings, redis_url: str
+) -> None:
+    """A task's worth of messages waiting ends the window's wait: under a burst the window
+    only ever merges, it never holds back a full task."""
+    window = 30.0
+    published: list[list[str]] = []
+    redis.Redis.from_url(redis_url).delete(migrated.send_queue)  # another test's tasks
+
+    async def run() -> float:
+        publisher = QueuePublisher(
+            RedisTaskQueue(migrated),
+            lambda sids, _at: published.append(sids),
+            window=window,
+            batch_size=3,
+        )
+        publisher.submit(["SMalone"])
+        while not published:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        for i in range(3):
+            publisher.submit([f"SM{i}"])
+            await asyncio.sleep(0.01)
+        while len(published) < 2 and time.monotonic() - started < 10:
+            await asyncio.sleep(0.01)
+        took = time.monotonic() - started
+        await publisher.close()
+        return took
+
+    took = asyncio.run(run())
+
+    assert took < 5
+    assert published == [["SMalone"], ["SM0", "SM1", "SM2"]]
+    assert [args for _, args in queued_sends(redis_url)] == [["SMalone"], [["SM0", "SM1", "SM2"]]]
 
 
 def _celery_envelope(settings: Settings, redis_url: str) -> dict[str, Any]:
