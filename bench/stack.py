@@ -615,11 +615,10 @@ class Interference:
         # its parent (ours too), whose count now holds all of its ticks, those from before
         # start() included: they are taken off again here (it counts its ticks at start
         # negatively). A child started and ended within the span counts through its parent.
-        first = self.names0
         self.ours = {}
         for pid in set(self.ours0) | set(kinds):
             ticks = _cpu_ticks(pid) - self.ours0.get(pid, 0)
-            kind = kinds.get(pid) or first.get(pid, "bench")
+            kind = kinds.get(pid) or self.names0.get(pid, "bench")
             self.ours[kind] = self.ours.get(kind, 0.0) + ticks / hz / seconds
         self.ours = {kind: max(0.0, cores) for kind, cores in self.ours.items()}
         return max(0.0, busy / hz / seconds - sum(self.ours.values()))

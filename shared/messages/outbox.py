@@ -261,11 +261,11 @@ class QueuePublisher:
     waiting: a message committed when none went out within the window leaves at once (a lone
     IVR send waits for nothing), the rest wait for the window's end or a full task, and
     whatever committed meanwhile goes as tasks of up to `batch_size` messages, in one round
-    trip. Under load that makes tasks of many messages instead of one
-    per group commit: a worker's cost per task (Celery's delivery and ack, a claim and a
-    record transaction) is shared by more messages (docs/performance.md, fifth pass). What is
-    published is handed to `mark` (the next group commit marks it); what could not be is left
-    to the sweeper, as with `Publisher`."""
+    trip. Under load that makes tasks of many messages instead of one per group commit: a
+    worker's cost per task (Celery's delivery and ack, a claim and a record transaction) is
+    shared by more messages (docs/performance.md, fifth pass). What is published is handed to
+    `mark` (the next group commit marks it); what could not be is left to the sweeper, as
+    with `Publisher`."""
 
     MAX_PENDING = Publisher.MAX_PENDING
 
