@@ -21,6 +21,7 @@ from api.errors import (
     refused_response,
     unexpected_response,
 )
+from api.fast_send import FastSend
 from api.guard import KeyGuessingGuard, no_control_characters
 from api.health import live, ready
 from api.interact import (
@@ -143,6 +144,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         logging_config=None,
     )
+    # The lean route for v3 sends (api/fast_send.py), with the route's own handler and template
+    # as the router gives them, so metrics and error answers see what the route would show.
+    if settings.lean_send:
+        _, route_handler, _, _, path_template = app.asgi_router.handle_routing(
+            path="/interact/version/3/account/a/resources/campaign/sms/c", method="POST"
+        )
+        app.asgi_handler = FastSend(
+            app.asgi_handler,
+            app,
+            groups,
+            guard,
+            route_handler,
+            path_template,
+            settings.max_body_bytes,
+        )
     instrument(app, send_handlers=[send_sms, send_sms_to_caller, send_sms_v2, soap_endpoint])
     return app
 

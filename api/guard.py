@@ -293,21 +293,26 @@ class KeyGuessingGuard:
             if left > 0:
                 await _too_many(scope, send, math.ceil(left))
                 return
-
-            async def count_failures(message: Message) -> None:
-                # Counted before the answer leaves, so a client's next request already sees it.
-                if (
-                    message["type"] == "http.response.start"
-                    and scope.get(AUTH_FAILED)
-                    and await self.counter.failed(address)
-                ):
-                    self.blocks.block(address, self.block_seconds)
-                    log.warning("auth.blocked", client=address, seconds=self.block_seconds)
-                await send(message)
-
-            await app(scope, receive, count_failures)
+            await app(scope, receive, self.counting(scope, address, send))
 
         return guarded
+
+    def counting(self, scope: Scope, address: str, send: Send) -> Send:
+        """`send`, counting the answer against `address` if its handler noted a failed
+        authentication (api/fast_send.py uses it too)."""
+
+        async def count_failures(message: Message) -> None:
+            # Counted before the answer leaves, so a client's next request already sees it.
+            if (
+                message["type"] == "http.response.start"
+                and scope.get(AUTH_FAILED)
+                and await self.counter.failed(address)
+            ):
+                self.blocks.block(address, self.block_seconds)
+                log.warning("auth.blocked", client=address, seconds=self.block_seconds)
+            await send(message)
+
+        return count_failures
 
 
 async def _too_many(scope: Scope, send: Send, seconds: int) -> None:
@@ -353,15 +358,10 @@ _CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _RAW_CHECKED_HEADERS = frozenset(name.encode() for name in CHECKED_HEADERS)
 
 
-def no_control_characters(request: Request[Any, Any, Any]) -> None:
-    """NUL and other control characters in a path, query or header value are refused as that
-    parameter's 400 (PostgreSQL cannot even store a NUL; no caller means one).
-
-    Run before every handler (a `before_request` hook, not a guard: Litestar copies the route
-    handler for each guard call). The raw request is scanned first, which is all a request
-    without any costs; only one that may hold such a character is looked at by parameter."""
-    scope = request.scope
-    if (
+def may_hold_control_characters(scope: Scope) -> bool:
+    """Whether the raw request may hold a control character where `no_control_characters`
+    looks: false for all but a few requests, and cheap to ask."""
+    return not (
         _CONTROL.search(scope["path"]) is None
         and b"%" not in scope["query_string"]
         and _CONTROL_BYTES.search(scope["query_string"]) is None
@@ -369,7 +369,17 @@ def no_control_characters(request: Request[Any, Any, Any]) -> None:
             name in _RAW_CHECKED_HEADERS and _CONTROL_BYTES.search(value) is not None
             for name, value in scope["headers"]
         )
-    ):
+    )
+
+
+def no_control_characters(request: Request[Any, Any, Any]) -> None:
+    """NUL and other control characters in a path, query or header value are refused as that
+    parameter's 400 (PostgreSQL cannot even store a NUL; no caller means one).
+
+    Run before every handler (a `before_request` hook, not a guard: Litestar copies the route
+    handler for each guard call). The raw request is scanned first, which is all a request
+    without any costs; only one that may hold such a character is looked at by parameter."""
+    if not may_hold_control_characters(request.scope):
         return
     checked: Iterable[tuple[str, str | None]] = [
         *(
