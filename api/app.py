@@ -144,21 +144,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         logging_config=None,
     )
-    # The lean route for v3 sends (api/fast_send.py), with the route's own handler and template
-    # as the router gives them, so metrics and error answers see what the route would show.
+    # The lean route for v3 sends (api/fast_send.py), unless the route has grown something it
+    # does not repeat.
     if settings.lean_send:
-        _, route_handler, _, _, path_template = app.asgi_router.handle_routing(
-            path="/interact/version/3/account/a/resources/campaign/sms/c", method="POST"
-        )
-        app.asgi_handler = FastSend(
-            app.asgi_handler,
-            app,
-            groups,
-            guard,
-            route_handler,
-            path_template,
-            settings.max_body_bytes,
-        )
+        lean = FastSend(app.asgi_handler, app, groups, guard)
+        reason = lean.unfit(before_request)
+        if reason is None:
+            app.asgi_handler = lean
+        else:
+            structlog.get_logger(__name__).warning("api.lean_send_off", reason=reason)
     instrument(app, send_handlers=[send_sms, send_sms_to_caller, send_sms_v2, soap_endpoint])
     return app
 

@@ -20,11 +20,14 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar._asgi.utils import is_valid_host
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
+from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.body import JsonBody
 from api.guard import KeyGuessingGuard, may_hold_control_characters
-from api.interact import placed_response, send_command
+from api.interact import placed_response, send_command, wants_json
 from shared.messages.accept import AcceptedMessage
 from shared.messages.group_commit import GroupAccept
 
@@ -54,25 +57,51 @@ class FastSend:
     answers; everything else passes through."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        litestar: Litestar,
-        groups: GroupAccept,
-        guard: KeyGuessingGuard,
-        route_handler: Any,
-        path_template: str,
-        max_body_bytes: int,
+        self, app: ASGIApp, litestar: Litestar, groups: GroupAccept, guard: KeyGuessingGuard
     ) -> None:
         self.app = app
         self.litestar = litestar
         self.groups = groups
         self.guard = guard
-        self.route_handler = route_handler
-        self.path_template = path_template
-        self.max_body_bytes = max_body_bytes
-        self.handlers: Mapping[Any, ExceptionHandler] = litestar.exception_handlers
+        # The route's own handler and template, as the router gives them, so metrics, the
+        # guard and the error answers see what the route would show.
+        _, handler, _, _, self.path_template = litestar.asgi_router.handle_routing(
+            path="/interact/version/3/account/a/resources/campaign/sms/c", method="POST"
+        )
+        if not isinstance(handler, HTTPRouteHandler):
+            raise TypeError(f"the v3 send path is routed to {handler!r}")
+        self.route_handler = handler
+        limit = handler.resolve_request_max_body_size()
+        if limit is None:
+            raise TypeError("the v3 send route has no body limit")
+        self.max_body_bytes = limit
+        self.handlers: Mapping[Any, ExceptionHandler] = (
+            self.route_handler.resolve_exception_handlers()
+        )
+        self.encoders = self.route_handler.resolve_type_encoders()
         # Requests this route answered (the rest went to Litestar's): what the tests look at.
         self.answered = 0
+
+    def unfit(self, before_request: object) -> str | None:
+        """Why the lean route would not do all the Litestar route does (None: it would). It
+        repeats the route's hook, middleware and limits, so anything added to the route or the
+        app later that it does not know turns it off (api/app.py) rather than being skipped."""
+        handler, app = self.route_handler, self.litestar
+        if handler.resolve_middleware() != [self.guard.middleware]:
+            return "the route has middleware besides the key-guessing guard"
+        if handler.resolve_guards() or any(
+            layer.after_request for layer in handler.ownership_layers
+        ):
+            return "the route has guards or an after_request hook"
+        if handler.resolve_response_headers() or handler.resolve_response_cookies():
+            return "the route adds response headers or cookies"
+        if handler.resolve_after_response() or app.before_send or app.after_exception:
+            return "the app has after_response, before_send or after_exception hooks"
+        if handler.resolve_before_request() is None or app.before_request is not before_request:
+            return "the route's before_request hook is not the one the lean route repeats"
+        if app.cors_config or app.compression_config or app.allowed_hosts or app.csrf_config:
+            return "the app has CORS, compression, allowed hosts or CSRF configured"
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -91,6 +120,7 @@ class FastSend:
             or not 0 <= _length(headers.get(b"content-length")) <= self.max_body_bytes
             or not is_valid_host(headers.get(b"host", b""))
             or may_hold_control_characters(scope)
+            or not self._routed_here(scope["path"])
         ):
             await self.app(scope, receive, send)
             return
@@ -103,50 +133,92 @@ class FastSend:
         scope["route_handler"] = self.route_handler
         scope["path_template"] = self.path_template
         scope["path_params"] = {"account_id": match[1], "campaign_id": match[2]}
-        send = self.guard.counting(scope, address, send)
-        body = await _body(receive)
-        if body is None:
-            return  # the client went away before its body arrived: nothing to answer
+        started = False
+        counting = self.guard.counting(scope, address, send)
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await counting(message)
+
         try:
-            command = send_command(
-                JsonBody(body),
-                match[1],
-                match[2],
-                _text(headers.get(b"tenant-id")),
-                _text(headers.get(b"application-key")),
-                _text(headers.get(b"environment-name")),
-                region=self.groups.settings.default_region,
-                idempotency_key=_text(headers.get(b"idempotency-key")),
-            )
-            accepted = await self.groups.send(command)
+            await self._send(scope, receive, tracked, match, headers)
         except Exception as exc:
-            await self._answer_error(scope, receive, send, exc)
-            return
-        if accepted.replayed or headers.get(b"accept", b"*/*") != b"*/*":
-            # JSON asked for, or a replay's header: the route's own response object.
-            await self._respond(scope, receive, send, lambda r: placed_response(r, accepted))
-            return
-        await _placed_text(send, accepted)
+            # As Litestar's exception middleware does: answered by the handler for it, unless
+            # the answer had begun (then the server ends the connection, as it would there).
+            if started:
+                raise
+            try:
+                await self._answer_error(scope, receive, tracked, exc)
+            except Exception as again:
+                if started:
+                    raise
+                # The handler itself failed: the app's handler of last resort (500 exception).
+                await self._answer_error(scope, receive, tracked, again, last_resort=True)
 
-    async def _answer_error(
-        self, scope: Scope, receive: Receive, send: Send, exc: Exception
-    ) -> None:
-        """As Litestar's exception middleware answers: the handler registered for the nearest
-        class in the exception's MRO (the app registers one for Exception itself)."""
-        handler = next(cls for cls in type(exc).__mro__ if cls in self.handlers)
-        await self._respond(scope, receive, send, lambda r: self.handlers[handler](r, exc))
+    def _routed_here(self, path: str) -> bool:
+        """Whether the router sends `path` to the v3 send route: a fixed segment of another
+        route (`…/campaign/sms/notify`) is not a campaign id. The router caches its answers."""
+        try:
+            return self.litestar.asgi_router.handle_routing(path=path, method="POST")[1] is (
+                self.route_handler
+            )
+        except Exception:  # no route, or only another method's: the router answers it
+            return False
 
-    async def _respond(
+    async def _send(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        build: Callable[[Request[Any, Any, Any]], Response[Any]],
+        match: re.Match[str],
+        headers: dict[bytes, bytes],
+    ) -> None:
+        as_json = b"accept" in headers and wants_json(Request(scope, receive, send))
+        body = await _body(receive, self.max_body_bytes)
+        if body is None:
+            return  # the client went away before its body arrived: nothing to answer
+        command = send_command(
+            JsonBody(body),
+            match[1],
+            match[2],
+            _text(headers.get(b"tenant-id")),
+            _text(headers.get(b"application-key")),
+            _text(headers.get(b"environment-name")),
+            region=self.groups.settings.default_region,
+            idempotency_key=_text(headers.get(b"idempotency-key")),
+        )
+        accepted = await self.groups.send(command)
+        if accepted.replayed or as_json:
+            # JSON asked for, or a replay's header: the route's own response object.
+            response = placed_response(accepted, as_json=as_json)
+            await self._respond(scope, receive, send, response)
+            return
+        await _placed_text(send, accepted)
+
+    async def _answer_error(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exc: Exception,
+        *,
+        last_resort: bool = False,
+    ) -> None:
+        """As Litestar's exception middleware answers: the handler registered for the nearest
+        class in the exception's MRO (the app registers one for Exception itself)."""
+        kind = (
+            Exception if last_resort else next(c for c in type(exc).__mro__ if c in self.handlers)
+        )
+        request: Request[Any, Any, Any] = Request(scope, receive, send)
+        await self._respond(scope, receive, send, self.handlers[kind](request, exc))
+
+    async def _respond(
+        self, scope: Scope, receive: Receive, send: Send, response: Response[Any]
     ) -> None:
         request: Request[Any, Any, Any] = Request(scope, receive, send)
-        response = build(request)
-        encoders = self.route_handler.resolve_type_encoders()
-        await response.to_asgi_response(None, request, type_encoders=encoders)(scope, receive, send)
+        asgi = response.to_asgi_response(None, request, type_encoders=self.encoders)
+        await asgi(scope, receive, send)
 
 
 async def _placed_text(send: Send, accepted: AcceptedMessage) -> None:
@@ -186,12 +258,18 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-async def _body(receive: Receive) -> bytes | None:
+async def _body(receive: Receive, limit: int) -> bytes | None:
+    """The body, held to `limit` whatever the server lets through (Litestar's answer if not)."""
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             return None
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status_code=HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

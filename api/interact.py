@@ -4,8 +4,10 @@ generateToken."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 import msgspec
+import structlog
 from litestar import MediaType, Request, Response, post
 from litestar.datastructures import State
 from litestar.params import FromPath
@@ -47,6 +49,8 @@ from shared.messages.accept import get_interaction_link as interaction_link_for
 from shared.messages.group_commit import GroupAccept
 from shared.text.phone import to_e164
 
+log = structlog.get_logger(__name__)
+
 
 class SendSmsJson(msgspec.Struct):
     messageSid: str  # noqa: N815 - the API's own spelling
@@ -60,18 +64,27 @@ class TokenJson(msgspec.Struct):
     expiresAt: datetime  # noqa: N815
 
 
-def placed_response(
-    request: Request[object, object, State], accepted: AcceptedMessage
-) -> Response[object]:
+def wants_json(request: Request[Any, Any, Any]) -> bool:
+    """Whether the caller asked for the JSON answer. Decided before the message is accepted: an
+    Accept header that cannot be read gets the seed's text, never a 500 for a message that
+    was committed (a caller without an Idempotency-Key would send it again)."""
+    accept = request.headers.get("accept")
+    # Most IVRs send no Accept (or */*): text, without parsing the header's media ranges.
+    if accept in (None, "*/*"):
+        return False
+    try:
+        return request.accept.best_match([MediaType.TEXT, MediaType.JSON]) == MediaType.JSON
+    except (ValueError, ArithmeticError):
+        # A quality such as q=inf or q=1e999 makes the parser's arithmetic fail.
+        log.info("request.unreadable_accept", accept=accept)
+        return False
+
+
+def placed_response(accepted: AcceptedMessage, *, as_json: bool) -> Response[object]:
     """The seed's success text, or the same as JSON for callers that ask for JSON."""
     text = f"Placed campaign {{{accepted.campaign_id}}} in SMS queue messageSid: {accepted.sid}"
     headers = {"Idempotency-Replay": "true"} if accepted.replayed else None
-    # Most IVRs send no Accept (or */*): text, without parsing the header's media ranges.
-    accept = request.headers.get("accept")
-    if (
-        accept not in (None, "*/*")
-        and request.accept.best_match([MediaType.TEXT, MediaType.JSON]) == MediaType.JSON
-    ):
+    if as_json:
         return Response(
             SendSmsJson(messageSid=accepted.sid, message=text),
             status_code=200,
@@ -135,6 +148,7 @@ async def _send(
     idempotency_key: str | None,
     version: int = 3,
 ) -> Response[object]:
+    as_json = wants_json(request)
     command = send_command(
         JsonBody(await request.body()),
         account_id,
@@ -147,7 +161,7 @@ async def _send(
         idempotency_key=idempotency_key,
         version=version,
     )
-    return placed_response(request, await accept.send(command))
+    return placed_response(await accept.send(command), as_json=as_json)
 
 
 @post(

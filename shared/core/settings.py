@@ -192,8 +192,8 @@ class Settings(BaseSettings):
     # spell leaves at once; under load, what commits within the window goes as one task (up to
     # send_batch_size messages), so workers pay their per-task cost for many messages.
     publish_window: Duration = timedelta(milliseconds=20)
-    # Send SMS v3 answered in front of Litestar's routing (api/fast_send.py); false sends every
-    # request through the Litestar route. The answers are the same either way.
+    # Send SMS v3 answered in front of Litestar's routing (api/fast_send.py), with the Litestar
+    # route's answers; false sends every request through the route.
     lean_send: bool = True
 
     @model_validator(mode="after")

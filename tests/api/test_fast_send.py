@@ -21,8 +21,9 @@ from api.fast_send import FastSend
 from shared.core.db import Database
 from shared.core.models import InteractionToken, utcnow
 from shared.core.settings import Settings
-from tests.support.api import V3, issue_token, stored_messages
+from tests.support.api import V3, issue_token, put_campaign, stored_messages
 from tests.support.data import CALLER, KEY, SENDER, TENANT, Demo, headers
+from tests.support.metrics import value
 
 SID = re.compile(rb"SM[0-9a-f]{32}")
 SEND_URL = f"{V3}/campaign/sms/campaign1"
@@ -81,6 +82,10 @@ CASES: dict[str, Case] = {
     ),
     "placed, text asked for": lambda c: (
         headers(Accept="text/plain"),
+        _json(f'{{"callerId": "{CALLER}", "jpToken": "{token(c)}"}}'),
+    ),
+    "placed, an Accept header that cannot be read (q=inf)": lambda c: (
+        headers(Accept="text/plain;q=inf"),
         _json(f'{{"callerId": "{CALLER}", "jpToken": "{token(c)}"}}'),
     ),
     "placed, the caller as a JSON number": lambda c: (
@@ -189,6 +194,12 @@ def test_idempotent_replay_and_conflict_match_the_litestar_route(
 
 # What the lean route leaves to Litestar's: (name, headers, body or None for a chunked body, path)
 UNUSUAL: list[tuple[str, list[tuple[str, str]], bytes | None, str]] = [
+    (
+        "another route's fixed segment as the campaign",
+        [("Tenant-Id", TENANT), ("Application-Key", KEY)],
+        b"{}",
+        f"{V3}/campaign/sms/notify",
+    ),
     ("a chunked body", [("Tenant-Id", TENANT), ("Application-Key", KEY)], None, SEND_URL),
     (
         "a body over the limit",
@@ -215,11 +226,14 @@ UNUSUAL: list[tuple[str, list[tuple[str, str]], bytes | None, str]] = [
 @pytest.mark.parametrize("case", UNUSUAL, ids=[case[0] for case in UNUSUAL])
 def test_unusual_requests_are_answered_by_the_litestar_route(
     demo: Demo,
+    db: Database,
     client: TestClient[Litestar],
     routed: TestClient[Litestar],
     case: tuple[str, list[tuple[str, str]], bytes | None, str],
 ) -> None:
     _, request_headers, body, path = case
+    # A campaign may be called "notify": the router still sends …/sms/notify elsewhere.
+    put_campaign(db, "notify")
 
     def post(test_client: TestClient[Litestar]) -> httpx.Response:
         content: Any = body if body is not None else iter([b"{", b"}"])
@@ -277,16 +291,53 @@ def test_a_header_sent_twice_goes_to_the_litestar_route(
             (b"application-key", KEY.encode()),
         ],
     }
-    bypass = FastSend(
-        litestar_route,
-        lean.litestar,
-        lean.groups,
-        lean.guard,
-        lean.route_handler,
-        lean.path_template,
-        lean.max_body_bytes,
-    )
+    bypass = FastSend(litestar_route, lean.litestar, lean.groups, lean.guard)
     asyncio.run(bypass(scope, no_body, send))
 
     assert passed == [scope]
     assert bypass.answered == 0
+
+
+def test_a_request_without_accept_gets_the_text_on_both_routes(
+    demo: Demo, client: TestClient[Litestar], routed: TestClient[Litestar]
+) -> None:
+    answers = []
+    for test_client in (client, routed):
+        test_client.headers.pop("accept", None)  # httpx sends */* unless told not to
+        body = f'{{"callerId": "{CALLER}", "jpToken": "{issue_token(client)}"}}'.encode()
+        answers.append(answer(test_client.post(SEND_URL, headers=headers(), content=body)))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 200
+    assert lean_route(client).answered == 1
+
+
+def test_metrics_count_the_lean_routes_answers_under_the_send_route(
+    demo: Demo, client: TestClient[Litestar]
+) -> None:
+    template = "/interact/version/3/account/{account_id}/resources/campaign/sms/{campaign_id}"
+    before = client.get("/metrics").text
+    body = f'{{"callerId": "{CALLER}", "jpToken": "{issue_token(client)}"}}'.encode()
+    placed = client.post(SEND_URL, headers=headers(), content=body)
+    refused = client.post(SEND_URL, headers=headers(key="0" * 24), content=body)
+    after = client.get("/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert (placed.status_code, refused.status_code) == (200, 401)
+    assert lean_route(client).answered == 2
+    for status in ("200", "401"):
+        assert delta("smsd_http_requests_total", method="POST", route=template, status=status) == 1
+        assert delta("smsd_accept_latency_seconds_count", route=template, status=status) == 1
+
+
+def test_the_lean_route_stays_off_when_the_route_does_more_than_it_repeats(
+    client: TestClient[Litestar],
+) -> None:
+    lean = lean_route(client)
+
+    async def another_hook(request: Any) -> None:
+        return None
+
+    assert lean.unfit(client.app.before_request) is None
+    assert lean.unfit(another_hook) is not None
