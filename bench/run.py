@@ -66,7 +66,7 @@ from bench.load import (
     run_wrk,
 )
 from bench.profile import Profile, Recording, py_spy, record
-from bench.stack import ROOT, Interference, Proc, Stack, StackConfig, running
+from bench.stack import ROOT, Interference, Proc, Stack, StackConfig, running, wait_http
 from tests.support.services import postgres_server, redis_server
 
 RESULTS = ROOT / "bench" / "results"
@@ -90,6 +90,9 @@ ACCEPT_RATIO = 0.4  # accept / bare Litestar
 ACCEPT_P99_MS = 25.0
 DISPATCH_RATIO = 2.0  # dispatch at 0 ms / the no-op one-task-per-message floor
 DISPATCH_50MS_RATE = 1000.0  # msg/s at 50 ms provider latency
+# HTTP exchanges per message dispatched with callbacks on: the provider call, `sent`, `delivered`.
+EXCHANGES_PER_MESSAGE = 3
+EXCHANGE_SECONDS = 12
 E2E_P99_MS = 250.0  # accept -> provider call, at 300 msg/s for 60 s
 BACKLOG_TOLERANCE = 0.10  # 200k drain rate against 10k
 
@@ -611,6 +614,65 @@ class Bench:
         self.say(f"dispatch floor: {count:,} no-op tasks, one per message, same worker settings")
         self.results["noop"] = self.noop_floor(count)
 
+    def exchange(self) -> None:
+        """The HTTP exchange floor (bench/exchange.py): box CPU per request and answer, aiohttp
+        to the cheapest ASGI app under uvicorn, both with two processes, nothing else running."""
+        stack, seconds, concurrency = self.stack, EXCHANGE_SECONDS, self.options.connections
+        self.say(f"exchange floor: aiohttp -> bare ASGI app, 2 x {concurrency} connections")
+        port = stack.ports["bare"]
+        server = stack.start(
+            "exchange",
+            [
+                sys.executable,
+                "-m",
+                "bench.exchange",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                str(stack.config.api_workers),
+            ],
+        )
+        url = f"http://127.0.0.1:{port}/exchange"
+        with running(stack, [server]):
+            wait_http(url, server, method="POST")
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.exchange",
+                "client",
+                "--url",
+                url,
+                "--seconds",
+                str(seconds),
+                "--concurrency",
+                str(concurrency),
+            ]
+            meter = self.meter()
+            clients = [
+                subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                for _ in range(stack.config.api_workers)
+            ]
+            outputs = [client.communicate(timeout=seconds + 60)[0] for client in clients]
+            busy = meter.busy_seconds()
+            self.foreign("the exchange floor", meter)
+        if any(client.returncode for client in clients):
+            raise RuntimeError(f"an exchange client failed: {outputs}")
+        exchanges = sum(int(out.split()[-1]) for out in outputs)
+        box_ms = 1000 * busy / exchanges
+        ceiling = 2000 / (EXCHANGES_PER_MESSAGE * box_ms)
+        self.say(
+            f"  {exchanges:,} exchanges, {exchanges / meter.seconds:,.0f}/s: {box_ms:.3f} ms of "
+            f"the box each; {EXCHANGES_PER_MESSAGE} a message cap dispatch at {ceiling:,.0f} msg/s"
+        )
+        self.results["exchange"] = {
+            "exchanges": exchanges,
+            "seconds": meter.seconds,
+            "box_ms_per_exchange": box_ms,
+            "per_message": EXCHANGES_PER_MESSAGE,
+            "ceiling_msg_per_s": ceiling,
+        }
+
     def twilio(self) -> None:
         """The Twilio adapter's send path (the twilio SDK over HTTP to the simulator's Twilio
         API) beside the simulator adapter's, both at 0 ms: the SDK's own cost."""
@@ -962,6 +1024,15 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
             )
         )
     noop = results.get("noop", {}).get("tasks_per_s")
+    exchange = results.get("exchange")
+    ceiling_note = ""
+    if exchange:
+        ceiling = exchange["ceiling_msg_per_s"]
+        versus = f" = {ceiling / noop:.2f}x no-op" if noop else ""
+        ceiling_note = (
+            f"; its {exchange['per_message']} HTTP exchanges alone cap it at "
+            f"{ceiling:,.0f} msg/s{versus}"
+        )
     for key, latency in (("dispatch", 0), ("dispatch-50ms", SIMULATOR_LATENCY_MS)):
         if key not in results:
             continue
@@ -984,7 +1055,7 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
             unjudged="" if noop or key != "dispatch" else "no floor",
             detail=(
                 f"{d['sent']:,} of {d['count']:,} sent, tasks of {d['fill']['batch']}, "
-                f"{d['cpu_ms_per_message']['all']:.2f} ms CPU/message"
+                f"{d['cpu_ms_per_message']['all']:.2f} ms CPU/message" + ceiling_note
             ),
         )
         rows.append(
@@ -996,6 +1067,18 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
                 _r(ratio),
                 target,
                 _yes(judged[key].met),
+            )
+        )
+    if exchange:
+        rows.append(
+            Row(
+                "Dispatch",
+                "HTTP exchange floor: aiohttp -> bare ASGI",
+                f"{exchange['box_ms_per_exchange']:.3f} box-ms each",
+                f"no-op {noop:,.0f}/s" if noop else "no-op not run",
+                _r(exchange["ceiling_msg_per_s"] / noop) if noop else "-",
+                f"{exchange['per_message']}/message: <= {exchange['ceiling_msg_per_s']:,.0f} msg/s",
+                "-",
             )
         )
     if "dispatch-twilio" in results:
@@ -1280,6 +1363,7 @@ def main() -> int:
                 if options.wants("dispatch"):
                     bench.scenario("dispatch", bench.dispatch)
                     bench.scenario("noop", bench.noop)
+                    bench.scenario("exchange", bench.exchange)
                     bench.scenario("dispatch-50ms", bench.dispatch_50ms)
                 if options.wants("twilio"):
                     bench.scenario("twilio", bench.twilio)

@@ -620,6 +620,11 @@ class Interference:
         self.names0.update({pid: name for pid, name in self.names.items() if pid in self.names0})
         self.ours0 = {pid: _cpu_ticks(pid) for pid in self.names0}
 
+    def busy_seconds(self) -> float:
+        """Since start(): the whole box's CPU (every process's), in seconds."""
+        self.seconds = time.monotonic() - self.started
+        return (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
+
     def foreign_cores(self) -> float:
         """Since start(): other processes' CPU, averaged over the time, in cores."""
         seconds = self.seconds = time.monotonic() - self.started
