@@ -14,6 +14,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from api.bulk import bulk_cancel, bulk_progress, bulk_send
 from api.dependencies import dependencies
 from api.errors import (
     database_error_response,
@@ -104,6 +105,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             send_sms,
             send_sms_to_caller,
             send_sms_v2,
+            bulk_send,
+            bulk_progress,
+            bulk_cancel,
             notify_sms,
             get_interaction_link,
             follow_short_link,

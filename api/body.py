@@ -31,6 +31,16 @@ class JsonBody:
         else:
             self.invalid = "body"
 
+    @classmethod
+    def of(cls, decoded: object) -> JsonBody:
+        """A body already decoded (one row of a bulk request): an object, or `body` invalid."""
+        body = cls(b"")
+        if isinstance(decoded, dict):
+            body._data = decoded
+        else:
+            body.invalid = "body"
+        return body
+
     def text(self, name: str, *, allow_number: bool = False) -> str | None:
         """A string field, or None when absent or blank (an invalid type marks it invalid)."""
         value = self._data.get(name)

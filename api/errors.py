@@ -19,6 +19,8 @@ from shared.core.errors import (
     MORE_INFO_URL,
     UNAUTHORIZED_CODE,
     UNAUTHORIZED_MESSAGE,
+    BatchNotFound,
+    BodyTooLarge,
     CampaignNotFound,
     IdempotencyConflict,
     InvalidParameter,
@@ -26,6 +28,7 @@ from shared.core.errors import (
     ProviderNotDefined,
     RequestRefused,
     TokenExpired,
+    TooManyRecipients,
     Unauthenticated,
 )
 
@@ -44,6 +47,9 @@ REFUSAL_STATUSES: dict[type[RequestRefused], int] = {
     TokenExpired: 403,
     CampaignNotFound: 404,
     MessageNotFound: 404,
+    BatchNotFound: 404,
+    TooManyRecipients: 413,
+    BodyTooLarge: 413,
     IdempotencyConflict: 422,
     ProviderNotDefined: 500,
 }

@@ -153,16 +153,18 @@ def documented(
     errors: dict[int, OpenAPIResponse],
     body: Schema | None = None,
     success: OpenAPIResponse | None = None,
+    success_status: int = 200,
+    bodies: dict[str, OpenAPIMediaType] | None = None,
 ) -> type[Operation]:
-    """An Operation class that documents these exact answers (and `body` as the JSON body)."""
+    """An Operation class that documents these exact answers (and `body` as the JSON body, or
+    `bodies` by media type)."""
+    content = bodies or ({"application/json": OpenAPIMediaType(schema=body)} if body else None)
 
     @dataclass
     class _Documented(Operation):
         def __post_init__(self) -> None:
-            if body is not None:
-                self.request_body = RequestBody(
-                    content={"application/json": OpenAPIMediaType(schema=body)}, required=False
-                )
+            if content is not None:
+                self.request_body = RequestBody(content=content, required=False)
             # Litestar's generic validation 400 is never what we answer: ours replace it.
             responses = {
                 code: response
@@ -170,14 +172,14 @@ def documented(
                 if not code.startswith(("4", "5"))
             }
             if success is not None:
-                responses["200"] = success
+                responses[str(success_status)] = success
             implied: dict[int, OpenAPIResponse] = {}
             if 401 in errors:
                 # Whoever can fail authentication can be throttled for failing it too often,
                 # and every authenticated answer needs the database.
                 implied[429] = TOO_MANY_FAILURES
                 implied[503] = UNAVAILABLE
-            if body is not None:
+            if content is not None:
                 implied[413] = BODY_TOO_LARGE
             responses.update({str(code): response for code, response in (implied | errors).items()})
             self.responses = responses
@@ -233,3 +235,132 @@ LINK_BODY = json_object(
     additionalParams=string("Query string appended to the campaign link", "var1=value1"),
     shortenUrl=Schema(type=OpenAPIType.BOOLEAN, description="Answer a short link (default false)"),
 )
+
+
+BULK_ROW = json_object(
+    ["callerId"],
+    **{
+        "callerId": string("Recipient phone number", "+972 54 4696388"),
+        "additionalParams": string("Query string appended to the campaign link", "var1=value1"),
+        "jpToken": string("A call's token from generateToken (optional)", "Aejhib7"),
+        "from": string("Sender; one of the account's senders (optional)", "+12121234567"),
+    },
+)
+BULK_BODIES = {
+    "application/json": OpenAPIMediaType(
+        schema=Schema(type=OpenAPIType.ARRAY, items=BULK_ROW),
+        example=[
+            {"callerId": "+972544696388", "additionalParams": "var1=a"},
+            {"callerId": "+972544696389", "jpToken": "Aejhib7"},
+        ],
+    ),
+    "text/csv": OpenAPIMediaType(
+        schema=STRING,
+        example="callerId,additionalParams\n+972544696388,var1=a\n+972544696389,var1=b\n",
+    ),
+}
+BATCH_EXAMPLE = "BB0c4d6e3b2a1f49e8a7b6c5d4e3f2a1b0"
+BULK_ACCEPTED = OpenAPIResponse(
+    description=(
+        "The valid rows are committed as messages and queued; `rejected` lists the others "
+        "(row number from 1, the parameter, Send SMS's error text)"
+    ),
+    headers={
+        "Location": OpenAPIHeader(schema=STRING, description="The batch's progress"),
+        "Idempotency-Replay": OpenAPIHeader(
+            schema=STRING, description="`true` when an Idempotency-Key replayed an earlier answer"
+        ),
+    },
+    content={
+        "application/json": OpenAPIMediaType(
+            schema=json_object(
+                ["batchId", "campaignId", "accepted", "rejected"],
+                batchId=STRING,
+                campaignId=STRING,
+                accepted=integer("Messages stored and queued"),
+                rejected=Schema(
+                    type=OpenAPIType.ARRAY,
+                    items=json_object(
+                        ["row", "parameter", "error"],
+                        row=integer("The row's number, from 1 (a CSV header is not counted)"),
+                        parameter=STRING,
+                        error=STRING,
+                    ),
+                ),
+            ),
+            example={
+                "batchId": BATCH_EXAMPLE,
+                "campaignId": "campaign1",
+                "accepted": 1,
+                "rejected": [
+                    {
+                        "row": 2,
+                        "parameter": "callerId",
+                        "error": "missing or invalid parameter callerId",
+                    }
+                ],
+            },
+        )
+    },
+)
+BULK_PROGRESS = OpenAPIResponse(
+    description="The batch's messages counted by where they are",
+    content={
+        "application/json": OpenAPIMediaType(
+            schema=json_object(
+                [],
+                batchId=STRING,
+                campaignId=STRING,
+                createdAt=STRING,
+                cancelledAt=STRING,
+                accepted=integer("Messages stored"),
+                rejected=integer("Rows refused"),
+                queued=integer("Not sent yet"),
+                sent=integer("Taken by a provider, no final word yet"),
+                delivered=integer("Delivered"),
+                failed=integer("Failed, undelivered, rejected or never confirmed"),
+                optedOut=integer("The recipient had opted out"),
+                expired=integer("Not sent within its validity"),
+                cancelled=integer("Withdrawn by DELETE before a worker took them"),
+            ),
+            example={
+                "batchId": BATCH_EXAMPLE,
+                "campaignId": "campaign1",
+                "createdAt": "2026-12-01T14:00:00Z",
+                "cancelledAt": None,
+                "accepted": 3,
+                "rejected": 0,
+                "queued": 1,
+                "sent": 1,
+                "delivered": 1,
+                "failed": 0,
+                "optedOut": 0,
+                "expired": 0,
+                "cancelled": 0,
+            },
+        )
+    },
+)
+BULK_TOO_LARGE = text(
+    "More recipients than SMSD_BULK_MAX_RECIPIENTS, or a body over SMSD_BULK_MAX_BODY_BYTES: "
+    "nothing is stored",
+    "too many recipients: at most 100000 in one request",
+)
+BULK_ERRORS = {
+    400: BAD_PARAMETER,
+    401: UNAUTHORIZED,
+    403: TOKEN_EXPIRED,
+    404: NOT_FOUND,
+    413: BULK_TOO_LARGE,
+    422: IDEMPOTENCY_CONFLICT,
+    500: FAILED,
+}
+BATCH_ERRORS = {
+    400: text(
+        "A path parameter that cannot be one (control characters, too long)",
+        "missing or invalid parameter accountID",
+    ),
+    401: UNAUTHORIZED,
+    404: text("No such batch in this account", f"Batch {BATCH_EXAMPLE} was not found"),
+    500: UNEXPECTED,
+}

@@ -66,11 +66,22 @@ from bench.load import (
     run_wrk,
 )
 from bench.profile import Profile, Recording, py_spy, record
-from bench.stack import ROOT, Interference, Proc, Stack, StackConfig, running, wait_http
+from bench.stack import (
+    CAMPAIGN,
+    HEADERS,
+    ROOT,
+    TENANT,
+    Interference,
+    Proc,
+    Stack,
+    StackConfig,
+    running,
+    wait_http,
+)
 from tests.support.services import postgres_server, redis_server
 
 RESULTS = ROOT / "bench" / "results"
-SCENARIOS = ("accept", "dispatch", "twilio", "e2e", "backlog")
+SCENARIOS = ("accept", "dispatch", "twilio", "e2e", "backlog", "bulk")
 SIMULATOR_LATENCY_MS = 50
 DELIVERY_DELAY_MS = 200
 E2E_SECONDS = 60  # the issue's end-to-end run: 300 msg/s for 60 s
@@ -93,6 +104,8 @@ DISPATCH_50MS_RATE = 1000.0  # msg/s at 50 ms provider latency
 # HTTP exchanges per message dispatched with callbacks on: the provider call, `sent`, `delivered`.
 EXCHANGES_PER_MESSAGE = 3
 EXCHANGE_SECONDS = 12
+BULK_RATE = 20_000.0  # recipients stored per second by one bulk request (issue 14)
+BULK_PATH = f"/interact/version/3/account/{TENANT}/resources/campaign/sms/{CAMPAIGN}/bulk"
 E2E_P99_MS = 250.0  # accept -> provider call, at 300 msg/s for 60 s
 BACKLOG_TOLERANCE = 0.10  # 200k drain rate against 10k
 
@@ -110,6 +123,7 @@ class Options:
     accept_rounds: int
     dispatch_count: int
     twilio_count: int
+    bulk_count: int
     batch: int  # 0: the service's SMSD_SEND_BATCH_SIZE
     e2e_rate: int
     e2e_seconds: int
@@ -134,6 +148,7 @@ class Options:
             accept_rounds=max(1, _env_int("BENCH_ACCEPT_ROUNDS", 3)),
             dispatch_count=_env_int("BENCH_DISPATCH", 20_000),
             twilio_count=_env_int("BENCH_TWILIO", 5_000),
+            bulk_count=_env_int("BENCH_BULK", 100_000),
             batch=_env_int("BENCH_BATCH", 0),
             e2e_rate=_env_int("BENCH_E2E_RATE", 300),
             e2e_seconds=int(seconds) if seconds else E2E_SECONDS,
@@ -744,6 +759,84 @@ class Bench:
             drained = self.drain(size, f"backlog-{size}")
             self.results["backlog"][str(size)] = {**filled, **drained}
 
+    # Bulk send (issue 14)
+
+    def bulk(self) -> None:
+        """One bulk request of BENCH_BULK recipients, as JSON and then as CSV: the time to its
+        202 (every recipient checked and committed), recipients stored per second, and how
+        much the API's memory grew meanwhile."""
+        self.results["bulk"] = {}
+        for kind in ("json", "csv"):
+            self.results["bulk"][kind] = self.bulk_run(self.options.bulk_count, kind)
+
+    def bulk_run(self, count: int, kind: str) -> dict[str, Any]:
+        stack = self.stack
+        stack.clean()
+        numbers = [f"+1202{2_000_000 + i:07d}" for i in range(count)]
+        if kind == "json":
+            rows = [{"callerId": n, "additionalParams": f"n={i}"} for i, n in enumerate(numbers)]
+            body, media = json.dumps(rows).encode(), "application/json"
+        else:
+            lines = ["callerId,additionalParams", *(f"{n},n={i}" for i, n in enumerate(numbers))]
+            body, media = ("\n".join(lines) + "\n").encode(), "text/csv"
+        self.say(f"bulk: {count:,} recipients in one {kind.upper()} request ({len(body):,} bytes)")
+        api = stack.api
+        rss_before = api.rss_bytes()
+        rss_peak = rss_before
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal rss_peak
+            while not done.wait(0.05):
+                rss_peak = max(rss_peak, api.rss_bytes())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        meter = self.meter()
+        started = time.monotonic()
+        try:
+            response = httpx.post(
+                stack.api_url + BULK_PATH,
+                headers={**HEADERS, "Content-Type": media},
+                content=body,
+                timeout=900,
+            )
+        finally:
+            seconds = time.monotonic() - started
+            done.set()
+            watcher.join()
+        self.foreign(f"bulk {kind}", meter)
+        if response.status_code != 202:
+            raise RuntimeError(f"bulk answered {response.status_code}: {response.text[:200]}")
+        answer = response.json()
+        stored = int(
+            stack.sql(
+                "SELECT count(*) FROM messages WHERE batch_id = :batch", batch=answer["batchId"]
+            )[0]
+        )
+        # The 202 is followed by the publish of every message (tasks of SMSD_SEND_BATCH_SIZE):
+        # waited for, so that it does not run into the next scenario.
+        published = _wait_published(stack, answer["batchId"], stored)
+        rate = stored / seconds if seconds else 0.0
+        self.say(
+            f"  202 after {seconds:.2f} s: {stored:,} stored ({answer['accepted']:,} accepted, "
+            f"{len(answer['rejected']):,} rejected), {rate:,.0f} recipients/s; API RSS "
+            f"{rss_before / 2**20:.0f} -> peak {rss_peak / 2**20:.0f} MiB; published in "
+            f"{published:.1f} s more"
+        )
+        return {
+            "count": count,
+            "bytes": len(body),
+            "accepted": answer["accepted"],
+            "rejected": len(answer["rejected"]),
+            "stored": stored,
+            "seconds_to_202": seconds,
+            "recipients_per_s": rate,
+            "api_rss_before": rss_before,
+            "api_rss_peak": rss_peak,
+            "publish_s": published,
+        }
+
     # End to end
 
     def e2e(self, name: str, rate: int, seconds: int) -> None:
@@ -835,6 +928,17 @@ class Bench:
             f"{result['accept_to_delivered']['done']:,}, p99 "
             f"{_ms(result['accept_to_delivered']['p99_ms'])}"
         )
+
+
+def _wait_published(stack: Stack, batch_id: str, count: int, timeout: float = 300) -> float:
+    """Seconds until every message of the batch is marked published (on the broker)."""
+    started = time.monotonic()
+    query = "SELECT count(*) FROM messages WHERE batch_id = :batch AND published_at IS NOT NULL"
+    while int(stack.sql(query, batch=batch_id)[0]) < count:
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"the bulk batch was not published within {timeout:.0f} s")
+        time.sleep(0.1)
+    return time.monotonic() - started
 
 
 def wait_for_sent(stack: Stack, sids: list[str], timeout: float) -> None:
@@ -954,6 +1058,10 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
             "backlog 10k -> 200k", f"drain rate within {BACKLOG_TOLERANCE:.0%} (BENCH_FULL=1)"
         ),
         "twilio": Judgment("Twilio adapter dispatch", "on record: msg/s and CPU per message"),
+        "bulk": Judgment(
+            "bulk send (issue 14), one request of JSON rows",
+            f">= {BULK_RATE:,.0f} recipients stored per second",
+        ),
     }
     if "accept" in results:
         acc, bare = results["accept"]["accept"], results["accept"]["bare"]
@@ -1078,6 +1186,52 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
                 f"no-op {noop:,.0f}/s" if noop else "no-op not run",
                 _r(exchange["ceiling_msg_per_s"] / noop) if noop else "-",
                 f"{exchange['per_message']}/message: <= {exchange['ceiling_msg_per_s']:,.0f} msg/s",
+                "-",
+            )
+        )
+    for kind, b in results.get("bulk", {}).items():
+        if kind == "json":
+            judged["bulk"] = replace(
+                judged["bulk"],
+                measured=b["recipients_per_s"],
+                unit="recipients/s",
+                met=b["recipients_per_s"] >= BULK_RATE and b["stored"] == b["count"],
+                detail=(
+                    f"{b['stored']:,} of {b['count']:,} stored; 202 after "
+                    f"{b['seconds_to_202']:.2f} s; API RSS {b['api_rss_before'] / 2**20:.0f} -> "
+                    f"{b['api_rss_peak'] / 2**20:.0f} MiB"
+                ),
+            )
+        rows.append(
+            Row(
+                "Bulk",
+                f"{b['count']:,} recipients, {kind.upper()}: 202 after",
+                f"{b['seconds_to_202']:.2f} s",
+                "-",
+                "-",
+                "recorded",
+                "-",
+            )
+        )
+        rows.append(
+            Row(
+                "Bulk",
+                f"{b['count']:,} recipients, {kind.upper()}: stored per second",
+                f"{b['recipients_per_s']:,.0f}/s",
+                "-",
+                "-",
+                f">= {BULK_RATE:,.0f}/s" if kind == "json" else "recorded",
+                _yes(judged["bulk"].met) if kind == "json" else "-",
+            )
+        )
+        rows.append(
+            Row(
+                "Bulk",
+                f"{b['count']:,} recipients, {kind.upper()}: API memory",
+                f"{b['api_rss_before'] / 2**20:.0f} -> {b['api_rss_peak'] / 2**20:.0f} MiB",
+                f"body {b['bytes'] / 2**20:.1f} MiB",
+                "-",
+                "bounded",
                 "-",
             )
         )
@@ -1278,7 +1432,7 @@ def _e2e_rows(e: dict[str, Any], *, target: bool) -> tuple[list[Row], Judgment |
 
 
 def render_targets(judgments: list[Judgment]) -> str:
-    lines = ["Targets (issue 13), each against a floor measured in this run:"]
+    lines = ["Targets (issues 13 and 14), each against a floor measured in this run:"]
     for j in judgments:
         figure = ""
         if j.measured is not None:
@@ -1381,6 +1535,8 @@ def main() -> int:
                     bench.scenario(
                         "e2e-sustainable", lambda: bench.e2e("e2e-sustainable", rate, 20)
                     )
+                if options.wants("bulk"):
+                    bench.scenario("bulk", bench.bulk)
                 if options.wants("backlog"):
                     bench.scenario("backlog", bench.backlog)
             finally:

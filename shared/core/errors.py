@@ -74,6 +74,29 @@ class MessageNotFound(RequestRefused):
         super().__init__(f"Message {sid} was not found")
 
 
+class BatchNotFound(RequestRefused):
+    """No bulk batch with that id in the caller's account."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"Batch {batch_id} was not found")
+
+
+class BodyTooLarge(RequestRefused):
+    """A body past a route's own limit (the bulk send's), in the words of the API's 413."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"request body too large: at most {limit} bytes")
+
+
+class TooManyRecipients(RequestRefused):
+    """A bulk request past SMSD_BULK_MAX_RECIPIENTS: nothing of it is stored."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"too many recipients: at most {limit} in one request")
+
+
 class ProviderNotDefined(RequestRefused):
     """The account (and the system account) has no usable telephony provider settings."""
 

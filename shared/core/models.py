@@ -95,6 +95,8 @@ class MessageStatus(enum.StrEnum):
     # The provider took it (or may have) but never gave a final word within the receipt window,
     # and cannot be asked: final, so nothing waits on it forever.
     UNKNOWN = "unknown"
+    # Withdrawn before a worker took it: its bulk batch was cancelled (DELETE .../bulk/{batchId}).
+    CANCELLED = "cancelled"
 
     @property
     def rank(self) -> int:
@@ -332,6 +334,14 @@ class Message(Base):
         ),
         Index("ix_messages_provider_message_id", "provider", "provider_message_id"),
         Index("ix_messages_account_id_created_at", "account_id", "created_at"),
+        # A bulk batch's progress and cancellation; single sends stay out of it.
+        Index(
+            "ix_messages_batch_id_status",
+            "batch_id",
+            "status",
+            postgresql_where=text("batch_id IS NOT NULL"),
+            sqlite_where=text("batch_id IS NOT NULL"),
+        ),
     )
 
     sid: Mapped[str] = mapped_column(String(34), primary_key=True)
@@ -364,6 +374,10 @@ class Message(Base):
     provider_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # The bulk batch it came in (BulkBatch.id); none for a single send. No foreign key: a
+    # single send would pay the check's trigger for nothing, and the account's cascade
+    # removes a batch's messages with the batch.
+    batch_id: Mapped[str | None] = mapped_column(String(34))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -379,6 +393,27 @@ class Message(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     final_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class BulkBatch(Base):
+    """One bulk send request (POST .../bulk): its recipients are messages with its id, and
+    its answer is kept so a retry with the same Idempotency-Key gets it again."""
+
+    __tablename__ = "bulk_batches"
+    __table_args__ = (UniqueConstraint("account_id", "idempotency_key"),)
+
+    id: Mapped[str] = mapped_column(String(34), primary_key=True)  # "BB" + 32 hex digits
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    environment_id: Mapped[int] = mapped_column(ForeignKey("environments.id", ondelete="CASCADE"))
+    campaign_pk: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    campaign_id: Mapped[str] = mapped_column(String(128))
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    # The rejected rows as answered: [{"row", "parameter", "error"}, ...].
+    rejected: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument, default=list)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class DeliveryEvent(Base):

@@ -152,6 +152,11 @@ class Settings(BaseSettings):
     header_timeout: Duration = timedelta(seconds=10)
     # Request bodies (the SOAP envelope and provider webhooks have their own limits); 413 past it.
     max_body_bytes: int = 64 * 1024
+    # Bulk send (POST .../bulk): recipients in one request (413 past it), and its body's size
+    # (413 past it). The body is spooled to disk past bulk_spool_bytes: memory stays bounded.
+    bulk_max_recipients: int = 100_000
+    bulk_max_body_bytes: int = 64 * 1024 * 1024
+    bulk_spool_bytes: int = 1024 * 1024
     # Connections (and requests in progress) per API process; past it requests answer 503.
     api_max_connections: int = 2048
     # Key guessing: this many 401s from one client address within auth_failure_window block

@@ -196,7 +196,7 @@ def accept_group(
                 request.command.campaign_id,
                 now,
             )
-            request.to_number = _caller(request.command.caller_id, settings)
+            request.to_number = caller_number(request.command.caller_id, settings)
     tokens = io.tokens(
         [
             (_campaign(r).account_id, _campaign(r).environment_id, r.command.jp_token)
@@ -286,12 +286,12 @@ def _message(
 ) -> None:
     """The rest of the checks; fills `message` with the row to insert."""
     command, account, campaign = request.command, _account(request), _campaign(request)
-    token = _token(campaign, command.jp_token, tokens, now, required=command.require_token)
+    token = usable_token(campaign, command.jp_token, tokens, now, required=command.require_token)
     params = additional_params(command.additional_params)
     provider_account = resolve_provider_account(
         session, account, now, from_system=command.from_system_account
     )
-    sender = _sender(command.sender, provider_account.sender_ids, settings)
+    sender = chosen_sender(command.sender, provider_account.sender_ids, settings)
     link = (
         build_link(campaign.link_url, params, token.token if token else None)
         if campaign.link_url
@@ -330,9 +330,7 @@ def _message(
                 units=size.units,
             )
             raise InvalidParameter(
-                "additionalParams"
-                if _params_made_it_long(campaign, token, params)
-                else "campaignId"
+                "additionalParams" if params_made_it_long(campaign, token, params) else "campaignId"
             )
         message["segments"] = size.segments
         message["encoding"] = size.encoding
@@ -393,13 +391,13 @@ def notify_external_send(
     Returns the jpToken whose call was marked."""
     account = authenticated_account(session, command)
     campaign = usable_campaign(session, account, command.environment_name, command.campaign_id, now)
-    _caller(command.caller_id, settings)
+    caller_number(command.caller_id, settings)
     tokens = (
         find_tokens(session, [(campaign.account_id, campaign.environment_id, command.jp_token)])
         if command.jp_token
         else {}
     )
-    token = _token(campaign, command.jp_token, tokens, now, required=True)
+    token = usable_token(campaign, command.jp_token, tokens, now, required=True)
     assert token is not None  # required=True never returns None
     queries.mark_call_sent_externally(session, token.id, campaign.campaign_id, now)
     log.info("call.notified", jpToken=token.token)
@@ -418,7 +416,7 @@ def get_interaction_link(
     )
 
 
-def _params_made_it_long(
+def params_made_it_long(
     campaign: Campaign, token: TokenRef | None, params: list[tuple[str, str]]
 ) -> bool:
     if not params or not campaign.link_url or campaign.shorten_links:
@@ -472,14 +470,14 @@ def additional_params(raw: str | None) -> list[tuple[str, str]]:
     return parsed
 
 
-def _caller(caller_id: str | None, settings: Settings) -> str:
+def caller_number(caller_id: str | None, settings: Settings) -> str:
     to_number = to_e164(caller_id, settings.default_region) if caller_id else None
     if to_number is None:
         raise InvalidParameter("callerId")
     return to_number
 
 
-def _token(
+def usable_token(
     campaign: Campaign,
     jp_token: str | None,
     tokens: Mapping[tuple[int, int, str], TokenRef],
@@ -500,7 +498,7 @@ def _token(
     return token
 
 
-def _sender(requested: str | None, sender_ids: list[str], settings: Settings) -> str:
+def chosen_sender(requested: str | None, sender_ids: list[str], settings: Settings) -> str:
     senders = [_normalised_sender(s, settings.default_region) for s in sender_ids]
     if requested:
         sender = _normalised_sender(requested, settings.default_region)

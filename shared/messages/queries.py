@@ -9,6 +9,7 @@ than running it) and run on the session's connection as plain SQL."""
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -174,6 +175,65 @@ def insert_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> None
         connection.execute(_INSERT_MESSAGES_UNNESTED, columns)
     else:
         connection.execute(_INSERT_MESSAGE, list(rows))
+
+
+# A bulk batch's messages: the accepted columns and the batch's id.
+BULK_COLUMNS = (*ACCEPTED_COLUMNS, "batch_id")
+_COPY_BULK_SQL = f"COPY messages ({', '.join(BULK_COLUMNS)}) FROM STDIN"
+
+
+def insert_bulk_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """A chunk of a bulk batch's messages. On PostgreSQL through COPY on the session's own
+    connection (in its transaction): a fraction of an INSERT's cost per row, which is most of
+    what storing a large batch costs."""
+    if not rows:
+        return
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        connection.execute(insert(_messages), [dict(row) for row in rows])
+        return
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    values = operator.itemgetter(*BULK_COLUMNS)
+    with driver.cursor() as cursor, cursor.copy(_COPY_BULK_SQL) as copy:
+        for row in rows:
+            copy.write_row(values(row))
+
+
+def cancel_queued_in_batch(session: Session, batch_id: str, now: datetime) -> int:
+    """Move a batch's queued messages to cancelled, each with its event; returns how many. A
+    message a worker claimed meanwhile is no longer queued and is left alone."""
+    cancelled = list(
+        session.execute(
+            update(_messages)
+            .where(
+                _messages.c.batch_id == batch_id,
+                _messages.c.status == MessageStatus.QUEUED.value,
+            )
+            .values(
+                status=MessageStatus.CANCELLED.value,
+                error_message="the bulk batch was cancelled",
+                final_at=now,
+                updated_at=now,
+            )
+            .returning(_messages.c.sid)
+        ).scalars()
+    )
+    if cancelled:
+        session.execute(
+            insert(_events),
+            [
+                {
+                    "message_sid": sid,
+                    "source": "api",
+                    "status": MessageStatus.CANCELLED.value,
+                    "applied": True,
+                    "created_at": now,
+                }
+                for sid in cancelled
+            ],
+        )
+    return len(cancelled)
 
 
 def insert_keyed_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> set[str]:

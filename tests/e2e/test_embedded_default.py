@@ -81,6 +81,16 @@ def test_dev_runs_the_whole_service_on_sqlite_and_survives_a_restart(tmp_path: P
             return bool(rows and rows[0]["smsSent"] and rows[0]["smsDeliveredAt"])
 
         wait_until(sms_sent, 60, "smsSent in the report")
+
+        # A bulk send takes the same path on SQLite and the SQL broker.
+        rows = [{"callerId": CALLER}, {"callerId": "+972544696389"}, {"callerId": "nope"}]
+        batch = api.post(f"{BASE}/campaign/sms/campaign1/bulk", json=rows)
+        assert batch.status_code == 202, batch.text
+        assert batch.json()["accepted"] == 2
+        progress = f"{BASE}/campaign/sms/campaign1/bulk/{batch.json()['batchId']}"
+        wait_until(
+            lambda: api.get(progress).json()["delivered"] == 2, 60, "the bulk batch delivered"
+        )
     finally:
         assert _stop(dev) == 0
     assert (tmp_path / "var" / "sms-dispatch.sqlite3").exists()
