@@ -10,6 +10,14 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class JsonBody:
     """A request body as a JSON object; the first unusable field is kept in `invalid`."""
 
@@ -47,7 +55,9 @@ class JsonBody:
         if value is None:
             return None
         if isinstance(value, str):
-            if "\x00" in value:  # no database stores it, and no caller means it
+            if "\x00" in value or not _is_utf8(value):
+                # No database stores a NUL, and no caller means it; a lone surrogate (a row
+                # of a bulk body, read by the json module) cannot be stored or sent either.
                 self._mark(name)
                 return None
             return value.strip() or None

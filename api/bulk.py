@@ -8,12 +8,15 @@ and read back a row at a time while the rows are checked and stored
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import functools
 import hashlib
 import io
 import json
+import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from typing import IO, Any
@@ -73,6 +76,7 @@ BATCH = f"{BULK}/{{batch_id:str}}"
 _READ = 64 * 1024
 # A JSON row larger than this is not a recipient: the body is refused.
 _MAX_ROW = 64 * 1024
+_BATCH_ID = re.compile(r"BB[0-9a-f]{32}")
 # Tasks published (and marked) together after a bulk commit.
 _TASKS_PER_PUBLISH = 50
 # What may follow a value in an array.
@@ -113,8 +117,10 @@ class ProgressJson(msgspec.Struct):
         "its own messageSid, before the 202, and the others are listed with their row number "
         "(from 1, a CSV's header not counted), the parameter and Send SMS's error text. A "
         "refusal of the request itself (credentials, environment, campaign) is Send SMS's. "
-        "Past the recipient limit nothing is stored and the answer is 413. With an "
-        "Idempotency-Key, a retry gets the first answer again."
+        "Past the recipient limit nothing is stored and the answer is 413. A row (a JSON "
+        "value, a CSV line) longer than 64 KiB makes the body unreadable (400 `body`). With an "
+        "Idempotency-Key, a retry gets the first answer again, also while the first is still "
+        "being stored (it waits for it)."
     ),
     tags=["Bulk send"],
     operation_class=documented(
@@ -137,7 +143,8 @@ async def bulk_send(
     environment_name: EnvironmentName = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[object]:
-    as_csv = (request.headers.get("content-type") or "").lower().startswith("text/csv")
+    media = (request.headers.get("content-type") or "").partition(";")[0]
+    as_csv = media.strip().lower() == "text/csv"
     invalid = None
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         invalid = "Idempotency-Key"
@@ -151,6 +158,10 @@ async def bulk_send(
         invalid_parameter=invalid,
         idempotency_key=idempotency_key,
     )
+    # Who asks is known before a byte of the body is stored: a stranger's 64 MiB costs nothing.
+    await transactions.run_unbounded(
+        lambda session: authenticate(session, account_id, tenant_id, application_key)
+    )
     with tempfile.SpooledTemporaryFile(max_size=settings.bulk_spool_bytes) as spool:
         digest = await _spool(request, spool, settings.bulk_max_body_bytes)
         fingerprint = hashlib.sha256(
@@ -162,7 +173,8 @@ async def bulk_send(
             rows = csv_rows(spool) if as_csv else json_rows(spool)
             return accept_bulk(session, header, fingerprint, rows, settings, utcnow())
 
-        answer = await transactions.run_unbounded(store)
+        with _storing(settings.bulk_concurrency):
+            answer = await transactions.run_unbounded(store)
     body = BulkJson(answer.batch_id, answer.campaign_id, answer.accepted, answer.rejected)
     # Quoted: an id with a space or a non-ASCII letter must not fail the answer of a batch
     # already committed.
@@ -179,6 +191,21 @@ async def bulk_send(
         if answer.sids
         else None,
     )
+
+
+_turns: dict[int, threading.BoundedSemaphore] = {}
+
+
+@contextlib.contextmanager
+def _storing(concurrency: int) -> Iterator[None]:
+    """At most `concurrency` bulk requests of this process store at once; the others wait
+    (off the event loop) for their turn."""
+    turn = _turns.setdefault(concurrency, threading.BoundedSemaphore(concurrency))
+    turn.acquire()
+    try:
+        yield
+    finally:
+        turn.release()
 
 
 async def _spool(request: Request[Any, Any, Any], spool: IO[bytes], limit: int) -> str:
@@ -273,6 +300,9 @@ def _batch(
 ) -> BulkBatch:
     """The caller's batch, or 404 (another account's batch is as absent as an unknown one)."""
     account = authenticate(session, account_id, tenant_id, application_key)
+    # Not a batch id (or a campaign id no database can hold): no such batch, without a query.
+    if not _BATCH_ID.fullmatch(batch_id) or "\x00" in campaign_id:
+        raise BatchNotFound(batch_id)
     batch = batch_of(session, account.id, campaign_id, batch_id)
     if batch is None:
         raise BatchNotFound(batch_id)
@@ -377,7 +407,8 @@ class JsonArray:
         while True:
             try:
                 value, end = self._scan(self._text, self._pos)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
+                # Cut short, or never a row: too deep, or a number past Python's digit limit.
                 end = -1
             if 0 <= end < len(self._text) and self._text[end] in _AFTER_VALUE:
                 self._pos = end
@@ -389,15 +420,24 @@ class JsonArray:
                 return value
 
 
+def _lines(text: IO[str]) -> Iterator[str]:
+    """The text's lines, none longer than a row may be: the csv module builds a whole record
+    in memory, so a line of a million commas must be refused before it is read."""
+    while line := text.readline(_MAX_ROW + 1):
+        if len(line) > _MAX_ROW:
+            raise InvalidParameter("body")
+        yield line
+
+
 def csv_rows(stream: IO[bytes]) -> Iterator[BulkRow]:
     """The rows of a CSV file whose first line names its columns (callerId, and optionally
     additionalParams, jpToken and from; others are ignored)."""
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
     try:
-        reader = csv.reader(text)
+        reader = csv.reader(_lines(text))
         names = next(reader, None)
         if names is None:
-            return
+            raise InvalidParameter("body")
         columns = {name.strip(): index for index, name in enumerate(names)}
         if "callerId" not in columns:
             raise InvalidParameter("callerId")

@@ -346,6 +346,7 @@ PATH_NAMES = {
     "account_id": "accountID",
     "caller_id": "callerId",
     "message_sid": "messageSid",
+    "batch_id": "batchId",
 }
 CHECKED_HEADERS = {
     "tenant-id": "Tenant-Id",

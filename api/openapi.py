@@ -240,7 +240,11 @@ LINK_BODY = json_object(
 BULK_ROW = json_object(
     ["callerId"],
     **{
-        "callerId": string("Recipient phone number", "+972 54 4696388"),
+        "callerId": Schema(
+            one_of=[STRING, Schema(type=OpenAPIType.INTEGER)],
+            description="Recipient phone number (a JSON number is read as its digits)",
+            examples=["+972 54 4696388"],
+        ),
         "additionalParams": string("Query string appended to the campaign link", "var1=value1"),
         "jpToken": string("A call's token from generateToken (optional)", "Aejhib7"),
         "from": string("Sender; one of the account's senders (optional)", "+12121234567"),
@@ -312,7 +316,10 @@ BULK_PROGRESS = OpenAPIResponse(
                 batchId=STRING,
                 campaignId=STRING,
                 createdAt=STRING,
-                cancelledAt=STRING,
+                cancelledAt=Schema(
+                    one_of=[STRING, Schema(type=OpenAPIType.NULL)],
+                    description="When the batch was cancelled; null if it was not",
+                ),
                 accepted=integer("Messages stored"),
                 rejected=integer("Rows refused"),
                 queued=integer("Not sent yet"),
@@ -357,8 +364,8 @@ BULK_ERRORS = {
 }
 BATCH_ERRORS = {
     400: text(
-        "A path parameter that cannot be one (control characters, too long)",
-        "missing or invalid parameter accountID",
+        "A path parameter with control characters in it",
+        "missing or invalid parameter batchId",
     ),
     401: UNAUTHORIZED,
     404: text("No such batch in this account", f"Batch {BATCH_EXAMPLE} was not found"),

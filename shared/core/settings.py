@@ -157,6 +157,13 @@ class Settings(BaseSettings):
     bulk_max_recipients: int = 100_000
     bulk_max_body_bytes: int = 64 * 1024 * 1024
     bulk_spool_bytes: int = 1024 * 1024
+    # Bulk requests one API process stores at once; more wait their turn (each holds a pooled
+    # connection and a thread while it stores).
+    bulk_concurrency: int = 2
+    # A bulk batch's messages are published by the API right after its commit; the sweeper
+    # leaves them alone this long (a large batch takes seconds to publish), then publishes
+    # whatever is still unpublished (the API died between commit and publish).
+    bulk_publish_grace: Duration = timedelta(minutes=2)
     # Connections (and requests in progress) per API process; past it requests answer 503.
     api_max_connections: int = 2048
     # Key guessing: this many 401s from one client address within auth_failure_window block

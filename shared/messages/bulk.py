@@ -18,7 +18,7 @@ import functools
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
 
@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.accounts.access import resolve_provider_account
-from shared.calls.links import shorten
+from shared.calls.links import CODE_LENGTH, short_url, shorten
 from shared.calls.tokens import TokenRef, find_tokens
 from shared.core.errors import (
     IdempotencyConflict,
@@ -57,6 +57,8 @@ log = structlog.get_logger(__name__)
 
 # Rows checked and written together: one token lookup and one COPY (or INSERT) per chunk.
 CHUNK = 2000
+# How long a retry waits for a twin with its Idempotency-Key that is still storing its batch.
+KEY_WAIT = timedelta(minutes=2)
 
 
 def new_batch_id() -> str:
@@ -169,6 +171,9 @@ class _Recipients:
         self.settings = settings
         self.now = now
         self.expires_at = now + settings.message_validity
+        # The API publishes the batch after its commit; the sweeper only if that did not happen
+        # (a batch of 100,000 takes longer to store than the sweeper waits for a single send).
+        self.sweep_after = now + settings.bulk_publish_grace
         # Many recipients get the same text (no link, or no parameters): measured once.
         self.measure = functools.lru_cache(maxsize=1024)(measure)
 
@@ -208,8 +213,10 @@ class _Recipients:
             else None
         )
         if link and campaign.shorten_links:
-            with self.session.begin_nested():
-                body = self._render(row, token, params, self._short(link, token))
+            # Checked with a stand-in of the short link's length first, so that a row refused
+            # for its length leaves no link behind (and needs no savepoint per row).
+            self._render(row, token, params, short_url(settings, "x" * CODE_LENGTH))
+            body = self._render(row, token, params, self._short(link, token))
         else:
             body = self._render(row, token, params, link)
         size = self.measure(body)
@@ -233,6 +240,7 @@ class _Recipients:
             "created_at": now,
             "updated_at": now,
             "expires_at": self.expires_at,
+            "next_attempt_at": self.sweep_after,
         }
 
     def _short(self, link: str, token: TokenRef | None) -> str:
@@ -268,8 +276,12 @@ def _claim_batch(
     fingerprint: str,
     now: datetime,
 ) -> bool:
-    """Insert the batch's record; False if a twin holds its Idempotency-Key."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    """Insert the batch's record; False if a twin holds its Idempotency-Key. A twin still
+    storing its batch holds the key until it commits: on PostgreSQL this insert waits for it
+    (up to KEY_WAIT) instead of the usual lock and statement timeouts, which a large
+    batch outlasts, so the retry gets the twin's answer rather than a 503."""
+    on_postgres = session.get_bind().dialect.name == "postgresql"
+    dialect = postgresql if on_postgres else sqlite
     statement = (
         dialect.insert(BulkBatch)
         .values(
@@ -287,7 +299,15 @@ def _claim_batch(
         .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
         .returning(BulkBatch.id)
     )
-    return session.execute(statement).scalar_one_or_none() is not None
+    if not (on_postgres and key):
+        return session.execute(statement).scalar_one_or_none() is not None
+    before = queries.transaction_timeouts(session)
+    wait = f"{int(KEY_WAIT.total_seconds() * 1000)}ms"
+    queries.set_transaction_timeouts(session, wait, wait)
+    # Restored once the insert is through (an error ends the transaction: nothing to restore).
+    claimed = session.execute(statement).scalar_one_or_none() is not None
+    queries.set_transaction_timeouts(session, *before)
+    return claimed
 
 
 def _batch_by_key(session: Session, account_id: int, key: str) -> BulkBatch | None:

@@ -178,7 +178,8 @@ def insert_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> None
 
 
 # A bulk batch's messages: the accepted columns and the batch's id.
-BULK_COLUMNS = (*ACCEPTED_COLUMNS, "batch_id")
+# (next_attempt_at: until then the sweeper leaves them to the API that publishes them.)
+BULK_COLUMNS = (*ACCEPTED_COLUMNS, "batch_id", "next_attempt_at")
 _COPY_BULK_SQL = f"COPY messages ({', '.join(BULK_COLUMNS)}) FROM STDIN"
 
 
@@ -200,16 +201,44 @@ def insert_bulk_messages(session: Session, rows: Sequence[Mapping[str, Any]]) ->
             copy.write_row(values(row))
 
 
+_TIMEOUTS_SQL = text("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")
+_SET_TIMEOUTS_SQL = text(
+    "SELECT set_config('lock_timeout', :lock, true),"
+    " set_config('statement_timeout', :statement, true)"
+)
+
+
+def transaction_timeouts(session: Session) -> tuple[str, str]:
+    """PostgreSQL's lock and statement timeouts in force (see shared/core/db.py)."""
+    lock, statement = session.execute(_TIMEOUTS_SQL).one()
+    return str(lock), str(statement)
+
+
+def set_transaction_timeouts(session: Session, lock: str, statement: str) -> None:
+    """Other lock and statement timeouts for the rest of this transaction (PostgreSQL)."""
+    session.execute(_SET_TIMEOUTS_SQL, {"lock": lock, "statement": statement})
+
+
 def cancel_queued_in_batch(session: Session, batch_id: str, now: datetime) -> int:
     """Move a batch's queued messages to cancelled, each with its event; returns how many. A
     message a worker claimed meanwhile is no longer queued and is left alone."""
+    # In sid order and skipping rows a worker's claim holds (that one is being sent): never a
+    # deadlock with a claim, which locks its rows in sid order too. A message handed back to
+    # the queue in doubt (the provider may have it) is not withdrawn: only a lookup settles it.
+    withdrawn = (
+        select(_messages.c.sid)
+        .where(
+            _messages.c.batch_id == batch_id,
+            _messages.c.status == MessageStatus.QUEUED.value,
+            _messages.c.in_doubt_since.is_(None),
+        )
+        .order_by(_messages.c.sid)
+        .with_for_update(skip_locked=True)
+    )
     cancelled = list(
         session.execute(
             update(_messages)
-            .where(
-                _messages.c.batch_id == batch_id,
-                _messages.c.status == MessageStatus.QUEUED.value,
-            )
+            .where(_messages.c.sid.in_(withdrawn))
             .values(
                 status=MessageStatus.CANCELLED.value,
                 error_message="the bulk batch was cancelled",

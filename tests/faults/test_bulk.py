@@ -141,7 +141,11 @@ def test_an_api_process_killed_during_a_batchs_commit_sends_it_once_through_the_
     publishes the batch's messages and each is delivered, received by the provider once."""
     port = free_port()
     joint = "&" if "?" in migrated.database_url else "?"
-    env = {"SMSD_DATABASE_URL": f"{migrated.database_url}{joint}options={SYNCHRONOUS_COMMIT}"}
+    env = {
+        "SMSD_DATABASE_URL": f"{migrated.database_url}{joint}options={SYNCHRONOUS_COMMIT}",
+        # The batch is the sweeper's at once if its API dies (by default after two minutes).
+        "SMSD_BULK_PUBLISH_GRACE": "0",
+    }
     first, url = start_api(spawn, "api-bulk-commit-kill", port, **env)
     rows = recipients(300)
 
