@@ -7,6 +7,7 @@ and read back a row at a time while the rows are checked and stored
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import csv
@@ -16,8 +17,8 @@ import io
 import json
 import re
 import tempfile
-import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import IO, Any
 from urllib.parse import quote
@@ -173,7 +174,7 @@ async def bulk_send(
             rows = csv_rows(spool) if as_csv else json_rows(spool)
             return accept_bulk(session, header, fingerprint, rows, settings, utcnow())
 
-        with _storing(settings.bulk_concurrency):
+        async with _storing(settings.bulk_concurrency):
             answer = await transactions.run_unbounded(store)
     body = BulkJson(answer.batch_id, answer.campaign_id, answer.accepted, answer.rejected)
     # Quoted: an id with a space or a non-ASCII letter must not fail the answer of a batch
@@ -193,19 +194,22 @@ async def bulk_send(
     )
 
 
-_turns: dict[int, threading.BoundedSemaphore] = {}
+# Per event loop (one per API process; the tests run several), created on first use.
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-@contextlib.contextmanager
-def _storing(concurrency: int) -> Iterator[None]:
-    """At most `concurrency` bulk requests of this process store at once; the others wait
-    (off the event loop) for their turn."""
-    turn = _turns.setdefault(concurrency, threading.BoundedSemaphore(concurrency))
-    turn.acquire()
-    try:
+@contextlib.asynccontextmanager
+async def _storing(concurrency: int) -> AsyncIterator[None]:
+    """At most `concurrency` bulk requests of this process store at once; the others wait for
+    their turn on the event loop, holding no thread and no connection."""
+    loop = asyncio.get_running_loop()
+    turn = _turns.get(loop)
+    if turn is None:
+        turn = _turns[loop] = asyncio.Semaphore(concurrency)
+    async with turn:
         yield
-    finally:
-        turn.release()
 
 
 async def _spool(request: Request[Any, Any, Any], spool: IO[bytes], limit: int) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -622,3 +623,40 @@ def test_credentials_are_checked_before_the_body_is_stored(
 
     assert response.status_code == 401
     assert response.json() == UNAUTHORIZED_BODY
+
+
+@pytest.mark.timeout(120)  # a wait for a turn that blocked the event loop would hang here
+def test_a_bulk_request_waiting_for_its_turn_does_not_hold_up_the_api(
+    migrated: Settings, db: Database, demo: Demo
+) -> None:
+    # One batch stored at a time: the second waits, and meanwhile the API answers others.
+    settings = migrated.model_copy(update={"bulk_concurrency": 1})
+    rows = [{"callerId": f"+1202{2_000_000 + i:07d}"} for i in range(20000)]
+    answers: dict[str, httpx.Response] = {}
+    with TestClient(app=create_app(settings)) as client:
+        threads = [
+            threading.Thread(
+                target=lambda name=name: answers.update({name: bulk(client, rows, key=name)}),
+                daemon=True,
+            )
+            for name in ("first", "second")
+        ]
+        threads[0].start()
+        copying = "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'COPY messages%'"
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as admin:
+            wait_until(lambda: admin.execute(text(copying)).first() is not None, 30, "storing")
+        threads[1].start()
+        time.sleep(0.5)  # the second is waiting for its turn by now
+        started = time.monotonic()
+        live = client.get("/health/live")
+        waited = time.monotonic() - started
+        still_storing = "first" not in answers
+        for thread in threads:
+            thread.join(90)
+
+    assert live.status_code == 200
+    assert still_storing, "the first batch must still be storing when the API is asked"
+    assert waited < 1.0, f"the API answered after {waited:.1f} s"
+    assert answers["first"].status_code == answers["second"].status_code == 202
+    with db.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(BulkBatch)) == 2
