@@ -11,7 +11,6 @@ import asyncio
 import codecs
 import contextlib
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -65,9 +64,8 @@ from shared.messages.bulk import (
     batch_of,
     batch_progress,
     cancel_batch,
-    chunked_sids,
 )
-from shared.messages.outbox import publish_batches
+from shared.messages.lanes import BulkPump
 
 log = structlog.get_logger(__name__)
 
@@ -78,8 +76,6 @@ _READ = 64 * 1024
 # A JSON row larger than this is not a recipient: the body is refused.
 _MAX_ROW = 64 * 1024
 _BATCH_ID = re.compile(r"BB[0-9a-f]{32}")
-# Tasks published (and marked) together after a bulk commit.
-_TASKS_PER_PUBLISH = 50
 # What may follow a value in an array.
 _AFTER_VALUE = frozenset(" \t\r\n,]")
 
@@ -188,8 +184,8 @@ async def bulk_send(
         status_code=202,
         media_type=MediaType.JSON,
         headers=headers,
-        background=BackgroundTask(_publish, celery, database, settings, answer.sids)
-        if answer.sids
+        background=BackgroundTask(_pump, celery, database, settings)
+        if answer.accepted and not answer.replayed
         else None,
     )
 
@@ -228,18 +224,13 @@ async def _spool(request: Request[Any, Any, Any], spool: IO[bytes], limit: int) 
     return digest.hexdigest()
 
 
-async def _publish(celery: Celery, db: Database, settings: Settings, sids: list[str]) -> None:
-    """After the 202: the batch's messages onto the queue in tasks of SMSD_SEND_BATCH_SIZE. A
-    failure loses nothing: they are committed and unmarked, and the sweeper publishes them."""
-    tasks = list(chunked_sids(sids, settings.send_batch_size))
+async def _pump(celery: Celery, db: Database, settings: Settings) -> None:
+    """After the 202: start the bulk lane on the new batch at once rather than at the next
+    sweep. A failure loses nothing: the batch is committed, and the workers' pump finds it."""
     try:
-        # A slice at a time: each publish marks its messages in one statement, whose
-        # parameters are bounded (PostgreSQL takes at most 65,535).
-        for start in range(0, len(tasks), _TASKS_PER_PUBLISH):
-            batches = tasks[start : start + _TASKS_PER_PUBLISH]
-            await anyio.to_thread.run_sync(functools.partial(publish_batches, celery, db, batches))
+        await anyio.to_thread.run_sync(BulkPump(celery, db, settings).pump)
     except Exception:
-        log.exception("bulk.publish_failed", count=len(sids))
+        log.exception("bulk.pump_failed")
 
 
 @get(

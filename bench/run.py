@@ -13,9 +13,14 @@ Scenarios (BENCH_ONLY names):
             the simulator adapter's (measured here too when `dispatch` did not run)
   e2e       open loop at BENCH_E2E_RATE with workers and callbacks on: accept -> provider p99
   backlog   10,000 (and with BENCH_FULL=1 200,000) queued: the drain rate must not drop
+  bulk      one request of BENCH_BULK recipients, JSON then CSV: recipients stored per second
+  lanes     single sends at BENCH_LANES_RATE, accept -> provider p99, on an idle service and
+            again while a bulk batch of BENCH_LANES_BULK drains (one realtime and one bulk
+            worker), flat out and capped at BENCH_LANES_BULK_RATE
 
 Environment knobs (defaults in brackets):
-  BENCH_ONLY [all]             comma-separated scenarios: accept, dispatch, twilio, e2e, backlog
+  BENCH_ONLY [all]             comma-separated scenarios: accept, dispatch, twilio, e2e, backlog,
+                               bulk, lanes
   BENCH_FULL=1                 also the 200,000-message backlog (long: see docs/performance.md)
   BENCH_PROFILE=1              py-spy profiles of the API and the workers (perturbs the figures)
   BENCH_API_WORKERS [2]        uvicorn processes, for the API and for the bare floor app alike
@@ -30,6 +35,11 @@ Environment knobs (defaults in brackets):
                                (SMSD_SEND_BATCH_SIZE, as the sweeper does; 1: one `sms.send` each)
   BENCH_E2E_RATE [300]         offered msg/s in the end-to-end scenario
   BENCH_E2E_SECONDS [60]       the end-to-end run (the target is judged only on 60 s at 300/s)
+  BENCH_LANES_RATE [20]        single sends per second in the lanes scenario (IVR traffic)
+  BENCH_LANES_SECONDS [30]     each of its two measurements
+  BENCH_LANES_BULK [50000]     the bulk batch draining meanwhile
+  BENCH_LANES_BULK_WORKER [8]  the bulk worker's concurrency (the realtime worker's: 8)
+  BENCH_LANES_BULK_RATE [100]  the bulk lane's cap (SMSD_BULK_LANE_RATE) in its second run
 """
 
 from __future__ import annotations
@@ -76,12 +86,13 @@ from bench.stack import (
     Stack,
     StackConfig,
     running,
+    wait_for,
     wait_http,
 )
 from tests.support.services import postgres_server, redis_server
 
 RESULTS = ROOT / "bench" / "results"
-SCENARIOS = ("accept", "dispatch", "twilio", "e2e", "backlog", "bulk")
+SCENARIOS = ("accept", "dispatch", "twilio", "e2e", "backlog", "bulk", "lanes")
 SIMULATOR_LATENCY_MS = 50
 DELIVERY_DELAY_MS = 200
 E2E_SECONDS = 60  # the issue's end-to-end run: 300 msg/s for 60 s
@@ -107,6 +118,7 @@ EXCHANGE_SECONDS = 12
 BULK_RATE = 20_000.0  # recipients stored per second by one bulk request (issue 14)
 BULK_PATH = f"/interact/version/3/account/{TENANT}/resources/campaign/sms/{CAMPAIGN}/bulk"
 E2E_P99_MS = 250.0  # accept -> provider call, at 300 msg/s for 60 s
+LANES_P99_RATIO = 2.0  # single sends' p99 with a bulk batch draining / on an idle service
 BACKLOG_TOLERANCE = 0.10  # 200k drain rate against 10k
 
 
@@ -124,6 +136,11 @@ class Options:
     dispatch_count: int
     twilio_count: int
     bulk_count: int
+    lanes_rate: int
+    lanes_seconds: int
+    lanes_bulk: int
+    lanes_bulk_worker: int
+    lanes_bulk_rate: float
     batch: int  # 0: the service's SMSD_SEND_BATCH_SIZE
     e2e_rate: int
     e2e_seconds: int
@@ -149,6 +166,11 @@ class Options:
             dispatch_count=_env_int("BENCH_DISPATCH", 20_000),
             twilio_count=_env_int("BENCH_TWILIO", 5_000),
             bulk_count=_env_int("BENCH_BULK", 100_000),
+            lanes_rate=_env_int("BENCH_LANES_RATE", 20),
+            lanes_seconds=_env_int("BENCH_LANES_SECONDS", 30),
+            lanes_bulk=_env_int("BENCH_LANES_BULK", 50_000),
+            lanes_bulk_worker=_env_int("BENCH_LANES_BULK_WORKER", 8),
+            lanes_bulk_rate=float(_env_int("BENCH_LANES_BULK_RATE", 100)),
             batch=_env_int("BENCH_BATCH", 0),
             e2e_rate=_env_int("BENCH_E2E_RATE", 300),
             e2e_seconds=int(seconds) if seconds else E2E_SECONDS,
@@ -814,15 +836,13 @@ class Bench:
                 "SELECT count(*) FROM messages WHERE batch_id = :batch", batch=answer["batchId"]
             )[0]
         )
-        # The 202 is followed by the publish of every message (tasks of SMSD_SEND_BATCH_SIZE):
-        # waited for, so that it does not run into the next scenario.
-        published = _wait_published(stack, answer["batchId"], stored)
+        # No workers run: after the 202 the bulk pump put one window on the bulk lane's queue,
+        # and the rest waits in the database (the next scenario's clean removes both).
         rate = stored / seconds if seconds else 0.0
         self.say(
             f"  202 after {seconds:.2f} s: {stored:,} stored ({answer['accepted']:,} accepted, "
             f"{len(answer['rejected']):,} rejected), {rate:,.0f} recipients/s; API RSS "
-            f"{rss_before / 2**20:.0f} -> peak {rss_peak / 2**20:.0f} MiB; published in "
-            f"{published:.1f} s more"
+            f"{rss_before / 2**20:.0f} -> peak {rss_peak / 2**20:.0f} MiB"
         )
         return {
             "count": count,
@@ -834,8 +854,130 @@ class Bench:
             "recipients_per_s": rate,
             "api_rss_before": rss_before,
             "api_rss_peak": rss_peak,
-            "publish_s": published,
         }
+
+    # Lanes (issue 14)
+
+    def lanes(self) -> None:
+        """Single sends at an IVR's pace, accept -> provider, first on an idle service, then
+        while a large bulk batch drains through the bulk lane: flat out, and again with the
+        lane capped at BENCH_LANES_BULK_RATE (SMSD_BULK_LANE_RATE). The realtime lane must not
+        notice (p99 within LANES_P99_RATIO of idle). One realtime worker and one bulk worker,
+        simulator at SIMULATOR_LATENCY_MS, callbacks on."""
+        options = self.options
+        rate, seconds = options.lanes_rate, options.lanes_seconds
+        result: dict[str, Any] = {
+            "rate": rate,
+            "seconds": seconds,
+            "bulk": options.lanes_bulk,
+            "bulk_rate_cap": options.lanes_bulk_rate,
+        }
+        self.say(f"lanes: {rate} single sends/s for {seconds} s on an idle service")
+        with self._lane_workers(None):
+            result["idle"] = self._singles(rate, seconds)
+            self.say(f"lanes: a bulk batch of {options.lanes_bulk:,} draining flat out, then again")
+            result["flat_out"] = self._with_bulk(rate, seconds)
+        cap = options.lanes_bulk_rate
+        self.say(f"lanes: the same with the bulk lane capped at {cap:,.0f}/s")
+        with self._lane_workers(cap):
+            result["capped"] = self._with_bulk(rate, seconds)
+        self.results["lanes"] = result
+        for what in ("flat_out", "capped"):
+            part = result[what]
+            self.say(
+                f"  {what}: single sends accept->provider p99 {_ms(part['p99_ms'])} (idle "
+                f"{_ms(result['idle']['p99_ms'])}); bulk sent {part['bulk_sent_per_s']:,.0f}/s "
+                f"meanwhile"
+            )
+
+    @contextlib.contextmanager
+    def _lane_workers(self, bulk_rate: float | None) -> Iterator[None]:
+        """A fresh API, simulator and one worker per lane, with the bulk lane's rate cap (None:
+        none) in all of them (the API pumps after a bulk 202 too); a clean slate after."""
+        stack = self.stack
+        stack.env["SMSD_BULK_LANE_RATE"] = str(bulk_rate or 0)
+        try:
+            stack.fresh_edges()
+            stack.clean()
+            self._like_a_provider()
+            workers = stack.start_lane_workers(realtime=8, bulk=self.options.lanes_bulk_worker)
+            with running(stack, workers):
+                warm = run_python_open(stack.api_url, stack.tokens, rate=10, seconds=3, grace=5)
+                wait_for_sent(stack, warm.sids, timeout=30)
+                yield
+        finally:
+            stack.env.pop("SMSD_BULK_LANE_RATE", None)
+            stack.clean()
+            stack.fresh_edges()
+
+    def _like_a_provider(self) -> None:
+        """The simulator as the end-to-end scenarios have it: a provider's latency, callbacks
+        on (`sent`, then `delivered` a little later)."""
+        self.stack.control(
+            latency_ms=SIMULATOR_LATENCY_MS,
+            callbacks=True,
+            delivery_delay_ms=DELIVERY_DELAY_MS,
+            failure_rate=0,
+        )
+
+    def _with_bulk(self, rate: int, seconds: int) -> dict[str, Any]:
+        """A bulk batch of BENCH_LANES_BULK, and once it is draining, single sends at `rate`."""
+        stack = self.stack
+        numbers = [f"+1202{3_000_000 + i:07d}" for i in range(self.options.lanes_bulk)]
+        response = httpx.post(
+            stack.api_url + BULK_PATH,
+            headers=HEADERS,
+            json=[{"callerId": n} for n in numbers],
+            timeout=900,
+        )
+        if response.status_code != 202:
+            raise RuntimeError(f"bulk answered {response.status_code}: {response.text[:200]}")
+        batch = response.json()["batchId"]
+        sent_query = "SELECT count(*) FROM messages WHERE batch_id = :batch AND sent_at IS NOT NULL"
+
+        def sent() -> int:
+            return int(stack.sql(sent_query, batch=batch)[0])
+
+        # Measured once the batch is draining, not while the API stores it.
+        wait_for(lambda: sent() > 0, 60, "bulk draining", None)
+        meter = self.meter()
+        before, started = sent(), time.monotonic()
+        singles = self._singles(rate, seconds)
+        drained = sent() - before
+        cap = float(stack.env.get("SMSD_BULK_LANE_RATE", "0"))
+        self.foreign(
+            f"lanes (bulk draining, {f'capped at {cap:,.0f}/s' if cap else 'flat out'})", meter
+        )
+        return {
+            **singles,
+            "bulk_sent_per_s": drained / (time.monotonic() - started),
+            "bulk_left": self.options.lanes_bulk - sent(),
+        }
+
+    def _singles(self, rate: int, seconds: int) -> dict[str, Any]:
+        """Single sends at `rate` for `seconds`: accept -> provider call latency of each."""
+        stack = self.stack
+        run = run_python_open(stack.api_url, stack.tokens, rate=rate, seconds=seconds)
+        wait_for_sent(stack, run.sids, timeout=60)
+        with stack.db.engine.connect() as connection:
+            created = dict(
+                connection.execute(
+                    _sql("SELECT sid, created_at FROM messages WHERE sid = ANY(:sids)"),
+                    {"sids": run.sids},
+                ).all()
+            )
+        wanted = set(run.sids)
+        handed = httpx.get(f"{stack.simulator_url}/messages", timeout=120).json()
+        provider_at = {
+            m["idempotencyKey"]: datetime.fromisoformat(m["createdAt"])
+            for m in handed
+            if m.get("idempotencyKey") in wanted
+        }
+        to_provider = [
+            (provider_at[sid] - at).total_seconds() * 1000 if sid in provider_at else math.inf
+            for sid, at in created.items()
+        ]
+        return {"accepted": len(run.sids), "accept_p99_ms": run.p99_ms, **_latency(to_provider)}
 
     # End to end
 
@@ -847,12 +989,7 @@ class Bench:
         self.say(f"end to end ({name}): {rate} msg/s for {seconds} s, callbacks on")
         stack.fresh_edges()
         stack.clean()
-        stack.control(
-            latency_ms=SIMULATOR_LATENCY_MS,
-            callbacks=True,
-            delivery_delay_ms=DELIVERY_DELAY_MS,
-            failure_rate=0,
-        )
+        self._like_a_provider()
         floor = direct_provider_latency(stack.simulator_url)
         stack.clean()
         waited = 0.0
@@ -928,17 +1065,6 @@ class Bench:
             f"{result['accept_to_delivered']['done']:,}, p99 "
             f"{_ms(result['accept_to_delivered']['p99_ms'])}"
         )
-
-
-def _wait_published(stack: Stack, batch_id: str, count: int, timeout: float = 300) -> float:
-    """Seconds until every message of the batch is marked published (on the broker)."""
-    started = time.monotonic()
-    query = "SELECT count(*) FROM messages WHERE batch_id = :batch AND published_at IS NOT NULL"
-    while int(stack.sql(query, batch=batch_id)[0]) < count:
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"the bulk batch was not published within {timeout:.0f} s")
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def wait_for_sent(stack: Stack, sids: list[str], timeout: float) -> None:
@@ -1061,6 +1187,10 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
         "bulk": Judgment(
             "bulk send (issue 14), one request of JSON rows",
             f">= {BULK_RATE:,.0f} recipients stored per second",
+        ),
+        "lanes": Judgment(
+            "lanes (issue 14): single sends while a bulk batch drains",
+            f"accept -> provider p99 within {LANES_P99_RATIO:.0f}x of an idle service",
         ),
     }
     if "accept" in results:
@@ -1189,6 +1319,48 @@ def table(results: dict[str, Any], notes: list[str]) -> tuple[list[Row], list[Ju
                 "-",
             )
         )
+    if "lanes" in results:
+        lanes = results["lanes"]
+        idle = lanes["idle"]["p99_ms"]
+
+        def ratio_of(part: dict[str, Any]) -> float | None:
+            loaded = part["p99_ms"]
+            return loaded / idle if idle and loaded is not None else None
+
+        capped = lanes["capped"]
+        judged["lanes"] = replace(
+            judged["lanes"],
+            measured=capped["p99_ms"],
+            unit="ms p99",
+            floor=idle,
+            floor_what="the same single sends on an idle service",
+            ratio=ratio_of(capped),
+            met=(r := ratio_of(capped)) is not None and r <= LANES_P99_RATIO,
+            detail=(
+                f"{lanes['rate']}/s for {lanes['seconds']} s beside a bulk batch of "
+                f"{lanes['bulk']:,} sending {capped['bulk_sent_per_s']:,.0f}/s "
+                f"(SMSD_BULK_LANE_RATE={lanes['bulk_rate_cap']:,.0f}); flat out "
+                f"({lanes['flat_out']['bulk_sent_per_s']:,.0f}/s) the ratio was "
+                f"{_r(ratio_of(lanes['flat_out']), 2)}"
+            ),
+        )
+        for what, part in (
+            ("idle", lanes["idle"]),
+            ("bulk flat out", lanes["flat_out"]),
+            (f"bulk capped at {lanes['bulk_rate_cap']:,.0f}/s", capped),
+        ):
+            bulk = f"bulk {part['bulk_sent_per_s']:,.0f}/s" if "bulk_sent_per_s" in part else "-"
+            rows.append(
+                Row(
+                    "Lanes",
+                    f"single sends {lanes['rate']}/s, {what}: accept -> provider p50 / p99",
+                    f"{_ms(part['p50_ms'])} / {_ms(part['p99_ms'])}",
+                    bulk,
+                    _r(ratio_of(part), 2) if what != "idle" else "-",
+                    "recorded" if part is not capped else f"p99 <= {LANES_P99_RATIO:.0f}x idle",
+                    _yes(judged["lanes"].met) if part is capped else "-",
+                )
+            )
     for kind, b in results.get("bulk", {}).items():
         if kind == "json":
             judged["bulk"] = replace(
@@ -1537,6 +1709,8 @@ def main() -> int:
                     )
                 if options.wants("bulk"):
                     bench.scenario("bulk", bench.bulk)
+                if options.wants("lanes"):
+                    bench.scenario("lanes", bench.lanes)
                 if options.wants("backlog"):
                     bench.scenario("backlog", bench.backlog)
             finally:

@@ -237,6 +237,18 @@ class Stack:
             wait_ready(proc)
         return procs
 
+    def start_lane_workers(self, *, realtime: int, bulk: int) -> list[Proc]:
+        """One `sms-dispatch worker` per lane, `realtime` and `bulk` threads each."""
+        procs = [
+            self.cli(
+                "worker-realtime", "worker", "--lane", "realtime", "-c", str(realtime), "--quiet"
+            ),
+            self.cli("worker-bulk", "worker", "--lane", "bulk", "-c", str(bulk), "--quiet"),
+        ]
+        for proc in procs:
+            wait_ready(proc)
+        return procs
+
     def start_noop_workers(self) -> list[Proc]:
         """The no-op floor: the same flags `sms-dispatch worker` gives Celery, on our own queue."""
         from bench.noop import NOOP_QUEUE
@@ -293,7 +305,7 @@ class Stack:
     def clean(self) -> None:
         """No messages and no tasks: each scenario starts from the same empty queue and table."""
         with self.db.transaction() as session:
-            session.execute(text("TRUNCATE messages, message_parts, delivery_events"))
+            session.execute(text("TRUNCATE messages, message_parts, delivery_events, bulk_batches"))
         with self.db.engine.connect() as connection:
             # The calls' rows stay (their tokens are the load's), but every send rewrites its
             # call's row: vacuumed here, not by autovacuum in the middle of the next scenario.

@@ -73,6 +73,11 @@ def settings(
         "SMSD_SWEEP_UNPUBLISHED_AFTER": "1",
         "SMSD_RETRY_BACKOFF_BASE": "0.2",
         "SMSD_RETRY_BACKOFF_MAX": "1",
+        # A small bulk window (ten tasks of ten), so a few hundred recipients make a backlog,
+        # and no cap on the lane's rate (tests/shared/messages/test_lanes.py tests the cap).
+        "SMSD_BULK_LANE_DEPTH": "100",
+        "SMSD_BULK_TASK_SIZE": "10",
+        "SMSD_BULK_LANE_RATE": "0",
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

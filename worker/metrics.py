@@ -8,7 +8,7 @@ same values: aggregate them with max(), not sum()."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -28,7 +28,13 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.core.broker import SEND_BATCH_TASK, SEND_TASK
+from shared.core.broker import (
+    BULK_SEND_TASK,
+    SEND_BATCH_TASK,
+    SEND_TASK,
+    bulk_queue,
+    sweep_queue,
+)
 from shared.core.db import Database
 from shared.core.models import utcnow
 from shared.core.settings import Settings
@@ -90,7 +96,7 @@ def count_send(provider: str, outcome: str) -> None:
 @task_retry.connect
 def _count_task_retry(sender: Any = None, **_kwargs: Any) -> None:
     # Only the send tasks autoretry, and only when the database failed them.
-    if getattr(sender, "name", None) in (SEND_TASK, SEND_BATCH_TASK):
+    if getattr(sender, "name", None) in (SEND_TASK, SEND_BATCH_TASK, BULK_SEND_TASK):
         RETRIES.labels(reason="database").inc()
 
 
@@ -102,7 +108,8 @@ class BacklogCollector(Collector):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.queues = (settings.send_queue, f"{settings.send_queue}.sweep")
+        # Each lane's queue (realtime, bulk) and the sweeper's.
+        self.queues = (settings.send_queue, bulk_queue(settings), sweep_queue(settings))
         self._db: Database | None = None
         self.redis: Redis | None = None
         if settings.broker_url.startswith(("redis://", "rediss://")):
@@ -120,9 +127,9 @@ class BacklogCollector(Collector):
         depth = self.queue_depth()
         if depth is not None:
             yield depth
-        age = self.oldest_queued_age()
-        if age is not None:
-            yield age
+        ages = self.oldest_queued_age()
+        if ages is not None:
+            yield from ages
 
     def queue_depth(self) -> GaugeMetricFamily | None:
         if self.redis is None:
@@ -147,27 +154,43 @@ class BacklogCollector(Collector):
             gauge.add_metric([queue], sum(lengths[index * steps : (index + 1) * steps]))
         return gauge
 
-    def oldest_queued_age(self) -> GaugeMetricFamily | None:
+    def oldest_queued_age(self) -> list[GaugeMetricFamily] | None:
+        """Each lane's oldest queued message's age, and each tenant's bulk backlog."""
         try:
             with self.database().transaction() as session:
                 oldest = queries.oldest_queued_created_at(
                     session, timedelta(seconds=SCRAPE_TIMEOUT)
                 )
+                backlog = queries.bulk_backlog(session)
         except Exception as exc:
             log.warning("metrics.oldest_queued_failed", error=f"{type(exc).__name__}: {exc}")
             return None
-        age = 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
-        return GaugeMetricFamily(
+        now = utcnow()
+        age = GaugeMetricFamily(
             "smsd_oldest_queued_message_age_seconds",
-            "Age of the oldest message still `queued` in the database (0 when none is).",
-            value=age,
+            "Age of the oldest message still `queued` in the database, per lane (0 when none is).",
+            labels=["lane"],
         )
+        age.add_metric(["realtime"], _age(oldest, now))
+        age.add_metric(["bulk"], _age(min((at for _, at, _ in backlog), default=None), now))
+        waiting = GaugeMetricFamily(
+            "smsd_bulk_backlog_messages",
+            "Bulk messages still `queued` in the database, per tenant (none listed: none).",
+            labels=["tenant"],
+        )
+        for tenant, _, count in backlog:
+            waiting.add_metric([tenant], count)
+        return [age, waiting]
 
     def database(self) -> Database:
         # Its own pool, not the tasks': a scrape never waits behind sends, and vice versa.
         if self._db is None:
             self._db = Database(self.settings, pool_timeout=timedelta(seconds=SCRAPE_TIMEOUT))
         return self._db
+
+
+def _age(oldest: datetime | None, now: datetime) -> float:
+    return 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
 
 
 _serving = False

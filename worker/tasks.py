@@ -1,17 +1,25 @@
-"""The Celery tasks: send one message, send a batch, and sweep. Each is a few lines around a
+"""The Celery tasks: send one message, send a batch, send a bulk batch's task (and pump the
+bulk lane after it), and sweep (and pump). Each is a few lines around a
 use case in shared/messages: the task is where Celery's retry policy and the worker's metrics
 live."""
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import structlog
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from shared.core.broker import SEND_BATCH_TASK, SEND_TASK, SWEEP_TASK
+from shared.core.broker import (
+    BULK_SEND_TASK,
+    SEND_BATCH_TASK,
+    SEND_TASK,
+    SWEEP_TASK,
+)
 from shared.core.db import Database
 from shared.core.settings import get_settings
+from shared.messages.lanes import BulkPump
 from shared.messages.outbox import Outbox
 from shared.messages.reconcile import reconcile
 from shared.messages.send import BatchInterrupted, Sender, SendOutcome
@@ -24,6 +32,7 @@ from worker.metrics import SEND_LATENCY, count_send
 _lock = threading.Lock()
 _sender: Sender | None = None
 _outbox: Outbox | None = None
+_pump: BulkPump | None = None
 
 
 def sender() -> Sender:
@@ -52,34 +61,57 @@ def outbox() -> Outbox:
         return _outbox
 
 
-@app.task(
-    name=SEND_TASK,
-    ignore_result=True,
-    # The database briefly unreachable: run the task again soon rather than wait for the
-    # sweeper. That is safe at any point: the claim decides whether anything is left to do.
-    autoretry_for=(OperationalError, InterfaceError),
-    retry_backoff=1,
-    retry_backoff_max=60,
-    max_retries=30,
-)
+# Every send task's: the database briefly unreachable, run the task again soon rather than
+# wait for the sweeper. That is safe at any point: the claims decide what is left to do. (A
+# bulk task's retry goes back on the bulk lane's queue, its own.)
+_AGAIN_WHEN_THE_DATABASE_IS_BACK: dict[str, Any] = {
+    "ignore_result": True,
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 60,
+    "max_retries": 30,
+}
+
+
+@app.task(name=SEND_TASK, **_AGAIN_WHEN_THE_DATABASE_IS_BACK)
 def send_message(sid: str) -> None:
     """Send one message through its provider; safe to run any number of times for one sid."""
     structlog.contextvars.bind_contextvars(messageSid=sid)
     _count(sender().send(sid))
 
 
-@app.task(
-    name=SEND_BATCH_TASK,
-    ignore_result=True,
-    # As for one message: the claims decide what is left to do when it runs again.
-    autoretry_for=(OperationalError, InterfaceError),
-    retry_backoff=1,
-    retry_backoff_max=60,
-    max_retries=30,
-)
+def pump() -> BulkPump:
+    global _pump
+    send = sender()
+    with _lock:
+        if _pump is None:
+            _pump = BulkPump(app, send.db, send.settings)
+        return _pump
+
+
+@app.task(name=SEND_BATCH_TASK, **_AGAIN_WHEN_THE_DATABASE_IS_BACK)
 def send_batch(sids: list[str]) -> None:
     """Send several messages, each as `send_message` would; safe to run any number of times."""
     structlog.contextvars.bind_contextvars(batch=len(sids))
+    _send_batch(sids)
+
+
+@app.task(name=BULK_SEND_TASK, **_AGAIN_WHEN_THE_DATABASE_IS_BACK)
+def send_bulk(batch_id: str, sids: list[str]) -> None:
+    """Send messages of one bulk batch, as `send_batch`; then top the bulk lane up, so its
+    workers never wait for the next sweep to find work."""
+    structlog.contextvars.bind_contextvars(batchId=batch_id, batch=len(sids))
+    try:
+        _send_batch(sids)
+    finally:
+        try:
+            pump().pump()
+        except Exception:
+            # Only late, never lost: the next bulk task or sweep pumps again.
+            structlog.get_logger(__name__).warning("bulk_pump.failed", exc_info=True)
+
+
+def _send_batch(sids: list[str]) -> None:
     try:
         outcomes = sender().send_batch(sids)
     except BatchInterrupted as interrupted:
@@ -101,9 +133,10 @@ def _count(ended: SendOutcome) -> None:
 
 @app.task(name=SWEEP_TASK, ignore_result=True)
 def sweep() -> int:
-    """Publish what is committed but not on the queue, and settle messages whose provider
-    went quiet; returns how many it published."""
+    """Publish what is committed but not on the queue, top the bulk lane up, and settle
+    messages whose provider went quiet; returns how many it published."""
     published = outbox().sweep()
+    published += pump().pump()
     send = sender()
     reconcile(send.db, send.providers, send.settings)
     return published

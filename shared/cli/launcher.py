@@ -69,6 +69,13 @@ def _celery(*args: str, quiet: bool = False) -> None:
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--concurrency", "-c", type=int, default=None, help="Sends in flight per process.")
 @click.option("--beat", is_flag=True, help="Also run the sweeper schedule (single-process setups).")
+@click.option(
+    "--lane",
+    type=click.Choice(["all", "realtime", "bulk"]),
+    default="all",
+    show_default=True,
+    help="Which sends: single sends (realtime), bulk batches (bulk) or both; see the README.",
+)
 @click.option("--quiet", is_flag=True, help="No start-up banner.")
 @click.option(
     "--metrics-port",
@@ -80,11 +87,12 @@ def _celery(*args: str, quiet: bool = False) -> None:
 def worker(
     concurrency: int | None,
     beat: bool,
+    lane: str,
     quiet: bool,
     metrics_port: int | None,
     celery_args: tuple[str, ...],
 ) -> None:
-    """Run a Celery worker for sends and sweeps."""
+    """Run a Celery worker for sends (of one lane, or both) and sweeps."""
     if metrics_port is not None:
         # The worker reads its settings again in this process: make the option one of them.
         os.environ["SMSD_WORKER_METRICS_PORT"] = str(metrics_port)
@@ -94,7 +102,9 @@ def worker(
         _require_free_port(
             settings.worker_metrics_host, settings.worker_metrics_port, "SMSD_WORKER_METRICS_PORT"
         )
-    queues = f"{settings.send_queue},{settings.send_queue}.sweep"
+    from shared.core.broker import lane_queues  # Celery's import, only for this command
+
+    queues = ",".join(lane_queues(settings, lane))
     # No -E: task events follow SMSD_TASK_EVENTS (worker_send_task_events), off by default, as
     # each is a broker publish per task (a sixth of a busy worker's CPU). A running Flower turns
     # them on (and they stay on until the workers restart): see docs/operations.md.
@@ -104,6 +114,10 @@ def worker(
         # queue (RabbitMQ refuses the second), and Flower tells them apart.
         args += ["--hostname", f"sms-dispatch-{os.getpid()}@%h"]
     args += ["-c", str(concurrency or settings.worker_concurrency)]
+    if lane == "bulk":
+        # A bulk worker reserves no tasks beyond the ones it runs: what it held back would
+        # stand in front of the next tenant's turn (the pump's window counts the queue only).
+        args += ["--prefetch-multiplier", "1"]
     if beat:
         VAR_DIR.mkdir(exist_ok=True)
         args += ["-B", "--schedule", str(VAR_DIR / "celerybeat-schedule")]
@@ -324,7 +338,12 @@ def dev() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     children: list[subprocess.Popen[bytes]] = []
     try:
-        for args in (["simulator"], ["worker", "--beat", "-c", "8", "--quiet"], ["api"]):
+        for args in (
+            ["simulator"],
+            ["worker", "--lane", "realtime", "--beat", "-c", "8", "--quiet"],
+            ["worker", "--lane", "bulk", "-c", "4", "--quiet"],
+            ["api"],
+        ):
             # Each child leads its own process group, so stopping it also stops what it
             # started (the worker's embedded beat), even if it has to be killed.
             children.append(subprocess.Popen([*exe, *args], env=env, start_new_session=True))

@@ -24,6 +24,31 @@ SEND_TASK = "sms.send"
 # the sweeper, publishes.
 SEND_BATCH_TASK = "sms.send_batch"
 SWEEP_TASK = "sms.sweep"
+# The bulk lane: `[batchId, [sids]]` of one bulk batch (Flower's task search finds a batch's
+# tasks by its id), on a queue of its own that the realtime lane's workers never read, fed by
+# the bulk pump (shared/messages/lanes.py).
+BULK_SEND_TASK = "sms.send_bulk"
+
+
+def bulk_queue(settings: Settings) -> str:
+    """The bulk lane's queue: `<send_queue>.bulk`."""
+    return f"{settings.send_queue}.bulk"
+
+
+def sweep_queue(settings: Settings) -> str:
+    """The sweeper's queue: `<send_queue>.sweep`."""
+    return f"{settings.send_queue}.sweep"
+
+
+def lane_queues(settings: Settings, lane: str) -> list[str]:
+    """The queues a worker of `lane` reads: `realtime` the single sends, `bulk` the bulk
+    lane, `all` both; each with the sweeper's queue, so any worker can sweep and pump."""
+    queues = {
+        "realtime": [settings.send_queue],
+        "bulk": [bulk_queue(settings)],
+        "all": [settings.send_queue, bulk_queue(settings)],
+    }[lane]
+    return [*queues, sweep_queue(settings)]
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -41,7 +66,6 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Every Celery setting we rely on, derived from ours."""
-    sweep_queue = f"{settings.send_queue}.sweep"
     return dict(
         broker_url=settings.broker_url,
         task_serializer="json",
@@ -63,11 +87,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
         task_default_queue=settings.send_queue,
-        # The sweeper gets its own queue so a backlog of sends never holds it up.
+        # Single sends on the realtime lane's queue, bulk batches' on the bulk lane's; the
+        # sweeper and the pump get their own queue so a backlog of sends never holds them up.
         task_routes={
             SEND_TASK: {"queue": settings.send_queue},
             SEND_BATCH_TASK: {"queue": settings.send_queue},
-            SWEEP_TASK: {"queue": sweep_queue},
+            BULK_SEND_TASK: {"queue": bulk_queue(settings)},
+            SWEEP_TASK: {"queue": sweep_queue(settings)},
         },
         broker_connection_retry_on_startup=True,
         # A worker never gives up on a lost broker (Celery's default stops after 100 tries,

@@ -325,7 +325,21 @@ class Message(Base):
         # reconciler's (sent or in doubt, and silent). Partial: every status change writes an
         # entry into each index that holds the row (no status change is a HOT update), and
         # these hold only the messages in the statuses they are asked about (migration 0007).
-        _partial_index("ix_messages_queued_published_at", "published_at", "status = 'queued'"),
+        # Single sends only (migration 0009): a bulk batch's queued messages are the bulk pump's,
+        # in an index of their own, read a batch at a time by when they were published.
+        _partial_index(
+            "ix_messages_queued_published_at",
+            "published_at",
+            "status = 'queued' AND batch_id IS NULL",
+        ),
+        Index(
+            "ix_messages_bulk_queued",
+            "batch_id",
+            "published_at",
+            "sid",
+            postgresql_where=text("status = 'queued' AND batch_id IS NOT NULL"),
+            sqlite_where=text("status = 'queued' AND batch_id IS NOT NULL"),
+        ),
         _partial_index(
             "ix_messages_sending_lease_expires_at", "lease_expires_at", "status = 'sending'"
         ),
@@ -414,6 +428,8 @@ class BulkBatch(Base):
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the bulk pump found none of its messages queued or being sent: it looks no more.
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class DeliveryEvent(Base):

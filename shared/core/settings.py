@@ -160,10 +160,18 @@ class Settings(BaseSettings):
     # Bulk requests one API process stores at once; more wait their turn (each holds a pooled
     # connection and a thread while it stores).
     bulk_concurrency: int = 2
-    # A bulk batch's messages are published by the API right after its commit; the sweeper
-    # leaves them alone this long (a large batch takes seconds to publish), then publishes
-    # whatever is still unpublished (the API died between commit and publish).
-    bulk_publish_grace: Duration = timedelta(minutes=2)
+    # The bulk lane (shared/messages/lanes.py): the bulk pump keeps about this many bulk
+    # messages on the bulk queue ahead of its workers, taken from the tenants with queued bulk
+    # work in turn. Larger keeps more workers busy; smaller lets a new tenant's batch start
+    # sooner behind another's (it waits for at most this many, plus what workers prefetched).
+    bulk_lane_depth: int = 2000
+    # Bulk messages in one task of the bulk lane (`sms.send_bulk`).
+    bulk_task_size: int = 100
+    # The bulk lane's messages per second, all processes together (0 = no limit): room kept on
+    # the database, the API and the cores that single sends share with it. The default is what
+    # the smallest box (2 cores, everything on it) carries beside IVR traffic at no more than
+    # twice its idle latency (docs/performance.md, "Issue 14: lanes"); raise it with the box.
+    bulk_lane_rate: float = 100.0
     # Connections (and requests in progress) per API process; past it requests answer 503.
     api_max_connections: int = 2048
     # Key guessing: this many 401s from one client address within auth_failure_window block

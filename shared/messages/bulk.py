@@ -5,19 +5,21 @@ and refused whole with the single send's answer if that fails. Then every recipi
 checked with the single send's rules, in the order they came; a row that fails is reported
 (its number, the parameter, the single send's text) and the others are stored. Everything
 is written in one transaction: the batch's record, then its messages in chunks. The caller
-commits and only then answers 202 and publishes (shared/messages/outbox.py), so a batch is
-stored whole or not at all, and never on the queue before it is committed.
+commits and only then answers 202; nobody publishes the batch as such: the bulk pump
+(shared/messages/lanes.py) puts its messages on the bulk lane's queue a window at a time, in
+its tenant's turn. A batch is stored whole or not at all, and never on a queue before it is
+committed.
 
 Rows arrive as an iterator (api/bulk.py reads them from the spooled body as they are
-needed) and are written a chunk at a time: memory holds one chunk, the messageSids and the
-rejections, however large the body."""
+needed) and are written a chunk at a time: memory holds one chunk and the rejections,
+however large the body."""
 
 from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
@@ -95,8 +97,6 @@ class BulkAnswer:
     accepted: int
     rejected: list[dict[str, Any]]
     replayed: bool = False
-    # The new messages, for the caller to publish after the commit (none on a replay).
-    sids: list[str] = field(default_factory=list)
 
 
 def accept_bulk(
@@ -123,8 +123,10 @@ def accept_bulk(
         if twin is None:
             raise RuntimeError("a bulk Idempotency-Key insert lost to a twin that cannot be found")
         return _replay(twin, fingerprint)
-    recipients = _Recipients(session, account.id, campaign, provider_account, settings, now)
-    sids: list[str] = []
+    recipients = _Recipients(
+        session, account.id, campaign, provider_account, batch_id, settings, now
+    )
+    accepted = 0
     rejected: list[dict[str, Any]] = []
     seen = 0
     remaining = iter(rows)
@@ -133,23 +135,21 @@ def accept_bulk(
         if seen > settings.bulk_max_recipients:
             raise TooManyRecipients(settings.bulk_max_recipients)
         messages = recipients.check(chunk, rejected)
-        for message in messages:
-            message.update(provider=provider_account.provider, batch_id=batch_id)
         queries.insert_bulk_messages(session, messages)
-        sids.extend(message["sid"] for message in messages)
+        accepted += len(messages)
     session.execute(
         update(BulkBatch)
         .where(BulkBatch.id == batch_id)
-        .values(accepted=len(sids), rejected=rejected)
+        .values(accepted=accepted, rejected=rejected)
     )
     log.info(
         "bulk.accepted",
         batchId=batch_id,
         campaign=campaign.campaign_id,
-        accepted=len(sids),
+        accepted=accepted,
         rejected=len(rejected),
     )
-    return BulkAnswer(batch_id, campaign.campaign_id, len(sids), rejected, sids=sids)
+    return BulkAnswer(batch_id, campaign.campaign_id, accepted, rejected)
 
 
 class _Recipients:
@@ -161,6 +161,7 @@ class _Recipients:
         account_id: int,
         campaign: Campaign,
         provider_account: Any,
+        batch_id: str,
         settings: Settings,
         now: datetime,
     ) -> None:
@@ -168,12 +169,10 @@ class _Recipients:
         self.account_id = account_id
         self.campaign = campaign
         self.provider_account = provider_account
+        self.batch_id = batch_id
         self.settings = settings
         self.now = now
         self.expires_at = now + settings.message_validity
-        # The API publishes the batch after its commit; the sweeper only if that did not happen
-        # (a batch of 100,000 takes longer to store than the sweeper waits for a single send).
-        self.sweep_after = now + settings.bulk_publish_grace
         # Many recipients get the same text (no link, or no parameters): measured once.
         self.measure = functools.lru_cache(maxsize=1024)(measure)
 
@@ -233,14 +232,17 @@ class _Recipients:
             "segments": size.segments,
             "encoding": size.encoding,
             "status": MessageStatus.QUEUED.value,
+            "provider": self.provider_account.provider,
             "provider_account_id": self.provider_account.id,
+            "batch_id": self.batch_id,
             "idempotency_key": None,
             "request_fingerprint": None,
             "attempts": 0,
             "created_at": now,
             "updated_at": now,
             "expires_at": self.expires_at,
-            "next_attempt_at": self.sweep_after,
+            # Due at once: the bulk pump publishes it in its tenant's turn.
+            "next_attempt_at": None,
         }
 
     def _short(self, link: str, token: TokenRef | None) -> str:
@@ -388,8 +390,3 @@ def cancel_batch(session: Session, batch: BulkBatch, now: datetime) -> int:
         batch.cancelled_at = now
     log.info("bulk.cancelled", batchId=batch.id, cancelled=cancelled)
     return cancelled
-
-
-def chunked_sids(sids: Sequence[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(sids), size):
-        yield list(sids[start : start + size])

@@ -54,6 +54,8 @@ class Claim:
     account_rate: float | None = None
     # When the doubtful call was made, for looking the message up at the provider.
     doubt_since: datetime | None = None
+    # Its bulk batch (None for a single send): handed back, the bulk pump publishes it again.
+    batch_id: str | None = None
 
     def rates(self) -> list[Rate]:
         """The throughput limits this send counts against (in segments per second)."""
@@ -135,6 +137,7 @@ def _claim_of_row(row: Any, settings: Settings) -> Claim:
         owner_id=row.owner_id,
         sender_rate=row.sender_rate,
         account_rate=row.account_rate,
+        batch_id=row.batch_id,
     )
 
 
@@ -230,6 +233,7 @@ def _claim_of(
         sender_rate=provider_account.sender_rate,
         account_rate=provider_account.account_rate,
         doubt_since=doubt_since,
+        batch_id=message.batch_id,
     )
 
 

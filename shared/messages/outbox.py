@@ -26,7 +26,13 @@ import structlog
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from shared.core.broker import SEND_BATCH_TASK, SEND_TASK, RedisTaskQueue
+from shared.core.broker import (
+    BULK_SEND_TASK,
+    SEND_BATCH_TASK,
+    SEND_TASK,
+    RedisTaskQueue,
+    bulk_queue,
+)
 from shared.core.db import Database
 from shared.core.models import utcnow
 from shared.core.settings import Settings
@@ -57,9 +63,11 @@ def publish_batches(
     *,
     mark_only_unchanged: bool = True,
     mark: bool = True,
+    bulk_batch: str | None = None,
 ) -> list[str]:
     """Publish one task per batch of sids (a lone sid as `sms.send`, several as
-    `sms.send_batch`), then mark the rows published; return the sids published.
+    `sms.send_batch`; with `bulk_batch`, messages of that bulk batch as `sms.send_bulk` on
+    the bulk lane), then mark the rows published; return the sids published.
 
     A failure here loses nothing: the rows are committed, and the sweeper publishes whatever
     is left unmarked. On Redis the tasks go out in one pipeline (kombu's publish batch): one
@@ -73,9 +81,15 @@ def publish_batches(
         # Room for a task-sent event per task too (SMSD_TASK_EVENTS), so a batch is one flush.
         with app.producer_or_acquire() as producer, producer.batch(max_size=2 * len(batches) + 1):
             for batch in batches:
+                if bulk_batch is not None:
+                    name, args = BULK_SEND_TASK, [bulk_batch, batch]
+                elif len(batch) == 1:
+                    name, args = SEND_TASK, [batch[0]]
+                else:
+                    name, args = SEND_BATCH_TASK, [batch]
                 app.send_task(
-                    SEND_TASK if len(batch) == 1 else SEND_BATCH_TASK,
-                    args=[batch[0] if len(batch) == 1 else batch],
+                    name,
+                    args=args,
                     countdown=countdown.total_seconds() if countdown else None,
                     producer=producer,
                 )
@@ -382,13 +396,17 @@ def mark_published(
     queries.mark_published(session, sids, now, unchanged_since=unchanged_since)
 
 
-def due_for_publish(session: Session, settings: Settings, now: datetime) -> list[str]:
-    """What the sweeper must (re-)publish; publishing marks them, so the next sweep skips them.
+def due_for_publish(
+    session: Session, settings: Settings, now: datetime
+) -> list[tuple[str, str | None]]:
+    """What the sweeper must (re-)publish, each with its bulk batch's id (None for a single
+    send); publishing marks them, so the next sweep skips them.
 
-    - committed but not on the queue (the API died between commit and publish, the broker was
-      down, a retry waiting in the database, or the broker lost it: see `note_broker_epoch`),
-      once its time has come;
-    - claimed by a worker whose lease ran out (the worker died mid-send), once.
+    - a single send committed but not on the queue (the API died between commit and publish,
+      the broker was down, a retry waiting in the database, or the broker lost it: see
+      `note_broker_epoch`), once its time has come;
+    - claimed by a worker whose lease ran out (the worker died mid-send), once, single send
+      or bulk (a bulk batch's other queued messages are the bulk pump's: shared/messages/lanes).
 
     A message on the queue is never published again because it waits long: a backlog of any
     length stays as it is. Two overlapping sweeps may pick the same rows; the duplicate tasks
@@ -413,23 +431,25 @@ def note_broker_epoch(session: Session, epoch: str, born: datetime, now: datetim
     if state.broker_epoch == epoch:
         return 0
     count = queries.unmark_published_before(session, born)
+    count += queries.unmark_published_before(session, born, bulk=True)
     state.broker_epoch = epoch
     state.updated_at = now
     log.warning("sweep.broker_lost", epoch=epoch, republish=count)
     return count
 
 
-def note_lost_in_flight(session: Session, cutoff: datetime) -> int:
+def note_lost_in_flight(session: Session, cutoff: datetime, *, bulk: bool = False) -> int:
     """Queued messages published before `cutoff` and never claimed: no broker copy of them is
     left (a worker died between taking a task and recording it unacked, a Redis that kept its
-    data but not that). Unmarked, so the sweeper publishes each once more; returns how many.
+    data but not that). Unmarked, so the sweeper (or, `bulk`, the bulk pump) publishes each
+    once more; returns how many.
 
     The caller picks `cutoff` so that it cannot touch a backlog: before the oldest task still
     on the queue (the queue is first in, first out) and older than anything a live worker may
     still hold unacknowledged."""
-    count = queries.unmark_published_before(session, cutoff)
+    count = queries.unmark_published_before(session, cutoff, bulk=bulk)
     if count:
-        log.warning("sweep.lost_in_flight", republish=count)
+        log.warning("sweep.lost_in_flight", republish=count, bulk=bulk)
     return count
 
 
@@ -452,12 +472,19 @@ class Outbox:
         total = 0
         while True:
             with self._db.transaction() as session:
-                sids = due_for_publish(session, settings, utcnow())
-            if not sids:
+                due = due_for_publish(session, settings, utcnow())
+            if not due:
                 break
-            published = publish_batches(
-                self.celery, self._db, chunked(sids, self._settings.send_batch_size)
-            )
+            lanes: dict[str | None, list[str]] = {}
+            for sid, batch_id in due:
+                lanes.setdefault(batch_id, []).append(sid)
+            sids = [sid for sid, _ in due]
+            published = []
+            for batch_id, lane in lanes.items():
+                size = settings.send_batch_size if batch_id is None else settings.bulk_task_size
+                published += publish_batches(
+                    self.celery, self._db, chunked(lane, size), bulk_batch=batch_id
+                )
             total += len(published)
             log.info("sweep.published", count=len(published))
             # A short batch is the last; a failed publish waits for the next sweep.
@@ -494,19 +521,21 @@ class Outbox:
         was taken) and than anything a live worker may still hold unacknowledged."""
         settings = self._settings
         grace = settings.broker_visibility_timeout + 2 * settings.sweep_interval + MAX_COUNTDOWN
-        cutoff = utcnow() - grace
-        try:
-            oldest = client.lindex(settings.send_queue, -1)
-        except redis.RedisError:
-            return
-        head = sid_of_task(oldest) if oldest is not None else None
-        with self._db.transaction() as session:
-            if head is not None:
-                head_published = queries.published_at_of(session, head)
-                if head_published is None:
-                    return  # cannot place the head in time: judge nothing this round
-                cutoff = min(cutoff, head_published)
-            note_lost_in_flight(session, cutoff)
+        # Each lane's queue on its own: its messages against its head.
+        for queue, bulk in ((settings.send_queue, False), (bulk_queue(settings), True)):
+            cutoff = utcnow() - grace
+            try:
+                oldest = client.lindex(queue, -1)
+            except redis.RedisError:
+                return
+            head = sid_of_task(oldest) if oldest is not None else None
+            with self._db.transaction() as session:
+                if head is not None:
+                    head_published = queries.published_at_of(session, head)
+                    if head_published is None:
+                        continue  # cannot place the head in time: judge nothing this round
+                    cutoff = min(cutoff, head_published)
+                note_lost_in_flight(session, cutoff, bulk=bulk)
 
 
 def sid_of_task(raw: bytes | str) -> str | None:
@@ -515,7 +544,8 @@ def sid_of_task(raw: bytes | str) -> str | None:
     try:
         envelope = json.loads(raw)
         body = json.loads(base64.b64decode(envelope["body"]))
-        sid = body[0][0]
+        args = body[0]
+        sid = args[1] if len(args) == 2 else args[0]  # a bulk task: [batchId, sids]
         if isinstance(sid, list):  # a batch task: its sids were published together
             sid = sid[0]
     except (ValueError, KeyError, IndexError, TypeError):

@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session
 from shared.core.models import (
     SENT_BY_EXTERNAL,
     Account,
+    BulkBatch,
     DeflectedCall,
     DeliveryEvent,
     Message,
@@ -833,6 +834,7 @@ def _take_queued_where(sids: ColumnElement[bool]) -> Update:
             _messages.c.segments,
             _messages.c.provider_failures,
             _messages.c.in_doubt_since,
+            _messages.c.batch_id,
             _providers.c.id.label("provider_account_id"),
             _providers.c.provider,
             _providers.c.credentials,
@@ -1152,16 +1154,21 @@ def mark_published(
 _ASYNCHRONOUS_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 
 
-def unpublished(session: Session, now: datetime, created_before: datetime, limit: int) -> list[str]:
-    """Queued messages not on the queue whose time has come, and messages whose worker's lease
-    ran out not yet published again since; oldest first."""
+def unpublished(
+    session: Session, now: datetime, created_before: datetime, limit: int
+) -> list[tuple[str, str | None]]:
+    """Single sends queued and not on the queue whose time has come, and messages of either
+    lane whose worker's lease ran out not yet published again since; oldest first, each with
+    its bulk batch's id (None for a single send). A bulk batch's queued messages are the bulk
+    pump's (`bulk_due`), not the sweeper's."""
     due = or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now)
     query = (
-        select(Message.sid)
+        select(Message.sid, Message.batch_id)
         .where(
             or_(
                 and_(
                     _status_is(MessageStatus.QUEUED),
+                    Message.batch_id.is_(None),
                     Message.published_at.is_(None),
                     Message.created_at <= created_before,
                     due,
@@ -1179,15 +1186,22 @@ def unpublished(session: Session, now: datetime, created_before: datetime, limit
         .order_by(Message.created_at)
         .limit(limit)
     )
-    return list(session.scalars(query))
+    return [(sid, batch_id) for sid, batch_id in session.execute(query)]
 
 
-def unmark_published_before(session: Session, before: datetime) -> int:
-    """Queued messages published before `before`, made due for the sweeper again."""
+def unmark_published_before(session: Session, before: datetime, *, bulk: bool = False) -> int:
+    """Queued messages published before `before`, made due again: single sends for the
+    sweeper, or (`bulk`) the messages of unfinished bulk batches for the bulk pump."""
+    lane = (
+        Message.batch_id.in_(select(BulkBatch.id).where(BulkBatch.finished_at.is_(None)))
+        if bulk
+        else Message.batch_id.is_(None)
+    )
     result = session.execute(
         update(Message)
         .where(
             _status_is(MessageStatus.QUEUED),
+            lane,
             Message.published_at.is_not(None),
             Message.published_at < before,
         )
@@ -1196,6 +1210,73 @@ def unmark_published_before(session: Session, before: datetime) -> int:
     )
     assert isinstance(result, CursorResult)
     return int(result.rowcount)
+
+
+# The bulk lane (shared/messages/lanes.py)
+
+
+def unfinished_batches(session: Session) -> list[tuple[str, int, bool]]:
+    """Every bulk batch the pump still looks at, oldest first: (id, account id, cancelled)."""
+    query = (
+        select(BulkBatch.id, BulkBatch.account_id, BulkBatch.cancelled_at.is_not(None))
+        .where(BulkBatch.finished_at.is_(None))
+        .order_by(BulkBatch.created_at, BulkBatch.id)
+    )
+    return [(batch, account, cancelled) for batch, account, cancelled in session.execute(query)]
+
+
+def bulk_due(session: Session, batch_id: str, now: datetime, limit: int) -> list[str]:
+    """Up to `limit` of a batch's queued messages not on the queue whose time has come.
+
+    In no particular order (sids are random, so no order of theirs is the batch's): with one,
+    a planner that has not seen the batch's rows yet (statistics lag a 100,000-row COPY) sorts
+    all of them for every task. Without, any index on the batch stops at `limit`."""
+    query = (
+        select(Message.sid)
+        .where(
+            Message.batch_id == batch_id,
+            _status_is(MessageStatus.QUEUED),
+            Message.published_at.is_(None),
+            or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now),
+        )
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def batch_unsettled(session: Session, batch_id: str) -> bool:
+    """Whether any of the batch's messages is still queued or being sent."""
+    query = select(
+        select(Message.sid)
+        .where(
+            Message.batch_id == batch_id,
+            _status_is(MessageStatus.QUEUED, MessageStatus.SENDING),
+        )
+        .exists()
+    )
+    return bool(session.scalar(query))
+
+
+def finish_batch(session: Session, batch_id: str, now: datetime) -> None:
+    session.execute(
+        update(BulkBatch)
+        .where(BulkBatch.id == batch_id, BulkBatch.finished_at.is_(None))
+        .values(finished_at=now)
+    )
+
+
+def mark_bulk_published(session: Session, sids: Sequence[str], now: datetime) -> None:
+    """The pump's tasks are on the bulk queue: their messages are no longer due for it."""
+    session.execute(
+        update(Message)
+        .where(
+            Message.sid.in_(sids),
+            _status_is(MessageStatus.QUEUED),
+            Message.published_at.is_(None),
+        )
+        .values(published_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def published_at_of(session: Session, sid: str) -> datetime | None:
@@ -1262,13 +1343,30 @@ def take_silent(session: Session, quiet_since: datetime, now: datetime, limit: i
 
 
 def oldest_queued_created_at(session: Session, timeout: timedelta) -> datetime | None:
-    """When the oldest message still `queued` was accepted; gives up after `timeout`."""
+    """When the oldest single send still `queued` was accepted (the realtime lane); gives up
+    after `timeout` (the rest of the transaction too)."""
     if session.get_bind().dialect.name == "postgresql":
         milliseconds = max(1, int(timeout.total_seconds() * 1000))
         session.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
     return session.scalar(
-        select(func.min(Message.created_at)).where(_status_is(MessageStatus.QUEUED))
+        select(func.min(Message.created_at)).where(
+            _status_is(MessageStatus.QUEUED), Message.batch_id.is_(None)
+        )
     )
+
+
+def bulk_backlog(session: Session) -> list[tuple[str, datetime, int]]:
+    """Each tenant's bulk messages still `queued`: (tenant id, when its oldest was accepted,
+    how many). Read from the unfinished batches, each through its own index entries."""
+    query = (
+        select(Account.tenant_id, func.min(BulkBatch.created_at), func.count(Message.sid))
+        .select_from(BulkBatch)
+        .join(Account, Account.id == BulkBatch.account_id)
+        .join(Message, Message.batch_id == BulkBatch.id)
+        .where(BulkBatch.finished_at.is_(None), _status_is(MessageStatus.QUEUED))
+        .group_by(Account.tenant_id)
+    )
+    return [(tenant, oldest, count) for tenant, oldest, count in session.execute(query)]
 
 
 # Provider callbacks

@@ -460,6 +460,10 @@ class Sender:
         return not self.breakers.is_open(provider_account_id)
 
     def _publish_after(self, owned: Claim, delay: timedelta | None) -> None:
+        if owned.batch_id is not None:
+            # Handed back with its next attempt's time and no mark: the bulk pump publishes it
+            # when due, in its tenant's turn (shared/messages/lanes.py), not ahead of the lane.
+            return
         publish_after(self.celery, self.db, [owned.sid], delay)
 
     def _resolve_doubt(

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import func, select, text
@@ -20,11 +21,11 @@ from sqlalchemy import func, select, text
 from api.app import create_app
 from api.bulk import JsonArray
 from shared.accounts import access, provisioning
+from shared.core.broker import bulk_queue
 from shared.core.db import Database
 from shared.core.errors import InvalidParameter
 from shared.core.models import BulkBatch, InteractionToken, Message, ShortLink, utcnow
 from shared.core.settings import Settings
-from shared.messages.outbox import due_for_publish
 from tests.support.api import (
     OTHER_V3,
     UNAUTHORIZED_BODY,
@@ -37,6 +38,7 @@ from tests.support.data import CALLER_E164, OTHER_KEY, OTHER_TENANT, SENDER, Dem
 from tests.support.processes import wait_until
 
 BULK = f"{V3}/campaign/sms/campaign1/bulk"
+BULK_QUEUE = "sms.send.bulk"
 NUMBERS = ["+972544696388", "+972544696389", "+972544696390", "+972544696391"]
 
 
@@ -106,14 +108,15 @@ def test_json_rows_are_each_a_message_and_bad_rows_are_reported(
     first = messages[0]
     assert first.body == "Please click here https://flows.example.com/start?lang=en&var1=a"
     assert messages[2].token_id is not None
-    # Every message is on the queue, once, after the commit.
-    published = [sid for _, args in queued_sends(redis_url) for sid in _sids(args)]
+    # Every message is on the bulk lane's queue, once, after the commit.
+    published = [sid for _, args in queued_sends(redis_url, BULK_QUEUE) for sid in _sids(args)]
     assert sorted(published) == sorted(m.sid for m in messages)
 
 
 def _sids(args: list[Any]) -> list[str]:
-    first = args[0]
-    return first if isinstance(first, list) else [first]
+    _batch_id, sids = args  # sms.send_bulk: [batchId, sids]
+    assert isinstance(sids, list)
+    return sids
 
 
 def test_each_bulk_message_is_looked_up_like_a_single_send(
@@ -534,23 +537,20 @@ def test_a_campaign_id_no_database_holds_is_no_batch(
     assert response.text == f"Batch {batch_id} was not found"
 
 
-def test_the_sweeper_leaves_a_fresh_batch_to_the_api_that_publishes_it(
-    client: TestClient[Litestar], db: Database, demo: Demo, migrated: Settings
+def test_the_api_starts_the_bulk_lane_on_a_batch_right_after_its_202(
+    client: TestClient[Litestar], db: Database, demo: Demo, migrated: Settings, redis_url: str
 ) -> None:
     batch_id = bulk(client, [{"callerId": n} for n in NUMBERS]).json()["batchId"]
-    with db.transaction() as session:
-        # As if the API had died before publishing them.
-        for message in session.scalars(select(Message).where(Message.batch_id == batch_id)):
-            message.published_at = None
-    soon = utcnow() + migrated.sweep_unpublished_after + timedelta(seconds=1)
-    later = utcnow() + migrated.bulk_publish_grace + timedelta(seconds=1)
 
+    # Its messages are on the bulk lane's queue, none on the realtime lane's.
+    queue = redis.Redis.from_url(redis_url)
+    assert queue.llen(bulk_queue(migrated)) == 1
+    assert queue.llen(migrated.send_queue) == 0
     with db.transaction() as session:
-        while_publishing = due_for_publish(session, migrated, soon)
-        after_the_grace = due_for_publish(session, migrated, later)
-
-    assert while_publishing == []
-    assert sorted(after_the_grace) == sorted(m.sid for m in stored(db, batch_id))
+        unpublished = select(Message.sid).where(
+            Message.batch_id == batch_id, Message.published_at.is_(None)
+        )
+        assert list(session.scalars(unpublished)) == []
 
 
 @pytest.mark.parametrize(("text", "links"), [("Go <link>", 2), ("Go <link> " + "z" * 200, 0)])

@@ -42,6 +42,7 @@ EXPECTED_COMMANDS = {
     "migrate": "migrate",
     "api": "api",
     "worker": "worker",
+    "worker-bulk": "worker",
     "beat": "beat",
     "flower": "flower",
     "simulator": "simulator",
@@ -178,6 +179,11 @@ def test_every_image_service_runs_a_real_sms_dispatch_subcommand(
     assert {name for name, service in services.items() if is_ours(service)} == set(
         EXPECTED_COMMANDS
     )
+
+
+def test_each_lane_has_its_own_worker_service(services: dict[str, Json]) -> None:
+    assert command_of(services["worker"])[:3] == ["worker", "--lane", "realtime"]
+    assert command_of(services["worker-bulk"])[:3] == ["worker", "--lane", "bulk"]
 
 
 def test_every_service_that_opens_the_database_is_pointed_at_postgres(

@@ -240,7 +240,9 @@ def test_every_container_runs_a_real_subcommand_with_resources_and_as_non_root(
             assert context.get("readOnlyRootFilesystem") is True, where
             assert context.get("capabilities") == {"drop": ["ALL"]}, where
             assert not context.get("privileged"), where
-    assert found == 5, f"{found} containers: api, worker, beat, flower and migrate expected"
+    assert found == 6, (
+        f"{found} containers: api, worker, worker-bulk, beat, flower and migrate expected"
+    )
 
 
 def test_production_runs_a_pinned_image_in_a_restricted_namespace(
@@ -278,7 +280,7 @@ def test_the_api_is_probed_on_its_health_endpoints(base: list[Json]) -> None:
 
 def test_api_and_workers_have_disruption_budgets(rendered: dict[str, list[Json]]) -> None:
     for objects in rendered.values():
-        for component in ("api", "worker"):
+        for component in ("api", "worker", "worker-bulk"):
             name = f"sms-dispatch-{component}"
             budget = named(objects, "PodDisruptionBudget", name)["spec"]
             labels = named(objects, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
@@ -305,23 +307,41 @@ def test_beat_runs_exactly_once(rendered: dict[str, list[Json]]) -> None:
         assert "/app/var" in {mount["mountPath"] for mount in mounts}
 
 
-def test_the_base_scales_workers_on_cpu(base: list[Json]) -> None:
-    worker = named(base, "Deployment", "sms-dispatch-worker")
-    assert "replicas" not in worker["spec"], "an apply would reset the autoscaled count"
-    (hpa,) = of_kind(base, "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": "sms-dispatch-worker",
+def test_the_base_scales_both_lanes_workers_on_cpu(base: list[Json]) -> None:
+    lanes = ("sms-dispatch-worker", "sms-dispatch-worker-bulk")
+    for name in lanes:
+        worker = named(base, "Deployment", name)
+        assert "replicas" not in worker["spec"], "an apply would reset the autoscaled count"
+    hpas = {
+        hpa["spec"]["scaleTargetRef"]["name"]: hpa
+        for hpa in of_kind(base, "HorizontalPodAutoscaler")
     }
-    assert [metric["resource"]["name"] for metric in hpa["spec"]["metrics"]] == ["cpu"]
+    assert set(hpas) == set(lanes)
+    for hpa in hpas.values():
+        assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+        assert [metric["resource"]["name"] for metric in hpa["spec"]["metrics"]] == ["cpu"]
     assert of_kind(base, "ScaledObject") == []
 
 
-def test_production_scales_workers_on_the_send_queue_with_keda(
+def test_each_lanes_workers_read_only_their_lane(rendered: dict[str, list[Json]]) -> None:
+    for objects in rendered.values():
+        for name, lane in (
+            ("sms-dispatch-worker", "realtime"),
+            ("sms-dispatch-worker-bulk", "bulk"),
+        ):
+            args = only_container(objects, "Deployment", name)["args"]
+            assert args[:3] == ["worker", "--lane", lane], name
+
+
+def test_production_scales_realtime_workers_on_the_send_queue_with_keda(
     base: list[Json], production: list[Json]
 ) -> None:
-    assert of_kind(production, "HorizontalPodAutoscaler") == [], "KEDA refuses a second HPA"
+    hpas = {
+        hpa["spec"]["scaleTargetRef"]["name"]
+        for hpa in of_kind(production, "HorizontalPodAutoscaler")
+    }
+    # KEDA refuses a target another HPA scales; the bulk lane keeps its CPU autoscaler.
+    assert hpas == {"sms-dispatch-worker-bulk"}
     (scaled,) = of_kind(production, "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "sms-dispatch-worker"
     named(production, "Deployment", "sms-dispatch-worker")

@@ -1,12 +1,14 @@
 """What a bulk send promises, broken on real processes: a batch is stored whole or not at all,
 its 202 comes only after the commit, a retry with its Idempotency-Key never stores it twice,
-and what was committed but never published is sent by the sweeper, each message once.
+and what was committed but never published is sent by the bulk pump, each message once.
 
 - the API process is SIGKILLed while it writes a batch's rows (chunks already COPYed, no
   COMMIT yet): nothing of the batch may remain;
 - the API process is SIGKILLed while the batch's COMMIT is in flight (held by PostgreSQL for a
   synchronous standby that does not exist): the batch commits, its caller never hears, and
-  nothing published it.
+  nothing published it;
+- the bulk lane's worker is SIGKILLed mid-drain and the broker restarted empty: claims held,
+  tasks unacknowledged and the pump's window on the queue all lost at once.
 
 Each ends with the ledger (tests/faults/ledger.py)."""
 
@@ -26,10 +28,12 @@ from shared.core.db import Database
 from shared.core.models import BulkBatch, Message
 from shared.core.settings import Settings
 from tests.faults.ledger import settle
+from tests.faults.redis_control import RedisControl
 from tests.faults.test_group_commit import (
     SYNC_WAITERS,
     SYNCHRONOUS_COMMIT,
     _plain_url,
+    log_events,
     start_api,
 )
 from tests.support.data import TENANT, Demo, headers
@@ -126,7 +130,7 @@ def test_an_api_process_killed_while_it_writes_a_batch_leaves_nothing_of_it(
 
 
 @pytest.mark.timeout(180)
-def test_an_api_process_killed_during_a_batchs_commit_sends_it_once_through_the_sweeper(
+def test_an_api_process_killed_during_a_batchs_commit_sends_it_once_through_the_bulk_pump(
     demo: Demo,
     db: Database,
     migrated: Settings,
@@ -137,15 +141,12 @@ def test_an_api_process_killed_during_a_batchs_commit_sends_it_once_through_the_
     """Breaks: SIGKILL of the API while the batch's COMMIT waits (for a synchronous standby
     that does not exist), so the batch commits but its caller hears nothing and nothing
     publishes it. Must hold: the batch is stored once; the caller's retry with the same
-    Idempotency-Key answers the committed batch (a replay, not a second batch); the sweeper
-    publishes the batch's messages and each is delivered, received by the provider once."""
+    Idempotency-Key answers the committed batch (a replay, not a second batch); the bulk pump
+    (run by the sweep) publishes the batch's messages and each is delivered, received by the
+    provider once."""
     port = free_port()
     joint = "&" if "?" in migrated.database_url else "?"
-    env = {
-        "SMSD_DATABASE_URL": f"{migrated.database_url}{joint}options={SYNCHRONOUS_COMMIT}",
-        # The batch is the sweeper's at once if its API dies (by default after two minutes).
-        "SMSD_BULK_PUBLISH_GRACE": "0",
-    }
+    env = {"SMSD_DATABASE_URL": f"{migrated.database_url}{joint}options={SYNCHRONOUS_COMMIT}"}
     first, url = start_api(spawn, "api-bulk-commit-kill", port, **env)
     rows = recipients(300)
 
@@ -182,10 +183,56 @@ def test_an_api_process_killed_during_a_batchs_commit_sends_it_once_through_the_
     assert retry.json()["accepted"] == len(rows)
     assert stored(db) == (1, len(rows)), "a retry stored the batch twice"
 
-    # A worker with beat: its sweeper publishes what the dead API committed but never published.
+    # A worker with beat: its sweep pumps the batch the dead API committed but never pumped.
     start_worker(concurrency=8, env={"SMSD_PUBLIC_BASE_URL": url})
     with db.transaction() as session:
         sids = list(session.scalars(select(Message.sid)))
     ledger = settle(db, str(simulator.base_url), sids, timeout=120)
+    assert set(ledger.statuses.values()) == {"delivered"}
+    assert all(ledger.received[sid] == 1 for sid in sids)
+
+
+@pytest.mark.timeout(300)
+def test_a_bulk_worker_killed_mid_drain_and_an_empty_broker_lose_and_duplicate_nothing(
+    demo: Demo,
+    db: Database,
+    migrated: Settings,
+    simulator: httpx.Client,
+    spawn: Callable[..., Process],
+    start_worker: Callable[..., Process],
+) -> None:
+    """Breaks: the bulk lane's worker SIGKILLed while it drains a batch (claims held, tasks
+    unacknowledged), then the broker killed and restarted empty (the bulk queue's window and
+    every unacknowledged task gone). Must hold: every message of the batch is delivered, each
+    received by the provider once: the dead worker's claims come back through the sweeper onto
+    the bulk lane, and what the broker lost is noticed (its epoch) and pumped again."""
+    simulator.post("/control", json={"latency_ms": 20})
+    with RedisControl() as broker:
+        env = {"SMSD_BROKER_URL": broker.url, "SMSD_REDIS_URL": broker.url}
+        _, url = start_api(spawn, "api-bulk-lane", free_port(), **env)
+        rows = recipients(400)
+        response = httpx.post(url + BULK, headers=headers(), json=rows, timeout=60)
+        assert response.status_code == 202, response.text
+        workers = {**env, "SMSD_PUBLIC_BASE_URL": url}
+        sweeper = start_worker("--lane", "realtime", env=workers)  # with beat
+        bulk = start_worker("--lane", "bulk", beat=False, concurrency=2, env=workers)
+        wait_until(lambda: len(simulator.get("/messages").json()) >= 60, 60, "the drain under way")
+
+        bulk.stop(signal.SIGKILL)
+        broker.kill()
+        at_kill = len(simulator.get("/messages").json())
+        broker.restart_empty()
+        assert at_kill < len(rows), "the bulk lane must die mid-batch"
+        start_worker("--lane", "bulk", beat=False, concurrency=2, env=workers)
+
+        with db.transaction() as session:
+            sids = list(session.scalars(select(Message.sid)))
+        ledger = settle(db, str(simulator.base_url), sids, timeout=180)
+    assert len(sids) == len(rows)
+    # The empty broker was noticed by its epoch, and what it held of the bulk lane pumped again
+    # at once (not a minute later, when the lost-in-flight check would find it).
+    lost = log_events(sweeper, "sweep.broker_lost")
+    assert lost, "the sweeper never noticed the empty broker"
+    assert lost[0]["republish"] > 0, lost
     assert set(ledger.statuses.values()) == {"delivered"}
     assert all(ledger.received[sid] == 1 for sid in sids)

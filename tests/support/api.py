@@ -96,12 +96,13 @@ def queued_tasks(redis_url: str) -> int:
         broker.close()
 
 
-def queued_sends(redis_url: str) -> list[tuple[str, list[Any]]]:
-    """(task name, args) of every task waiting on `sms.send`, oldest first (after the flush)."""
+def queued_sends(redis_url: str, queue: str = SEND_QUEUE) -> list[tuple[str, list[Any]]]:
+    """(task name, args) of every task waiting on `queue` (the realtime lane's `sms.send`,
+    unless told), oldest first (after the flush)."""
     Publisher.flush_all()
     broker = redis.Redis.from_url(redis_url)
     try:
-        raw: list[bytes | str] = broker.lrange(SEND_QUEUE, 0, -1)
+        raw: list[bytes | str] = broker.lrange(queue, 0, -1)
     finally:
         broker.close()
     tasks = []

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import select, update
 
 from shared.core.db import Database
-from shared.core.models import Message, utcnow
+from shared.core.models import BulkBatch, Message, utcnow
 from shared.core.settings import Settings
 from shared.messages.outbox import Publisher
 from tests.support.api import V3, issue_token, queued_sends
@@ -68,7 +68,8 @@ def test_a_worker_process_serves_its_send_counts_and_the_backlog(
     assert value(exposition, "smsd_send_duration_seconds_count", provider="simulator") == 5
     assert sample(exposition, "smsd_queue_depth", queue="sms.send") == 0
     assert sample(exposition, "smsd_queue_depth", queue="sms.send.sweep") is not None
-    assert sample(exposition, "smsd_oldest_queued_message_age_seconds") == 0
+    assert sample(exposition, "smsd_oldest_queued_message_age_seconds", lane="realtime") == 0
+    assert sample(exposition, "smsd_oldest_queued_message_age_seconds", lane="bulk") == 0
     assert len(simulator.get("/messages").json()) == 5
 
 
@@ -109,9 +110,34 @@ def test_the_backlog_gauges_read_the_broker_and_the_database(
     assert sorted(sid for _, args in tasks for sid in _flat(args[0])) == sorted(sids)
     assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send"}) == len(tasks)
     assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send.sweep"}) == 0
-    age = registry.get_sample_value("smsd_oldest_queued_message_age_seconds")
+    age = registry.get_sample_value("smsd_oldest_queued_message_age_seconds", {"lane": "realtime"})
     assert age is not None
     assert 120 <= age < 180
+
+
+def test_the_bulk_lane_has_its_depth_age_and_backlog_per_tenant(
+    client: TestClient[Litestar], demo: Demo, db: Database, migrated: Settings
+) -> None:
+    # No worker runs: the API's pump put one window on the bulk queue, the rest waits.
+    url = "/interact/version/3/account/12345678/resources/campaign/sms/campaign1/bulk"
+    rows = [{"callerId": f"+9725444{n:05d}"} for n in range(150)]
+    assert client.post(url, headers=headers(), json=rows).status_code == 202
+    with db.transaction() as session:
+        session.execute(update(BulkBatch).values(created_at=utcnow() - timedelta(minutes=3)))
+    registry = CollectorRegistry()
+    registry.register(BacklogCollector(migrated))
+
+    # The suite's window: 100 messages in tasks of 10.
+    assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send.bulk"}) == 10
+    assert registry.get_sample_value("smsd_queue_depth", {"queue": "sms.send"}) == 0
+    backlog = registry.get_sample_value("smsd_bulk_backlog_messages", {"tenant": "12345678"})
+    assert backlog == 150
+    assert registry.get_sample_value("smsd_bulk_backlog_messages", {"tenant": "87654321"}) is None
+    age = registry.get_sample_value("smsd_oldest_queued_message_age_seconds", {"lane": "bulk"})
+    assert age is not None
+    assert 180 <= age < 240
+    realtime = {"lane": "realtime"}
+    assert registry.get_sample_value("smsd_oldest_queued_message_age_seconds", realtime) == 0
 
 
 def test_the_backlog_gauges_are_left_out_while_their_sources_are_down(

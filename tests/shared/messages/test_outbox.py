@@ -31,7 +31,9 @@ def sid(db: Database, demo: Demo, settings: Settings, t0: datetime) -> str:
 
 def due(db: Database, settings: Settings, now: datetime) -> list[str]:
     with db.transaction() as session:
-        return due_for_publish(session, settings, now)
+        due = due_for_publish(session, settings, now)
+    assert all(batch_id is None for _, batch_id in due)  # single sends, all of them
+    return [sid for sid, _ in due]
 
 
 def publish(db: Database, sid: str, now: datetime) -> None:
