@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -79,6 +80,17 @@ class JsonBody:
         self._mark(name)
         return False
 
+    def timestamp(self, name: str) -> datetime | None:
+        """An RFC 3339 date and time with its offset (`2026-12-24T09:00:00+01:00`, or `Z`),
+        or None when absent; one without an offset is invalid (whose 09:00 would it be?)."""
+        text = self.text(name)
+        if text is None:
+            return None
+        moment = rfc3339(text)
+        if moment is None:
+            self._mark(name)
+        return moment
+
     def integer(self, name: str) -> int | None:
         value = self._data.get(name)
         if value is None:
@@ -91,3 +103,14 @@ class JsonBody:
     def _mark(self, name: str) -> None:
         if self.invalid is None:
             self.invalid = name
+
+
+def rfc3339(text: str) -> datetime | None:
+    """An RFC 3339 date and time with an offset, or None (a date alone, no offset, not one)."""
+    if "T" not in text.upper() or len(text) > 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None

@@ -19,7 +19,7 @@ import tempfile
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, Annotated, Any
 from urllib.parse import quote
 
 import anyio
@@ -29,10 +29,11 @@ from celery import Celery
 from litestar import MediaType, Request, Response, delete, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
-from litestar.params import FromPath
+from litestar.openapi.spec import Example
+from litestar.params import FromPath, QueryParameter
 from sqlalchemy.orm import Session
 
-from api.body import JsonBody
+from api.body import JsonBody, rfc3339
 from api.dependencies import CeleryDep, DatabaseDep, SettingsDep, TransactionsDep
 from api.headers import (
     MAX_IDEMPOTENCY_KEY,
@@ -139,12 +140,29 @@ async def bulk_send(
     application_key: ApplicationKey = None,
     environment_name: EnvironmentName = None,
     idempotency_key: IdempotencyKey = None,
+    send_at: Annotated[
+        str | None,
+        QueryParameter(
+            name="sendAt",
+            description=(
+                "When to send the batch (RFC 3339 with an offset, at most "
+                "SMSD_SCHEDULE_HORIZON ahead; a time past or absent: at once). Each message's "
+                "validity counts from then; cancelling the batch cancels them."
+            ),
+            examples=[Example(value="2026-12-24T09:00:00+01:00")],
+        ),
+    ] = None,
 ) -> Response[object]:
     media = (request.headers.get("content-type") or "").partition(";")[0]
     as_csv = media.strip().lower() == "text/csv"
     invalid = None
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         invalid = "Idempotency-Key"
+    # When to send the whole batch (`?sendAt=`, RFC 3339), if not at once.
+    when = None
+    if send_at is not None:
+        when = rfc3339(send_at.strip())
+        invalid = invalid or (None if when else "sendAt")
     header = SendSmsCommand(
         account_in_url=account_id,
         tenant_id=tenant_id,
@@ -154,6 +172,7 @@ async def bulk_send(
         caller_id=None,
         invalid_parameter=invalid,
         idempotency_key=idempotency_key,
+        send_at=when,
     )
     # Who asks is known before a byte of the body is stored: a stranger's 64 MiB costs nothing.
     await transactions.run_unbounded(
@@ -162,7 +181,7 @@ async def bulk_send(
     with tempfile.SpooledTemporaryFile(max_size=settings.bulk_spool_bytes) as spool:
         digest = await _spool(request, spool, settings.bulk_max_body_bytes)
         fingerprint = hashlib.sha256(
-            f"{campaign_id}\n{environment_name}\n{as_csv}\n{digest}".encode()
+            f"{campaign_id}\n{environment_name}\n{as_csv}\n{when}\n{digest}".encode()
         ).hexdigest()
 
         def store(session: Session) -> BulkAnswer:

@@ -130,6 +130,7 @@ def send_command(
         # Version 2 has no jpToken: one in its body is ignored, not an error.
         jp_token=body.text("jpToken") if version >= 3 else None,
         additional_params=body.text("additionalParams"),
+        send_at=body.timestamp("sendAt"),
         invalid_parameter=invalid or body.invalid,
         require_token=version >= 3,
         idempotency_key=idempotency_key,

@@ -191,6 +191,12 @@ def documented(
     return _Documented
 
 
+SEND_AT = string(
+    "When to send it (optional; RFC 3339 with an offset, at most SMSD_SCHEDULE_HORIZON ahead; "
+    "a time past: at once). Its validity counts from then.",
+    "2026-12-24T09:00:00+01:00",
+)
+
 SEND_SMS_BODY = json_object(
     [],
     **{
@@ -204,6 +210,7 @@ SEND_SMS_BODY = json_object(
         "additionalParams": string(
             "Query string appended to the campaign link", "var1=value1&var2=value"
         ),
+        "sendAt": SEND_AT,
     },
 )
 
@@ -221,6 +228,7 @@ SEND_SMS_V2_BODY = json_object(
         ),
         "callerId": string("Customer phone number", "+972 54 4696388"),
         "additionalParams": string("Query string appended to the campaign link", "var1=value1"),
+        "sendAt": SEND_AT,
     },
 )
 

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     default_region: str = "US"
     # A message not handed to a provider within this time is expired, never sent late.
     message_validity: Duration = timedelta(hours=4)
+    # How far ahead a send may be scheduled (sendAt); later is a 400. Validity counts from then.
+    schedule_horizon: Duration = timedelta(days=35)
 
     # Prometheus metrics of each worker process at http://{host}:{port}/metrics; 0 = off.
     worker_metrics_port: int = 0

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -70,12 +70,16 @@ class SendSmsCommand:
     require_token: bool = True
     from_system_account: bool = False
     idempotency_key: str | None = None
+    # When to send it (`sendAt`), if later than now; at most SMSD_SCHEDULE_HORIZON ahead.
+    send_at: datetime | None = None
 
     def fingerprint(self) -> str:
         """What makes two requests "the same" for an Idempotency-Key: everything but credentials."""
         fields = asdict(self)
         for secret_or_transport in ("application_key", "tenant_id", "idempotency_key"):
             fields.pop(secret_or_transport)
+        if self.send_at is not None:
+            fields["send_at"] = self.send_at.isoformat()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -85,6 +89,8 @@ class AcceptedMessage:
     campaign_id: str
     # True when an Idempotency-Key matched an earlier request: nothing new was recorded.
     replayed: bool = False
+    # True when it waits for its sendAt: nothing publishes it before then (the sweeper does).
+    scheduled: bool = False
 
 
 def accept_send(
@@ -292,6 +298,7 @@ def _message(
         session, account, now, from_system=command.from_system_account
     )
     sender = chosen_sender(command.sender, provider_account.sender_ids, settings)
+    scheduled = scheduled_for(command.send_at, settings, now)
     link = (
         build_link(campaign.link_url, params, token.token if token else None)
         if campaign.link_url
@@ -313,7 +320,9 @@ def _message(
         request_fingerprint=command.fingerprint() if command.idempotency_key else None,
         created_at=now,
         updated_at=now,
-        expires_at=now + settings.message_validity,
+        # Validity counts from when it may be sent.
+        expires_at=(scheduled or now) + settings.message_validity,
+        next_attempt_at=scheduled,
     )
 
     def render(shown: str | None) -> None:
@@ -346,6 +355,16 @@ def _message(
         render(link)
 
 
+def scheduled_for(send_at: datetime | None, settings: Settings, now: datetime) -> datetime | None:
+    """When a message asked for `send_at` is due: None for now (no sendAt, or one that has
+    come), else that time; refused past SMSD_SCHEDULE_HORIZON ahead."""
+    if send_at is None or send_at <= now:
+        return None
+    if send_at > now + settings.schedule_horizon:
+        raise InvalidParameter("sendAt")
+    return send_at.astimezone(UTC)
+
+
 def _insert(session: Session, io: GroupIO, rows: list[tuple[_Request, dict[str, Any]]]) -> None:
     """Write the group's new messages: one statement for those without an Idempotency-Key,
     one for those with, where a concurrent twin (another group, another process) may have
@@ -368,7 +387,11 @@ def _insert(session: Session, io: GroupIO, rows: list[tuple[_Request, dict[str, 
             to=row["to_number"],
             provider=row["provider"],
         )
-        request.outcome = AcceptedMessage(sid=row["sid"], campaign_id=row["campaign_id"])
+        request.outcome = AcceptedMessage(
+            sid=row["sid"],
+            campaign_id=row["campaign_id"],
+            scheduled=row["next_attempt_at"] is not None,
+        )
 
 
 def _columns(row: dict[str, Any]) -> dict[str, Any]:

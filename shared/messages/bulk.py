@@ -49,6 +49,7 @@ from shared.messages.accept import (
     chosen_sender,
     new_message_sid,
     params_made_it_long,
+    scheduled_for,
     usable_campaign,
     usable_token,
 )
@@ -116,6 +117,7 @@ def accept_bulk(
             return _replay(earlier, fingerprint)
     campaign = usable_campaign(session, account, header.environment_name, header.campaign_id, now)
     provider_account = resolve_provider_account(session, account, now)
+    scheduled = scheduled_for(header.send_at, settings, now)
     batch_id = new_batch_id()
     if not _claim_batch(session, batch_id, account.id, campaign, key, fingerprint, now):
         # A concurrent twin with this key committed first (the insert waited for it).
@@ -124,7 +126,7 @@ def accept_bulk(
             raise RuntimeError("a bulk Idempotency-Key insert lost to a twin that cannot be found")
         return _replay(twin, fingerprint)
     recipients = _Recipients(
-        session, account.id, campaign, provider_account, batch_id, settings, now
+        session, account.id, campaign, provider_account, batch_id, scheduled, settings, now
     )
     accepted = 0
     rejected: list[dict[str, Any]] = []
@@ -162,6 +164,7 @@ class _Recipients:
         campaign: Campaign,
         provider_account: Any,
         batch_id: str,
+        scheduled: datetime | None,
         settings: Settings,
         now: datetime,
     ) -> None:
@@ -170,9 +173,11 @@ class _Recipients:
         self.campaign = campaign
         self.provider_account = provider_account
         self.batch_id = batch_id
+        self.scheduled = scheduled
         self.settings = settings
         self.now = now
-        self.expires_at = now + settings.message_validity
+        # Validity counts from when the batch may be sent (its sendAt, if later).
+        self.expires_at = (scheduled or now) + settings.message_validity
         # Many recipients get the same text (no link, or no parameters): measured once.
         self.measure = functools.lru_cache(maxsize=1024)(measure)
 
@@ -241,8 +246,9 @@ class _Recipients:
             "created_at": now,
             "updated_at": now,
             "expires_at": self.expires_at,
-            # Due at once: the bulk pump publishes it in its tenant's turn.
-            "next_attempt_at": None,
+            # Due at once, or at the batch's sendAt: the bulk pump publishes it then, in its
+            # tenant's turn.
+            "next_attempt_at": self.scheduled,
         }
 
     def _short(self, link: str, token: TokenRef | None) -> str:

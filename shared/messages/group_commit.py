@@ -222,10 +222,13 @@ class GroupAccept:
         finally:
             self._in_flight -= 1
             self._group_done()
+        # (A message scheduled for later is the sweeper's to publish when its time comes.)
         new = [
             outcome.sid
             for outcome in outcomes
-            if isinstance(outcome, AcceptedMessage) and not outcome.replayed
+            if isinstance(outcome, AcceptedMessage)
+            and not outcome.replayed
+            and not outcome.scheduled
         ]
         if new:
             # Committed: from here a crash or a broker outage delays these, never loses them.

@@ -117,6 +117,7 @@ ACCEPTED_COLUMNS = (
     "created_at",
     "updated_at",
     "expires_at",
+    "next_attempt_at",
 )
 # A group's messages in one statement built once (PostgreSQL): each column arrives as one array
 # parameter and the arrays are unnested side by side into rows. An executemany costs a
@@ -179,8 +180,7 @@ def insert_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> None
 
 
 # A bulk batch's messages: the accepted columns and the batch's id.
-# (next_attempt_at: until then the sweeper leaves them to the API that publishes them.)
-BULK_COLUMNS = (*ACCEPTED_COLUMNS, "batch_id", "next_attempt_at")
+BULK_COLUMNS = (*ACCEPTED_COLUMNS, "batch_id")
 _COPY_BULK_SQL = f"COPY messages ({', '.join(BULK_COLUMNS)}) FROM STDIN"
 
 
@@ -1343,23 +1343,26 @@ def take_silent(session: Session, quiet_since: datetime, now: datetime, limit: i
 
 
 def oldest_queued_created_at(session: Session, timeout: timedelta) -> datetime | None:
-    """When the oldest single send still `queued` was accepted (the realtime lane); gives up
-    after `timeout` (the rest of the transaction too)."""
+    """Since when the longest-waiting single send still `queued` has been due (accepted, or
+    its sendAt or retry time come); gives up after `timeout` (the rest of the transaction
+    too). A time still ahead (only scheduled ones wait) reads as nothing waiting."""
     if session.get_bind().dialect.name == "postgresql":
         milliseconds = max(1, int(timeout.total_seconds() * 1000))
         session.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
     return session.scalar(
-        select(func.min(Message.created_at)).where(
+        select(func.min(func.coalesce(Message.next_attempt_at, Message.created_at))).where(
             _status_is(MessageStatus.QUEUED), Message.batch_id.is_(None)
         )
     )
 
 
 def bulk_backlog(session: Session) -> list[tuple[str, datetime, int]]:
-    """Each tenant's bulk messages still `queued`: (tenant id, when its oldest was accepted,
-    how many). Read from the unfinished batches, each through its own index entries."""
+    """Each tenant's bulk messages still `queued`: (tenant id, since when the longest-waiting
+    has been due, how many, scheduled ones included). Read from the unfinished batches, each
+    through its own index entries."""
+    due = func.coalesce(Message.next_attempt_at, BulkBatch.created_at)
     query = (
-        select(Account.tenant_id, func.min(BulkBatch.created_at), func.count(Message.sid))
+        select(Account.tenant_id, func.min(due), func.count(Message.sid))
         .select_from(BulkBatch)
         .join(Account, Account.id == BulkBatch.account_id)
         .join(Message, Message.batch_id == BulkBatch.id)
