@@ -246,10 +246,17 @@ async def _spool(request: Request[Any, Any, Any], spool: IO[bytes], limit: int) 
 async def _pump(celery: Celery, db: Database, settings: Settings) -> None:
     """After the 202: start the bulk lane on the new batch at once rather than at the next
     sweep. A failure loses nothing: the batch is committed, and the workers' pump finds it."""
+    pump = _pumps.get(db)
+    if pump is None:
+        # One per process (per database: the tests run several apps), so its limiter is too.
+        pump = _pumps[db] = BulkPump(celery, db, settings)
     try:
-        await anyio.to_thread.run_sync(BulkPump(celery, db, settings).pump)
+        await anyio.to_thread.run_sync(pump.pump)
     except Exception:
         log.exception("bulk.pump_failed")
+
+
+_pumps: weakref.WeakKeyDictionary[Database, BulkPump] = weakref.WeakKeyDictionary()
 
 
 @get(

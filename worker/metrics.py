@@ -155,32 +155,40 @@ class BacklogCollector(Collector):
         return gauge
 
     def oldest_queued_age(self) -> list[GaugeMetricFamily] | None:
-        """Each lane's oldest queued message's age, and each tenant's bulk backlog."""
-        try:
-            with self.database().transaction() as session:
-                oldest = queries.oldest_queued_created_at(
-                    session, timedelta(seconds=SCRAPE_TIMEOUT)
-                )
-                backlog = queries.bulk_backlog(session)
-        except Exception as exc:
-            log.warning("metrics.oldest_queued_failed", error=f"{type(exc).__name__}: {exc}")
-            return None
+        """Each lane's oldest queued message's age, and each tenant's bulk backlog; each read
+        on its own, so a bulk backlog too large to count in time never hides the realtime
+        lane's age (the one to alert on)."""
+        timeout = timedelta(seconds=SCRAPE_TIMEOUT)
         now = utcnow()
         age = GaugeMetricFamily(
             "smsd_oldest_queued_message_age_seconds",
             "Age of the oldest message still `queued` in the database, per lane (0 when none is).",
             labels=["lane"],
         )
-        age.add_metric(["realtime"], _age(oldest, now))
-        age.add_metric(["bulk"], _age(min((at for _, at, _ in backlog), default=None), now))
-        waiting = GaugeMetricFamily(
-            "smsd_bulk_backlog_messages",
-            "Bulk messages still `queued` in the database, per tenant (none listed: none).",
-            labels=["tenant"],
-        )
-        for tenant, _, count in backlog:
-            waiting.add_metric([tenant], count)
-        return [age, waiting]
+        gauges = [age]
+        try:
+            with self.database().transaction() as session:
+                oldest = queries.oldest_queued_created_at(session, timeout)
+            age.add_metric(["realtime"], _age(oldest, now))
+        except Exception as exc:
+            log.warning("metrics.oldest_queued_failed", error=f"{type(exc).__name__}: {exc}")
+        try:
+            with self.database().transaction() as session:
+                queries.statement_timeout(session, timeout)
+                backlog = queries.bulk_backlog(session)
+        except Exception as exc:
+            log.warning("metrics.bulk_backlog_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            age.add_metric(["bulk"], _age(min((at for _, at, _ in backlog), default=None), now))
+            waiting = GaugeMetricFamily(
+                "smsd_bulk_backlog_messages",
+                "Bulk messages still `queued` in the database, per tenant (none listed: none).",
+                labels=["tenant"],
+            )
+            for tenant, _, count in backlog:
+                waiting.add_metric([tenant], count)
+            gauges.append(waiting)
+        return gauges if age.samples else None
 
     def database(self) -> Database:
         # Its own pool, not the tasks': a scrape never waits behind sends, and vice versa.

@@ -136,7 +136,11 @@ def sweep() -> int:
     """Publish what is committed but not on the queue, top the bulk lane up, and settle
     messages whose provider went quiet; returns how many it published."""
     published = outbox().sweep()
-    published += pump().pump()
+    try:
+        published += pump().pump()
+    except Exception:
+        # Late, never lost: the next bulk task or sweep pumps again; reconcile still runs.
+        structlog.get_logger(__name__).warning("bulk_pump.failed", exc_info=True)
     send = sender()
     reconcile(send.db, send.providers, send.settings)
     return published

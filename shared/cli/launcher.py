@@ -338,12 +338,17 @@ def dev() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     children: list[subprocess.Popen[bytes]] = []
     try:
-        for args in (
-            ["simulator"],
-            ["worker", "--lane", "realtime", "--beat", "-c", "8", "--quiet"],
-            ["worker", "--lane", "bulk", "-c", "4", "--quiet"],
-            ["api"],
-        ):
+        if settings.redis_url:
+            # One worker per lane; their rate limits are shared in Redis.
+            workers = [
+                ["worker", "--lane", "realtime", "--beat", "-c", "8", "--quiet"],
+                ["worker", "--lane", "bulk", "-c", "4", "--quiet"],
+            ]
+        else:
+            # Embedded (no Redis): one worker for both lanes, so the sender limits and the bulk
+            # lane's rate, kept in its memory, hold for every send.
+            workers = [["worker", "--beat", "-c", "8", "--quiet"]]
+        for args in (["simulator"], *workers, ["api"]):
             # Each child leads its own process group, so stopping it also stops what it
             # started (the worker's embedded beat), even if it has to be killed.
             children.append(subprocess.Popen([*exe, *args], env=env, start_new_session=True))

@@ -414,7 +414,11 @@ class BulkBatch(Base):
     its answer is kept so a retry with the same Idempotency-Key gets it again."""
 
     __tablename__ = "bulk_batches"
-    __table_args__ = (UniqueConstraint("account_id", "idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("account_id", "idempotency_key"),
+        # The bulk pump's question on every run: which batches are not finished.
+        _partial_index("ix_bulk_batches_unfinished", "created_at", "finished_at IS NULL"),
+    )
 
     id: Mapped[str] = mapped_column(String(34), primary_key=True)  # "BB" + 32 hex digits
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
@@ -430,6 +434,9 @@ class BulkBatch(Base):
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # When the bulk pump found none of its messages queued or being sent: it looks no more.
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the bulk pump last put a task of it on the queue: the tenant whose batches were
+    # served longest ago gets the next turn, in every process alike.
+    pumped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class DeliveryEvent(Base):

@@ -17,7 +17,8 @@ leaves tasks whose duplicates lose the claim. Bulk messages a worker hands back 
 sender at its rate limit) wait in the database and the pump publishes them when due, so the
 bulk lane's share per tenant holds for retries too. A message of a cancelled batch found
 queued again (it was being sent when the batch was cancelled, then handed back) is cancelled
-here, unless the provider may have it (in doubt): that one is published for its lookup.
+here, unless the provider may have it (in doubt): that one is published for its lookup (and,
+should the provider turn out not to have it, sent: a cancel withdraws only what it can).
 
 SMSD_BULK_LANE_RATE caps the bulk lane as a whole (messages per second, over every process, in
 Redis as the sender limits are): the pump publishes a task only when the lane's limiter has a
@@ -27,12 +28,11 @@ behind it on a queue; the cap keeps room for them (docs/operations.md, "Sizing")
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections import deque
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -56,6 +56,8 @@ _PUMP_LOCK = 0x5D15_B017
 _LANE_RATE_KEY = "bulk-lane"
 # The longest a pump waits for the lane's next slot when nothing else would pump (seconds).
 _MAX_RATE_WAIT = 1.0
+# Before any time a batch was served.
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 def publish_bulk(app: Celery, tasks: Sequence[tuple[str, Sequence[str]]]) -> None:
@@ -78,9 +80,6 @@ class BulkPump:
         self._limits = limits
         if limits is None and settings.bulk_lane_rate > 0:
             self._limits = rate_limits(settings)
-        # Which tenant comes first when there is room for fewer tasks than tenants waiting:
-        # a different one each time, so none is always last.
-        self._turns = itertools.count()
 
     def waiting_tasks(self) -> int | None:
         """Tasks on the bulk queue not yet taken by a worker; None when the broker cannot say."""
@@ -135,25 +134,46 @@ class BulkPump:
     def _take(
         self, session: Session, room: int, size: int, now: datetime, held_back: list[float]
     ) -> list[tuple[str, list[str]]]:
-        """Up to `room` tasks of up to `size` messages, one per tenant in turn, each tenant's
-        batches oldest first, as many as the lane's rate has slots for (the wait for the next
-        slot goes into `held_back`); their messages marked published."""
+        """Up to `room` tasks of up to `size` messages, one per tenant in turn (the tenant
+        served longest ago first), each tenant's batches oldest first, as many as the lane's
+        rate has slots for (the wait for the next slot goes into `held_back`); their messages
+        marked published, their batches marked served in the order they were."""
         by_tenant: dict[int, deque[str]] = {}
-        for batch_id, account_id, cancelled in queries.unfinished_batches(session):
+        served_at: dict[int, datetime] = {}
+        for batch_id, account_id, cancelled, pumped_at in queries.unfinished_batches(session):
             if cancelled:
                 # Handed back after the cancel took the rest (it was being sent then).
                 queries.cancel_queued_in_batch(session, batch_id, now)
             by_tenant.setdefault(account_id, deque()).append(batch_id)
-        tenants = deque(by_tenant)
-        if tenants:
-            tenants.rotate(-(next(self._turns) % len(tenants)))
+            if pumped_at is not None:
+                served_at[account_id] = max(pumped_at, served_at.get(account_id, pumped_at))
+        # Never served first, then the one served longest ago; a tie goes to the older batch.
+        tenants = deque(sorted(by_tenant, key=lambda t: served_at.get(t, _NEVER)))
         tasks: list[tuple[str, list[str]]] = []
+        self._fill(session, tenants, by_tenant, tasks, room, size, now, held_back)
+        # A microsecond apart, in the order served: the next pump starts after the last.
+        for turn, (batch_id, _) in enumerate(tasks):
+            queries.mark_batch_pumped(session, batch_id, now + timedelta(microseconds=turn))
+        return tasks
+
+    def _fill(
+        self,
+        session: Session,
+        tenants: deque[int],
+        by_tenant: dict[int, deque[str]],
+        tasks: list[tuple[str, list[str]]],
+        room: int,
+        size: int,
+        now: datetime,
+        held_back: list[float],
+    ) -> None:
         # The first task's slot is taken before anything is read: a pump the rate holds back
         # (most of them, at a low rate) costs no query. Later ones once their size is known.
-        in_hand = False
-        if tenants and (wait := self._slot(size)) > 0:
+        if not tenants:
+            return
+        if (wait := self._slot(size)) > 0:
             held_back.append(wait)
-            return tasks
+            return
         in_hand = True
         while tenants and len(tasks) < room:
             tenant = tenants.popleft()
@@ -162,7 +182,7 @@ class BulkPump:
                 sids = queries.bulk_due(session, batches[0], now, size)
                 if sids and not in_hand and (wait := self._slot(len(sids))) > 0:
                     held_back.append(wait)
-                    return tasks
+                    return
                 if sids:
                     in_hand = False
                     queries.mark_bulk_published(session, sids, now)
@@ -174,13 +194,19 @@ class BulkPump:
                     queries.finish_batch(session, done, now)
             if batches:
                 tenants.append(tenant)  # back of the line, behind every other tenant
-        return tasks
 
     def _slot(self, count: int) -> float:
-        """0 when the lane's rate lets `count` more messages go now (booked), else the wait."""
+        """0 when the lane's rate lets `count` more messages go now (booked), else the wait.
+        A limiter that cannot be asked (its Redis away) lets them go, as the senders' do:
+        the lane slows nothing then, but it does not stop."""
         if self._limits is None:
             return 0.0
-        return self._limits.take([Rate(_LANE_RATE_KEY, self._settings.bulk_lane_rate)], count)
+        try:
+            rate = Rate(_LANE_RATE_KEY, self._settings.bulk_lane_rate)
+            return self._limits.take([rate], count)
+        except Exception:
+            log.warning("bulk_pump.rate_unavailable", exc_info=True)
+            return 0.0
 
 
 def _pump_lock(session: Session) -> bool:

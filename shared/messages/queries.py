@@ -1215,14 +1215,24 @@ def unmark_published_before(session: Session, before: datetime, *, bulk: bool = 
 # The bulk lane (shared/messages/lanes.py)
 
 
-def unfinished_batches(session: Session) -> list[tuple[str, int, bool]]:
-    """Every bulk batch the pump still looks at, oldest first: (id, account id, cancelled)."""
+def unfinished_batches(session: Session) -> list[tuple[str, int, bool, datetime | None]]:
+    """Every bulk batch the pump still looks at, oldest first: (id, account id, cancelled,
+    when the pump last served it)."""
     query = (
-        select(BulkBatch.id, BulkBatch.account_id, BulkBatch.cancelled_at.is_not(None))
+        select(
+            BulkBatch.id,
+            BulkBatch.account_id,
+            BulkBatch.cancelled_at.is_not(None),
+            BulkBatch.pumped_at,
+        )
         .where(BulkBatch.finished_at.is_(None))
         .order_by(BulkBatch.created_at, BulkBatch.id)
     )
-    return [(batch, account, cancelled) for batch, account, cancelled in session.execute(query)]
+    return [(row[0], row[1], row[2], row[3]) for row in session.execute(query)]
+
+
+def mark_batch_pumped(session: Session, batch_id: str, at: datetime) -> None:
+    session.execute(update(BulkBatch).where(BulkBatch.id == batch_id).values(pumped_at=at))
 
 
 def bulk_due(session: Session, batch_id: str, now: datetime, limit: int) -> list[str]:
@@ -1346,14 +1356,19 @@ def oldest_queued_created_at(session: Session, timeout: timedelta) -> datetime |
     """Since when the longest-waiting single send still `queued` has been due (accepted, or
     its sendAt or retry time come); gives up after `timeout` (the rest of the transaction
     too). A time still ahead (only scheduled ones wait) reads as nothing waiting."""
-    if session.get_bind().dialect.name == "postgresql":
-        milliseconds = max(1, int(timeout.total_seconds() * 1000))
-        session.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
+    statement_timeout(session, timeout)
     return session.scalar(
         select(func.min(func.coalesce(Message.next_attempt_at, Message.created_at))).where(
             _status_is(MessageStatus.QUEUED), Message.batch_id.is_(None)
         )
     )
+
+
+def statement_timeout(session: Session, timeout: timedelta) -> None:
+    """The rest of this transaction's statements give up after `timeout` (PostgreSQL)."""
+    if session.get_bind().dialect.name == "postgresql":
+        milliseconds = max(1, int(timeout.total_seconds() * 1000))
+        session.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
 
 
 def bulk_backlog(session: Session) -> list[tuple[str, datetime, int]]:

@@ -18,6 +18,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import select, text, update
 
+from shared.accounts import access, provisioning
 from shared.core.broker import BULK_SEND_TASK, bulk_queue, create_celery
 from shared.core.db import Database
 from shared.core.models import BulkBatch, Message, MessageStatus, utcnow
@@ -67,6 +68,7 @@ def _nothing_published(db: Database, broker: redis.Redis, settings: Settings) ->
     broker.delete(bulk_queue(settings))
     with db.transaction() as session:
         session.execute(update(Message).values(published_at=None))
+        session.execute(update(BulkBatch).values(pumped_at=None))
 
 
 def _tasks(broker: redis.Redis, settings: Settings) -> list[tuple[str, list[str]]]:
@@ -174,6 +176,35 @@ def test_turns_alternate_between_tenants_task_by_task(
     order = [batch_id for batch_id, _ in _tasks(broker, wide)]
     assert sorted(order) == sorted([first] * 3 + [second] * 3)
     assert all(a != b for a, b in itertools.pairwise(order))
+
+
+@pytest.mark.parametrize("tenants", [2, 3])
+def test_turns_hold_across_processes_one_task_at_a_time(
+    client: TestClient[Litestar],
+    db: Database,
+    demo: Demo,
+    lane: Settings,
+    celery: Celery,
+    broker: redis.Redis,
+    tenants: int,
+) -> None:
+    # Each pump a new BulkPump (the API's, each worker's) with room for one task (a lane held
+    # to one task at a time, as its rate does): the tenant served longest ago goes next.
+    batches = [_bulk(client, 50)]
+    batches.append(_bulk(client, 50, other=True))
+    if tenants == 3:
+        batches.append(_third_tenant_batch(client, db))
+    _nothing_published(db, broker, lane)
+    narrow = lane.model_copy(update={"bulk_lane_depth": 10})
+
+    order = []
+    for _ in range(3 * tenants):
+        BulkPump(celery, db, narrow).pump()
+        ((batch_id, _),) = _tasks(broker, narrow)
+        broker.delete(bulk_queue(narrow))  # a worker took it
+        order.append(batch_id)
+
+    assert order == batches * 3
 
 
 def test_one_tenants_batches_go_oldest_first(
@@ -357,3 +388,26 @@ def test_a_bulk_message_whose_worker_died_goes_back_on_the_bulk_lane(
 def _all(db: Database, batch_id: str) -> set[str]:
     with db.transaction() as session:
         return set(session.scalars(select(Message.sid).where(Message.batch_id == batch_id)))
+
+
+def _third_tenant_batch(client: TestClient[Litestar], db: Database) -> str:
+    """A bulk batch of a third account's, made here with its own campaign and key."""
+    with db.transaction() as session:
+        account = provisioning.create_account(session, "55555555", "Third", "PROD")
+        provisioning.add_application_key(session, account, THIRD_KEY)
+        prod = access.resolve_environment(session, account, None)
+        provisioning.upsert_campaign(
+            session, prod, "third", name="x", message_text="hello", link_url=None
+        )
+        provisioning.set_provider(session, account, "simulator", sender_ids=["+12025550144"])
+    response = client.post(
+        V3.format(tenant="55555555", campaign="third"),
+        headers=headers("55555555", THIRD_KEY),
+        json=[{"callerId": f"+9725444{n:05d}"} for n in range(50)],
+    )
+    assert response.status_code == 202, response.text
+    batch_id: str = response.json()["batchId"]
+    return batch_id
+
+
+THIRD_KEY = "fedcba9876543210fedcba98"
