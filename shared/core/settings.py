@@ -207,6 +207,9 @@ class Settings(BaseSettings):
     # committed, else after this window or when one finishes; at most this many messages and
     # this many groups in flight (each holds a pooled connection while it commits).
     accept_group_window: Duration = timedelta(milliseconds=2)
+    # Provider callbacks (shared/messages/callback_groups.py): a group closes this long after
+    # its first callback (or when full), so receipts arriving one by one share transactions.
+    callback_group_window: Duration = timedelta(milliseconds=25)
     accept_group_size: int = 256
     accept_groups_in_flight: int = 4
     # The API's send tasks (shared/messages/outbox.py): at most one publish per this window

@@ -101,6 +101,8 @@ class CallbackGroups:
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._window = settings.callback_group_window.total_seconds()
+        self._timer: asyncio.TimerHandle | None = None
 
     async def apply(
         self,
@@ -127,15 +129,27 @@ class CallbackGroups:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        # The group closes on the loop's next turn (what arrived together goes together, a lone
-        # callback waits for nothing else), or, with every slot busy, when a group finishes.
+        # The group closes SMSD_CALLBACK_GROUP_WINDOW after its first callback, or at once when
+        # full, or, with every slot busy, when a group finishes. Receipts can wait a few
+        # milliseconds: a steady trickle of them (a bulk lane at its rate) then makes groups
+        # instead of a transaction each, the per-transaction cost single sends would pay in
+        # latency (docs/performance.md, "Issue 14: lanes").
+        if self._timer is not None and len(self._pending) >= self._size:
+            # Full before its window ended: it closes now.
+            self._timer.cancel()
+            self._timer = None
+            self._scheduled = False
         if self._scheduled or not self._pending or self._in_flight >= self._max_in_flight:
             return
         self._scheduled = True
-        loop.call_soon(self._close_group, loop)
+        if self._window and len(self._pending) < self._size:
+            self._timer = loop.call_later(self._window, self._close_group, loop)
+        else:
+            loop.call_soon(self._close_group, loop)
 
     def _close_group(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled = False
+        self._timer = None
         group: list[_Entry] = []
         while self._pending and len(group) < self._size:
             entry = self._pending.popleft()

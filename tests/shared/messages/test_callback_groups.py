@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -448,3 +449,36 @@ def test_a_status_callback_group_over_http_answers_each_as_alone(
     assert [load_message(db, sid).status for sid in sids] == ["delivered", "sent", "undelivered"]
     assert count_events(db) == before + 3  # delivered, undelivered, the unmatched one
     assert len(load_events(db, None)) == 1
+
+
+@pytest.mark.parametrize("window_ms", [200, 0])
+def test_callbacks_arriving_one_by_one_share_a_transaction_within_the_window(
+    db: Database, demo: Demo, migrated: Settings, window_ms: int
+) -> None:
+    """A steady trickle (a capped bulk lane's receipts, a few milliseconds apart) makes one
+    group within SMSD_CALLBACK_GROUP_WINDOW; without a window, a group closes at once."""
+    sids = [sent_message(db, migrated, f"SIM-{n}") for n in range(3)]
+    settings = migrated.model_copy(
+        update={"callback_group_window": timedelta(milliseconds=window_ms)}
+    )
+
+    async def main() -> int:
+        database = CountingDatabase(settings, db.config_cache)
+        groups = CallbackGroups(database, settings)
+        try:
+            calls = []
+            for sid in sids:
+                work = callback(sid, MessageStatus.DELIVERED, f"key-{sid}")
+                calls.append(asyncio.ensure_future(groups.apply(work, message_sid=sid)))
+                await asyncio.sleep(0.004)  # a few ms apart, as a trickle arrives
+            assert await asyncio.gather(*calls) == [True] * len(sids)
+            await groups.close()
+            return database.transactions
+        finally:
+            await database.dispose()
+
+    transactions = asyncio.run(main())
+    if window_ms:
+        assert transactions == 1
+    else:
+        assert transactions > 1
