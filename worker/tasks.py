@@ -137,7 +137,9 @@ def sweep() -> int:
     messages whose provider went quiet; returns how many it published."""
     published = outbox().sweep()
     try:
-        published += pump().pump()
+        # Without waiting for the lane's rate: the sweep comes again anyway, and its worker
+        # (realtime or bulk) has other work.
+        published += pump().pump(wait=False)
     except Exception:
         # Late, never lost: the next bulk task or sweep pumps again; reconcile still runs.
         structlog.get_logger(__name__).warning("bulk_pump.failed", exc_info=True)

@@ -95,10 +95,11 @@ class BulkPump:
             log.warning("bulk_pump.broker_unreachable", exc_info=True)
             return None
 
-    def pump(self, now: datetime | None = None) -> int:
+    def pump(self, now: datetime | None = None, *, wait: bool = True) -> int:
         """Fill the bulk queue up to SMSD_BULK_LANE_DEPTH, a task per waiting tenant in turn,
         with what is due by `now`; returns how many messages it published (0 when another
-        pump is running)."""
+        pump is running). Unless `wait` is false, a pump the lane's rate holds back while
+        nothing else would pump waits for the next slot (at most a second)."""
         settings = self._settings
         size = max(1, settings.bulk_task_size)
         if settings.bulk_lane_rate > 0:
@@ -123,7 +124,9 @@ class BulkPump:
             published = sum(len(sids) for _, sids in tasks)
             if published:
                 log.info("bulk_pump.published", count=published, tasks=len(tasks))
-            if tasks or not held_back or waiting > 0 or held_back[0] > _MAX_RATE_WAIT:
+            if not wait or tasks or not held_back or waiting > 0:
+                return published
+            if held_back[0] > _MAX_RATE_WAIT:
                 return published
             # The lane's rate said wait, and the queue is empty: no bulk task will finish and
             # pump again. The next slot is at most a task's time away (a tenth of a second

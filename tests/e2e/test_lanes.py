@@ -172,3 +172,29 @@ def test_a_sender_limit_holds_across_both_lanes(
         sum(1 for t in times if start <= t < start + timedelta(seconds=1)) for start in times
     )
     assert busiest <= per_second + 2
+
+
+def test_the_bulk_lanes_rate_holds_end_to_end(
+    api: httpx.Client,
+    db: Database,
+    demo: Demo,
+    simulator: httpx.Client,
+    start_worker: Callable[..., Process],
+) -> None:
+    # The suite's API runs uncapped: its pump after the 202 puts one window (100) on the queue.
+    # The worker's pumps, capped at 20/s in Redis, must let the rest out at that rate.
+    per_second = 20
+    bulk = _bulk(api, db, 160)
+    start_worker("--lane", "bulk", env={"SMSD_BULK_LANE_RATE": str(per_second)})
+
+    wait_until(lambda: bulk <= set(_arrived_at(simulator)), 60, "the whole batch")
+    times = sorted(_arrived_at(simulator).values())
+    capped = times[100:]
+    # 60 messages at 20/s take about 3 s (uncapped, well under one); tasks of 2 (a tenth of
+    # a second's worth), so a second holds at most the rate and a task's worth of slack.
+    assert (capped[-1] - capped[0]).total_seconds() >= (len(capped) - 1) / per_second * 0.9
+    busiest = max(
+        sum(1 for t in capped if start <= t < start + timedelta(seconds=1)) for start in capped
+    )
+    assert busiest <= per_second + 4
+    _each_once(simulator)

@@ -250,6 +250,25 @@ def test_the_lanes_rate_lets_out_a_tenth_of_a_second_of_it_at_a_time(
     assert len(_published(db, batch)) == 4
 
 
+def test_with_the_queue_empty_a_workers_pump_waits_for_the_next_slot_and_the_sweeps_does_not(
+    client: TestClient[Litestar],
+    db: Database,
+    demo: Demo,
+    lane: Settings,
+    celery: Celery,
+    broker: redis.Redis,
+) -> None:
+    _bulk(client, 5)
+    _nothing_published(db, broker, lane)
+    slow = lane.model_copy(update={"bulk_lane_rate": 2.0})  # tasks of 1, a slot every 0.5 s
+    pump = BulkPump(celery, db, slow, LocalRateLimits())
+    assert pump.pump() == 1
+    broker.delete(bulk_queue(slow))  # a worker took it: nothing else would pump now
+
+    assert pump.pump(wait=False) == 0  # the sweep's: the next sweep comes anyway
+    assert pump.pump() == 1  # a worker's: waits for the slot rather than leave the lane idle
+
+
 def test_a_message_handed_back_is_published_again_when_due_and_not_before(
     client: TestClient[Litestar],
     db: Database,
