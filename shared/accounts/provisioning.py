@@ -27,6 +27,7 @@ from shared.core.models import (
     ProviderAccount,
     utcnow,
 )
+from shared.text.quiet_hours import parse_quiet_hours
 
 
 def new_application_key() -> str:
@@ -108,8 +109,11 @@ def upsert_campaign(
     shorten_links: bool = False,
     valid_from: datetime | None = None,
     valid_until: datetime | None = None,
+    quiet_hours: str | None = None,
 ) -> Campaign:
-    """Create or update a campaign of one environment."""
+    """Create or update a campaign of one environment (`quiet_hours`: "HH:MM-HH:MM")."""
+    if quiet_hours is not None:
+        parse_quiet_hours(quiet_hours)  # refused here, never found wrong by the pump
     campaign = queries.campaign_by_id(session, environment.id, campaign_id)
     if campaign is None:
         campaign = Campaign(
@@ -124,6 +128,7 @@ def upsert_campaign(
     campaign.shorten_links = shorten_links
     campaign.valid_from = valid_from
     campaign.valid_until = valid_until
+    campaign.quiet_hours = quiet_hours.strip() if quiet_hours else None
     queries.save(session, campaign)
     return campaign
 

@@ -35,6 +35,7 @@ from shared.core.errors import InvalidParameter, RequestRefused
 from shared.core.models import ProviderAccount, utcnow
 from shared.core.settings import get_settings
 from shared.text.phone import to_e164
+from shared.text.quiet_hours import parse_quiet_hours
 
 DEMO_TENANT = "12345678"
 DEMO_KEY = "53736e07e4b05772e6475c2d"  # the seed document's sample key, for the local demo only
@@ -137,6 +138,11 @@ def campaign() -> None:
 @click.option("--shorten", is_flag=True, help="Send /l/<code> short links (counts clicks).")
 @click.option("--valid-from", default=None, help="ISO 8601 with timezone.")
 @click.option("--valid-until", default=None, help="ISO 8601 with timezone.")
+@click.option(
+    "--quiet-hours",
+    default=None,
+    help="HH:MM-HH:MM in the recipient's local time (e.g. 21:00-08:00): bulk texts wait it out.",
+)
 def campaign_set(
     tenant_id: str,
     campaign_id: str,
@@ -148,8 +154,14 @@ def campaign_set(
     shorten: bool,
     valid_from: str | None,
     valid_until: str | None,
+    quiet_hours: str | None,
 ) -> None:
     """Create or update a campaign."""
+    if quiet_hours is not None:
+        try:
+            parse_quiet_hours(quiet_hours)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--quiet-hours") from exc
     with _transaction() as session:
         found = get_account(session, tenant_id)
         env = resolve_environment(session, found, environment_name)
@@ -164,6 +176,7 @@ def campaign_set(
             shorten_links=shorten,
             valid_from=_when(valid_from),
             valid_until=_when(valid_until),
+            quiet_hours=quiet_hours,
         )
     click.echo(f"campaign {campaign_id} saved")
 

@@ -180,6 +180,9 @@ class Campaign(Base):
     max_segments: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
     valid_from: Mapped[datetime | None] = mapped_column(UTCDateTime())
     valid_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # "HH:MM-HH:MM": the recipient's local times of day its bulk texts wait out (deferred, not
+    # dropped; shared/text/quiet_hours.py). None: no quiet hours.
+    quiet_hours: Mapped[str | None] = mapped_column(String(11))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 

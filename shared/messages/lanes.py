@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from datetime import time as clock_time
 from typing import Any
 
 import structlog
@@ -47,6 +48,7 @@ from shared.core.models import utcnow
 from shared.core.settings import Settings
 from shared.messages import queries
 from shared.providers.rate_limits import Rate, RateLimits, rate_limits
+from shared.text.quiet_hours import parse_quiet_hours, quiet_until
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +82,8 @@ class BulkPump:
         self._limits = limits
         if limits is None and settings.bulk_lane_rate > 0:
             self._limits = rate_limits(settings)
+        # This run's batches whose campaign has quiet hours: their windows.
+        self._quiet: dict[str, tuple[clock_time, clock_time]] = {}
 
     def waiting_tasks(self) -> int | None:
         """Tasks on the bulk queue not yet taken by a worker; None when the broker cannot say."""
@@ -143,7 +147,12 @@ class BulkPump:
         marked published, their batches marked served in the order they were."""
         by_tenant: dict[int, deque[str]] = {}
         served_at: dict[int, datetime] = {}
-        for batch_id, account_id, cancelled, pumped_at in queries.unfinished_batches(session):
+        self._quiet = {}
+        for batch_id, account_id, cancelled, pumped_at, quiet in queries.unfinished_batches(
+            session
+        ):
+            if quiet:
+                self._quiet[batch_id] = parse_quiet_hours(quiet)
             if cancelled:
                 # Handed back after the cancel took the rest (it was being sent then).
                 queries.cancel_queued_in_batch(session, batch_id, now)
@@ -182,7 +191,14 @@ class BulkPump:
             tenant = tenants.popleft()
             batches = by_tenant[tenant]
             while batches:
-                sids = queries.bulk_due(session, batches[0], now, size)
+                window = self._quiet.get(batches[0])
+                # With quiet hours, many at a time: a batch held for the night is deferred in
+                # a few statements, not a task's worth at a time.
+                sids = queries.bulk_due(session, batches[0], now, size if window is None else 500)
+                if sids and window is not None:
+                    sids = self._outside_quiet_hours(session, sids, window, now)[:size]
+                    if not sids:
+                        continue  # all held for later: the batch's next due ones
                 if sids and not in_hand and (wait := self._slot(len(sids))) > 0:
                     held_back.append(wait)
                     return
@@ -197,6 +213,30 @@ class BulkPump:
                     queries.finish_batch(session, done, now)
             if batches:
                 tenants.append(tenant)  # back of the line, behind every other tenant
+
+    def _outside_quiet_hours(
+        self,
+        session: Session,
+        sids: list[str],
+        window: tuple[clock_time, clock_time],
+        now: datetime,
+    ) -> list[str]:
+        """Those of `sids` whose recipients are outside the campaign's quiet hours; the others
+        wait for theirs to end (deferred, their validity counted from then)."""
+        numbers = queries.numbers_of(session, sids)
+        held: dict[datetime, list[str]] = {}
+        free = []
+        for sid in sids:
+            until = quiet_until(numbers[sid], window, now)
+            if until is None:
+                free.append(sid)
+            else:
+                held.setdefault(until, []).append(sid)
+        for until, waiting in held.items():
+            queries.defer(session, waiting, until, self._settings.message_validity)
+        if held:
+            log.info("bulk_pump.quiet_hours", held=sum(map(len, held.values())))
+        return free
 
     def _slot(self, count: int) -> float:
         """0 when the lane's rate lets `count` more messages go now (booked), else the wait.

@@ -48,6 +48,7 @@ from shared.core.models import (
     SENT_BY_EXTERNAL,
     Account,
     BulkBatch,
+    Campaign,
     DeflectedCall,
     DeliveryEvent,
     Message,
@@ -1215,20 +1216,45 @@ def unmark_published_before(session: Session, before: datetime, *, bulk: bool = 
 # The bulk lane (shared/messages/lanes.py)
 
 
-def unfinished_batches(session: Session) -> list[tuple[str, int, bool, datetime | None]]:
+def unfinished_batches(
+    session: Session,
+) -> list[tuple[str, int, bool, datetime | None, str | None]]:
     """Every bulk batch the pump still looks at, oldest first: (id, account id, cancelled,
-    when the pump last served it)."""
+    when the pump last served it, its campaign's quiet hours)."""
     query = (
         select(
             BulkBatch.id,
             BulkBatch.account_id,
             BulkBatch.cancelled_at.is_not(None),
             BulkBatch.pumped_at,
+            Campaign.quiet_hours,
         )
+        .join(Campaign, Campaign.id == BulkBatch.campaign_pk)
         .where(BulkBatch.finished_at.is_(None))
         .order_by(BulkBatch.created_at, BulkBatch.id)
     )
-    return [(row[0], row[1], row[2], row[3]) for row in session.execute(query)]
+    return [(row[0], row[1], row[2], row[3], row[4]) for row in session.execute(query)]
+
+
+def numbers_of(session: Session, sids: Sequence[str]) -> dict[str, str]:
+    """The recipients' numbers of these messages, by sid."""
+    query = select(Message.sid, Message.to_number).where(Message.sid.in_(sids))
+    return {sid: number for sid, number in session.execute(query)}
+
+
+def defer(session: Session, sids: Sequence[str], until: datetime, validity: timedelta) -> None:
+    """Queued messages wait until `until` (quiet hours), their validity counted from then."""
+    session.execute(
+        update(Message)
+        .where(Message.sid.in_(sids), _status_is(MessageStatus.QUEUED))
+        .values(
+            next_attempt_at=until,
+            expires_at=func.greatest(Message.expires_at, until + validity)
+            if session.get_bind().dialect.name == "postgresql"
+            else func.max(Message.expires_at, until + validity),
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def mark_batch_pumped(session: Session, batch_id: str, at: datetime) -> None:

@@ -8,9 +8,11 @@ import re
 from click.testing import CliRunner
 from litestar import Litestar
 from litestar.testing import TestClient
+from sqlalchemy import select
 
 from shared.cli import main
 from shared.core.db import Database
+from shared.core.models import Campaign
 
 BASE = "/interact/version/3/account/555/resources"
 
@@ -134,3 +136,19 @@ def test_provider_settings_missing_a_credential_are_refused(db: Database) -> Non
     )
     assert result.exit_code == 2
     assert "twilio needs the credentials auth_token" in result.output
+
+
+def test_a_campaigns_quiet_hours_are_set_and_a_wrong_window_is_refused(db: Database) -> None:
+    provision()
+    spring = ["campaign", "set", "555", "spring", "--name", "Spring", "--text", "Go"]
+    run(*spring, "--quiet-hours", "21:00-08:00")
+    with db.transaction() as session:
+        stored = session.scalars(
+            select(Campaign.quiet_hours).where(Campaign.campaign_id == "spring")
+        )
+        assert stored.one() == "21:00-08:00"
+
+    refused = CliRunner().invoke(main, [*spring, "--quiet-hours", "9pm-8am"])
+
+    assert refused.exit_code == 2
+    assert "quiet hours must be HH:MM-HH:MM" in refused.output

@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from sqlalchemy import select, text, update
 from shared.accounts import access, provisioning
 from shared.core.broker import BULK_SEND_TASK, bulk_queue, create_celery
 from shared.core.db import Database
-from shared.core.models import BulkBatch, Message, MessageStatus, utcnow
+from shared.core.models import BulkBatch, Campaign, Message, MessageStatus, utcnow
 from shared.core.settings import Settings
 from shared.messages import queries
 from shared.messages.lanes import BulkPump
@@ -267,6 +267,46 @@ def test_with_the_queue_empty_a_workers_pump_waits_for_the_next_slot_and_the_swe
 
     assert pump.pump(wait=False) == 0  # the sweep's: the next sweep comes anyway
     assert pump.pump() == 1  # a worker's: waits for the slot rather than leave the lane idle
+
+
+def test_a_campaigns_quiet_hours_hold_its_bulk_texts_until_morning_where_each_recipient_is(
+    client: TestClient[Litestar],
+    db: Database,
+    demo: Demo,
+    lane: Settings,
+    celery: Celery,
+    broker: redis.Redis,
+) -> None:
+    with db.transaction() as session:
+        campaign = session.scalars(select(Campaign).where(Campaign.campaign_id == "campaign1"))
+        campaign.one().quiet_hours = "21:00-08:00"
+    # Israeli recipients (UTC+2) and one in the UK (UTC+0 in December).
+    batch = _bulk(client, 3)
+    uk = "+447911123456"
+    response = client.post(
+        V3.format(tenant="12345678", campaign="campaign1"),
+        headers=headers(),
+        json=[{"callerId": uk}],
+    )
+    assert response.status_code == 202, response.text
+    _nothing_published(db, broker, lane)
+    evening = datetime(2026, 12, 1, 20, 0, tzinfo=UTC)  # 22:00 in Israel, 20:00 in London
+
+    BulkPump(celery, db, lane).pump(evening)
+
+    published = [sid for _, sids in _tasks(broker, lane) for sid in sids]
+    with db.transaction() as session:
+        rows = {m.to_number: m for m in session.scalars(select(Message))}
+    assert published == [rows[uk].sid]
+    israeli = [m for number, m in rows.items() if number != uk]
+    morning = datetime(2026, 12, 2, 6, 0, tzinfo=UTC)  # 08:00 in Israel
+    assert {m.sid for m in israeli} <= {sid for sid in _all(db, batch)}
+    assert {m.next_attempt_at for m in israeli} == {morning}
+    assert {m.expires_at for m in israeli} == {morning + lane.message_validity}
+    assert {m.status for m in israeli} == {"queued"}
+    # Deferred, not dropped: in the morning the pump sends them.
+    broker.delete(bulk_queue(lane))
+    assert BulkPump(celery, db, lane).pump(morning) == len(israeli)
 
 
 def test_a_message_handed_back_is_published_again_when_due_and_not_before(
