@@ -180,8 +180,10 @@ async def bulk_send(
     )
     with tempfile.SpooledTemporaryFile(max_size=settings.bulk_spool_bytes) as spool:
         digest = await _spool(request, spool, settings.bulk_max_body_bytes)
+        # sendAt only when given: a batch without one keeps the fingerprint it always had.
+        scheduled = f"\n{when.isoformat()}" if when else ""
         fingerprint = hashlib.sha256(
-            f"{campaign_id}\n{environment_name}\n{as_csv}\n{when}\n{digest}".encode()
+            f"{campaign_id}\n{environment_name}\n{as_csv}\n{digest}{scheduled}".encode()
         ).hexdigest()
 
         def store(session: Session) -> BulkAnswer:

@@ -31,8 +31,12 @@ def shorten(
     token_id: int | None,
     settings: Settings,
     now: datetime,
+    *,
+    sent_at: datetime | None = None,
 ) -> str:
-    """A new short link to `target_url` (tied to the call when there is one); its public URL."""
+    """A new short link to `target_url` (tied to the call when there is one); its public URL.
+    It lives SMSD_SHORT_LINK_LIFETIME from when its text is sent (`sent_at`: a scheduled
+    send's time), not from when it was made."""
     while True:
         code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
         if queries.short_link(session, code) is None:
@@ -45,7 +49,7 @@ def shorten(
             target_url=target_url,
             token_id=token_id,
             created_at=now,
-            expires_at=now + settings.short_link_lifetime,
+            expires_at=max(now, sent_at or now) + settings.short_link_lifetime,
         ),
     )
     return short_url(settings, code)

@@ -78,7 +78,11 @@ class SendSmsCommand:
         fields = asdict(self)
         for secret_or_transport in ("application_key", "tenant_id", "idempotency_key"):
             fields.pop(secret_or_transport)
-        if self.send_at is not None:
+        # Absent, it is left out: the fingerprints of requests without one stay what they were
+        # before sendAt existed (a retry across the upgrade still matches its first answer).
+        if self.send_at is None:
+            fields.pop("send_at")
+        else:
             fields["send_at"] = self.send_at.isoformat()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -348,7 +352,13 @@ def _message(
         # The short link is written now; a refusal below takes it back with the savepoint.
         with session.begin_nested():
             message["short_url"] = shorten(
-                session, account.id, link, token.id if token else None, settings, now
+                session,
+                account.id,
+                link,
+                token.id if token else None,
+                settings,
+                now,
+                sent_at=scheduled,
             )
             render(message["short_url"])
     else:

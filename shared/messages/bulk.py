@@ -259,6 +259,7 @@ class _Recipients:
             token.id if token else None,
             self.settings,
             self.now,
+            sent_at=self.scheduled,
         )
 
     def _render(

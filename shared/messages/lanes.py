@@ -2,12 +2,13 @@
 window at a time by the bulk pump, tenant by tenant in turn.
 
 Single sends (REST v3/v2, SOAP) are published to the realtime lane's queue the moment they
-commit, as before; its workers read nothing else, so no bulk batch, however large, stands in
-front of an IVR caller's text. A bulk batch is committed whole and published by nobody: the
-pump keeps about SMSD_BULK_LANE_DEPTH of its messages on the bulk queue, and when there is
-room it takes one task's worth (SMSD_BULK_TASK_SIZE) from each tenant with queued bulk work in
-turn, each tenant's batches oldest first. A tenant's million-message campaign therefore holds
-another tenant's hundred messages back by at most one window, not by the million.
+commit, as before (a scheduled one by the sweeper when its sendAt comes); its workers read
+nothing else, so no bulk batch, however large, stands in front of an IVR caller's text. A bulk
+batch is committed whole and published by nobody: the pump keeps about SMSD_BULK_LANE_DEPTH of
+its messages on the bulk queue, and when there is room it takes one task's worth
+(SMSD_BULK_TASK_SIZE) from each tenant with queued bulk work in turn (the tenant served longest
+ago first), each tenant's batches oldest first. A tenant's million-message campaign therefore
+holds another tenant's hundred messages back by at most one window, not by the million.
 
 The pump runs after the API commits a batch, after every bulk task a worker finishes, and on
 every sweep (SMSD_SWEEP_INTERVAL); runs overlapping on PostgreSQL skip one another (an
@@ -58,6 +59,9 @@ _PUMP_LOCK = 0x5D15_B017
 _LANE_RATE_KEY = "bulk-lane"
 # The longest a pump waits for the lane's next slot when nothing else would pump (seconds).
 _MAX_RATE_WAIT = 1.0
+# Recipients one pump judges against quiet hours at most (~45 µs each): a batch held for the
+# night is deferred over a few runs rather than in one that holds the pump's lock for seconds.
+_QUIET_BUDGET = 2000
 # Before any time a batch was served.
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
@@ -82,8 +86,10 @@ class BulkPump:
         self._limits = limits
         if limits is None and settings.bulk_lane_rate > 0:
             self._limits = rate_limits(settings)
-        # This run's batches whose campaign has quiet hours: their windows.
+        # This run's batches whose campaign has quiet hours: their windows; and how many of
+        # their recipients it judged so far.
         self._quiet: dict[str, tuple[clock_time, clock_time]] = {}
+        self._judged = 0
 
     def waiting_tasks(self) -> int | None:
         """Tasks on the bulk queue not yet taken by a worker; None when the broker cannot say."""
@@ -148,6 +154,7 @@ class BulkPump:
         by_tenant: dict[int, deque[str]] = {}
         served_at: dict[int, datetime] = {}
         self._quiet = {}
+        self._judged = 0
         for batch_id, account_id, cancelled, pumped_at, quiet in queries.unfinished_batches(
             session
         ):
@@ -192,10 +199,16 @@ class BulkPump:
             batches = by_tenant[tenant]
             while batches:
                 window = self._quiet.get(batches[0])
+                if window is not None and self._judged >= _QUIET_BUDGET:
+                    # Enough recipients judged for one run (the lock is held meanwhile): the
+                    # rest of this batch waits for the next pump, the other tenants do not.
+                    batches.popleft()
+                    continue
                 # With quiet hours, many at a time: a batch held for the night is deferred in
                 # a few statements, not a task's worth at a time.
                 sids = queries.bulk_due(session, batches[0], now, size if window is None else 500)
                 if sids and window is not None:
+                    self._judged += len(sids)
                     sids = self._outside_quiet_hours(session, sids, window, now)[:size]
                     if not sids:
                         continue  # all held for later: the batch's next due ones

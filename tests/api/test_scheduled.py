@@ -4,6 +4,9 @@ on the real PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import quote
 
@@ -16,8 +19,9 @@ from sqlalchemy import select
 
 from shared.core.broker import bulk_queue, create_celery
 from shared.core.db import Database
-from shared.core.models import Message, utcnow
+from shared.core.models import Campaign, Message, ShortLink, utcnow
 from shared.core.settings import Settings
+from shared.messages.accept import SendSmsCommand
 from shared.messages.lanes import BulkPump
 from shared.messages.outbox import due_for_publish
 from tests.support.api import (
@@ -226,3 +230,51 @@ def test_a_scheduled_send_is_still_found_by_its_lookup_as_queued(
 
     assert found.status_code == 200, found.text
     assert found.json()["status"] == "queued"
+
+
+def test_a_scheduled_sends_short_link_lives_from_when_it_is_sent(
+    client: TestClient[Litestar], demo: Demo, db: Database, migrated: Settings
+) -> None:
+    with db.transaction() as session:
+        campaign = session.scalars(select(Campaign).where(Campaign.campaign_id == "campaign1"))
+        campaign.one().shorten_links = True
+    when = (utcnow() + timedelta(days=20)).replace(microsecond=0)
+    token = issue_token(client)
+
+    response = send_sms(client, {"callerId": CALLER, "jpToken": token, "sendAt": _at(when)})
+
+    assert response.status_code == 200, response.text
+    with db.transaction() as session:
+        link = session.scalars(select(ShortLink)).one()
+    assert link.expires_at == when + migrated.short_link_lifetime
+
+
+def test_a_request_without_send_at_keeps_the_fingerprint_it_had_before_send_at_existed() -> None:
+    # An Idempotency-Key retried across the upgrade must still match its first answer: the
+    # fingerprint of a request without sendAt is the hash of the same fields as before.
+    command = SendSmsCommand(
+        account_in_url="1",
+        tenant_id="1",
+        application_key="k",
+        environment_name=None,
+        campaign_id="c",
+        caller_id="+972544696388",
+        jp_token="t",
+        idempotency_key="key",
+    )
+    before = {
+        "account_in_url": "1",
+        "environment_name": None,
+        "campaign_id": "c",
+        "caller_id": "+972544696388",
+        "sender": None,
+        "jp_token": "t",
+        "additional_params": None,
+        "invalid_parameter": None,
+        "require_token": True,
+        "from_system_account": False,
+    }
+    expected = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert command.fingerprint() == expected
+    later = SendSmsCommand(**{**asdict(command), "send_at": utcnow()})
+    assert later.fingerprint() != expected
