@@ -161,7 +161,8 @@ async def bulk_send(
     # When to send the whole batch (`?sendAt=`, RFC 3339), if not at once.
     when = None
     if send_at is not None:
-        when = rfc3339(send_at.strip())
+        # An offset's "+" not percent-encoded in the query arrives as a space: read it as meant.
+        when = rfc3339(send_at.strip().replace(" ", "+"))
         invalid = invalid or (None if when else "sendAt")
     header = SendSmsCommand(
         account_in_url=account_id,

@@ -106,8 +106,11 @@ def send_command(
     path_caller_id: str | None = None,
     idempotency_key: str | None = None,
     version: int = 3,
+    schedulable: bool = True,
 ) -> SendSmsCommand:
-    """A REST body and headers as the accept service's command; nothing is judged yet."""
+    """A REST body and headers as the accept service's command; nothing is judged yet.
+    `schedulable`: whether the body's sendAt means anything (not for Notify SMS, which records
+    a text the caller's own gateway already sent)."""
     caller_id = body.text("callerId", allow_number=True)
     invalid = body.invalid
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
@@ -130,7 +133,7 @@ def send_command(
         # Version 2 has no jpToken: one in its body is ignored, not an error.
         jp_token=body.text("jpToken") if version >= 3 else None,
         additional_params=body.text("additionalParams"),
-        send_at=body.timestamp("sendAt"),
+        send_at=body.timestamp("sendAt") if schedulable else None,
         invalid_parameter=invalid or body.invalid,
         require_token=version >= 3,
         idempotency_key=idempotency_key,
@@ -363,6 +366,7 @@ async def notify_sms(
         application_key,
         environment_name,
         region=settings.default_region,
+        schedulable=False,
     )
     token = await transactions.run(
         lambda session: notify_external_send(session, command, settings, utcnow())

@@ -84,6 +84,17 @@ def test_success_answers_the_recorded_text_naming_the_token(
     assert response.headers["content-type"].startswith("text/plain")
 
 
+@pytest.mark.parametrize("send_at", ["2026-12-24T09:00:00+01:00", "not a time"])
+def test_a_send_at_means_nothing_to_a_text_already_sent_and_is_not_read(
+    client: TestClient[Litestar], demo: Demo, send_at: str
+) -> None:
+    token = issue_token(client)
+
+    response = notify_sms(client, {"callerId": CALLER, "jpToken": token, "sendAt": send_at})
+
+    assert (response.status_code, response.text) == (200, recorded_text(token))
+
+
 def test_success_records_no_message_and_queues_nothing(
     client: TestClient[Litestar], demo: Demo, db: Database, redis_url: str
 ) -> None:

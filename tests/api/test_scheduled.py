@@ -278,3 +278,18 @@ def test_a_request_without_send_at_keeps_the_fingerprint_it_had_before_send_at_e
     assert command.fingerprint() == expected
     later = SendSmsCommand(**{**asdict(command), "send_at": utcnow()})
     assert later.fingerprint() != expected
+
+
+def test_a_bulk_send_at_whose_offset_plus_was_not_encoded_is_read_as_meant(
+    client: TestClient[Litestar], demo: Demo, db: Database
+) -> None:
+    when = (utcnow() + timedelta(hours=2)).replace(microsecond=0)
+    written = when.astimezone(timezone(timedelta(hours=2))).isoformat()  # ...+02:00
+
+    # The "+" as it stands in the URL: a query decodes it to a space.
+    response = client.post(
+        f"{BULK}?sendAt={written}", headers=headers(), json=[{"callerId": NUMBERS[0]}]
+    )
+
+    assert response.status_code == 202, response.text
+    assert {m.next_attempt_at for m in _batch(db, response.json()["batchId"])} == {when}
