@@ -67,6 +67,7 @@ from shared.messages.bulk import (
     cancel_batch,
 )
 from shared.messages.lanes import BulkPump
+from shared.text.callback_urls import shown_url
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +89,7 @@ class BulkJson(msgspec.Struct):
     rejected: list[dict[str, Any]]
 
 
-class ProgressJson(msgspec.Struct):
+class ProgressJson(msgspec.Struct, omit_defaults=True):
     batchId: str  # noqa: N815
     campaignId: str  # noqa: N815
     createdAt: datetime  # noqa: N815
@@ -102,6 +103,8 @@ class ProgressJson(msgspec.Struct):
     optedOut: int  # noqa: N815
     expired: int
     cancelled: int
+    # Where its messages' status changes are POSTed (a password in it hidden); absent: nowhere.
+    statusCallback: str | None = None  # noqa: N815
 
 
 @post(
@@ -152,6 +155,17 @@ async def bulk_send(
             examples=[Example(value="2026-12-24T09:00:00+01:00")],
         ),
     ] = None,
+    status_callback: Annotated[
+        str | None,
+        QueryParameter(
+            name="statusCallback",
+            description=(
+                "Where to POST each message's status changes (http or https; see the README's "
+                "Status callbacks). Else the campaign's, if it has one."
+            ),
+            examples=[Example(value="https://example.com/sms/status")],
+        ),
+    ] = None,
 ) -> Response[object]:
     media = (request.headers.get("content-type") or "").partition(";")[0]
     as_csv = media.strip().lower() == "text/csv"
@@ -174,6 +188,7 @@ async def bulk_send(
         invalid_parameter=invalid,
         idempotency_key=idempotency_key,
         send_at=when,
+        status_callback=(status_callback or "").strip() or None,
     )
     # Who asks is known before a byte of the body is stored: a stranger's 64 MiB costs nothing.
     await transactions.run_unbounded(
@@ -183,8 +198,10 @@ async def bulk_send(
         digest = await _spool(request, spool, settings.bulk_max_body_bytes)
         # sendAt only when given: a batch without one keeps the fingerprint it always had.
         scheduled = f"\n{when.isoformat()}" if when else ""
+        # Likewise the statusCallback.
+        callback = f"\ncallback {header.status_callback}" if header.status_callback else ""
         fingerprint = hashlib.sha256(
-            f"{campaign_id}\n{environment_name}\n{as_csv}\n{digest}{scheduled}".encode()
+            f"{campaign_id}\n{environment_name}\n{as_csv}\n{digest}{scheduled}{callback}".encode()
         ).hexdigest()
 
         def store(session: Session) -> BulkAnswer:
@@ -343,6 +360,7 @@ def _progress_json(progress: BatchProgress) -> ProgressJson:
         accepted=batch.accepted,
         rejected=len(batch.rejected),
         **counts,
+        statusCallback=shown_url(batch.status_callback) if batch.status_callback else None,
     )
 
 

@@ -134,6 +134,8 @@ def send_command(
         jp_token=body.text("jpToken") if version >= 3 else None,
         additional_params=body.text("additionalParams"),
         send_at=body.timestamp("sendAt") if schedulable else None,
+        # Notify SMS records a text someone else sent: there is no status of ours to report.
+        status_callback=body.text("statusCallback") if schedulable else None,
         invalid_parameter=invalid or body.invalid,
         require_token=version >= 3,
         idempotency_key=idempotency_key,

@@ -197,6 +197,14 @@ SEND_AT = string(
     "2026-12-24T09:00:00+01:00",
 )
 
+STATUS_CALLBACK = string(
+    "Where to POST each status change of the message as JSON (optional; http or https, signed "
+    "with the account's webhook secret in Smsd-Signature; see the README's status callbacks). "
+    "Absent: the campaign's, if it has one. A private, loopback or link-local address is "
+    "refused unless the operator allows its network.",
+    "https://example.com/sms/status",
+)
+
 SEND_SMS_BODY = json_object(
     [],
     **{
@@ -211,6 +219,7 @@ SEND_SMS_BODY = json_object(
             "Query string appended to the campaign link", "var1=value1&var2=value"
         ),
         "sendAt": SEND_AT,
+        "statusCallback": STATUS_CALLBACK,
     },
 )
 
@@ -229,6 +238,7 @@ SEND_SMS_V2_BODY = json_object(
         "callerId": string("Customer phone number", "+972 54 4696388"),
         "additionalParams": string("Query string appended to the campaign link", "var1=value1"),
         "sendAt": SEND_AT,
+        "statusCallback": STATUS_CALLBACK,
     },
 )
 

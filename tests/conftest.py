@@ -22,6 +22,7 @@ from shared.core.settings import Settings, get_settings
 from simulator.tls import ensure_certificate
 from tests.support.data import Demo, create_demo
 from tests.support.processes import ROOT, Process, answers, wait_until
+from tests.support.receiver import Receiver, receiving
 from tests.support.services import free_port, postgres_server, redis_server
 
 
@@ -78,6 +79,11 @@ def settings(
         "SMSD_BULK_LANE_DEPTH": "100",
         "SMSD_BULK_TASK_SIZE": "10",
         "SMSD_BULK_LANE_RATE": "0",
+        # Status callbacks reach the tests' receivers on loopback, and retry within seconds.
+        "SMSD_STATUS_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "SMSD_STATUS_CALLBACK_BACKOFF_BASE": "0.2",
+        "SMSD_STATUS_CALLBACK_BACKOFF_MAX": "1",
+        "SMSD_STATUS_CALLBACK_TIMEOUT": "2",
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
@@ -204,3 +210,10 @@ def start_worker(spawn: Callable[..., Process]) -> Iterator[Callable[..., Proces
     yield start
     for process in workers:
         process.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A caller's statusCallback endpoint on loopback, for one test (tests/support/receiver.py)."""
+    with receiving() as started:
+        yield started

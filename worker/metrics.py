@@ -33,12 +33,14 @@ from shared.core.broker import (
     SEND_BATCH_TASK,
     SEND_TASK,
     bulk_queue,
+    callbacks_queue,
     sweep_queue,
 )
 from shared.core.db import Database
 from shared.core.models import utcnow
 from shared.core.settings import Settings
 from shared.messages import queries
+from shared.messages.status_callbacks import pending_callbacks
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,16 @@ RETRIES = Counter(
 )
 
 
+STATUS_CALLBACK_DELIVERIES = Counter(
+    "smsd_status_callback_deliveries",
+    "Status callback POSTs this worker made, by outcome: delivered (a 2xx), retrying (to be "
+    "tried again), given_up (still failing SMSD_STATUS_CALLBACK_RETRY_FOR after the change), "
+    "refused (an address the operator does not allow).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
+
 def count_send(provider: str, outcome: str) -> None:
     SENDS.labels(provider=provider, outcome=outcome).inc()
     if outcome == "retry":
@@ -108,8 +120,13 @@ class BacklogCollector(Collector):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # Each lane's queue (realtime, bulk) and the sweeper's.
-        self.queues = (settings.send_queue, bulk_queue(settings), sweep_queue(settings))
+        # Each lane's queue (realtime, bulk, callbacks) and the sweeper's.
+        self.queues = (
+            settings.send_queue,
+            bulk_queue(settings),
+            callbacks_queue(settings),
+            sweep_queue(settings),
+        )
         self._db: Database | None = None
         self.redis: Redis | None = None
         if settings.broker_url.startswith(("redis://", "rediss://")):
@@ -130,6 +147,29 @@ class BacklogCollector(Collector):
         ages = self.oldest_queued_age()
         if ages is not None:
             yield from ages
+        yield from self.status_callbacks()
+
+    def status_callbacks(self) -> list[GaugeMetricFamily]:
+        """Status callbacks not delivered yet (nor given up), and the oldest one's age."""
+        now = utcnow()
+        try:
+            with self.database().transaction() as session:
+                queries.statement_timeout(session, timedelta(seconds=SCRAPE_TIMEOUT))
+                count, age = pending_callbacks(session, now)
+        except Exception as exc:
+            log.warning("metrics.status_callbacks_failed", error=f"{type(exc).__name__}: {exc}")
+            return []
+        pending = GaugeMetricFamily(
+            "smsd_status_callbacks_pending",
+            "Status changes not yet delivered to their statusCallback URL nor given up.",
+            value=count,
+        )
+        oldest = GaugeMetricFamily(
+            "smsd_oldest_status_callback_age_seconds",
+            "Age of the oldest status change not yet delivered nor given up (0 when none is).",
+            value=age,
+        )
+        return [pending, oldest]
 
     def queue_depth(self) -> GaugeMetricFamily | None:
         if self.redis is None:

@@ -1,5 +1,5 @@
 """The Celery tasks: send one message, send a batch, send a bulk batch's task (and pump the
-bulk lane after it), and sweep (and pump). Each is a few lines around a
+bulk lane after it), sweep (and pump), and deliver status callbacks. Each is a few lines around a
 use case in shared/messages: the task is where Celery's retry policy and the worker's metrics
 live."""
 
@@ -15,6 +15,7 @@ from shared.core.broker import (
     BULK_SEND_TASK,
     SEND_BATCH_TASK,
     SEND_TASK,
+    STATUS_CALLBACKS_TASK,
     SWEEP_TASK,
 )
 from shared.core.db import Database
@@ -23,16 +24,18 @@ from shared.messages.lanes import BulkPump
 from shared.messages.outbox import Outbox
 from shared.messages.reconcile import reconcile
 from shared.messages.send import BatchInterrupted, Sender, SendOutcome
+from shared.messages.status_callbacks import StatusCallbackDeliverer
 from shared.providers.circuit_breakers import circuit_breakers
 from shared.providers.rate_limits import rate_limits
 from shared.providers.registry import ProviderClients
 from worker.celery_app import app
-from worker.metrics import SEND_LATENCY, count_send
+from worker.metrics import SEND_LATENCY, STATUS_CALLBACK_DELIVERIES, count_send
 
 _lock = threading.Lock()
 _sender: Sender | None = None
 _outbox: Outbox | None = None
 _pump: BulkPump | None = None
+_deliverer: StatusCallbackDeliverer | None = None
 
 
 def sender() -> Sender:
@@ -146,3 +149,22 @@ def sweep() -> int:
     send = sender()
     reconcile(send.db, send.providers, send.settings)
     return published
+
+
+def deliverer() -> StatusCallbackDeliverer:
+    global _deliverer
+    send = sender()
+    with _lock:
+        if _deliverer is None:
+            _deliverer = StatusCallbackDeliverer(send.db, send.settings)
+        return _deliverer
+
+
+@app.task(name=STATUS_CALLBACKS_TASK, ignore_result=True)
+def deliver_status_callbacks() -> int:
+    """POST the status callbacks that are due; returns how many were attempted. A failed run
+    loses nothing: what it had taken is leased, and taken again when the lease ends."""
+    outcomes = deliverer().run()
+    for outcome, count in outcomes.items():
+        STATUS_CALLBACK_DELIVERIES.labels(outcome=outcome).inc(count)
+    return sum(outcomes.values())

@@ -110,6 +110,7 @@ def upsert_campaign(
     valid_from: datetime | None = None,
     valid_until: datetime | None = None,
     quiet_hours: str | None = None,
+    status_callback: str | None = None,
 ) -> Campaign:
     """Create or update a campaign of one environment (`quiet_hours`: "HH:MM-HH:MM")."""
     if quiet_hours is not None:
@@ -129,6 +130,7 @@ def upsert_campaign(
     campaign.valid_from = valid_from
     campaign.valid_until = valid_until
     campaign.quiet_hours = quiet_hours.strip() if quiet_hours else None
+    campaign.status_callback = status_callback
     queries.save(session, campaign)
     return campaign
 

@@ -17,6 +17,8 @@ from shared.core.models import (
     InteractionToken,
     Message,
     ShortLink,
+    StatusCallback,
+    StatusCallbackAttempt,
     table_of,
 )
 
@@ -135,6 +137,28 @@ def message_of_account(session: Session, account_id: int, sid: str) -> Message |
     return session.scalar(
         select(Message).where(Message.sid == sid, Message.account_id == account_id)
     )
+
+
+def status_callbacks_of(
+    session: Session, sid: str
+) -> list[tuple[StatusCallback, list[StatusCallbackAttempt]]]:
+    """A message's status callbacks, oldest first, each with its attempts in order."""
+    callbacks = list(
+        session.scalars(
+            select(StatusCallback)
+            .where(StatusCallback.message_sid == sid)
+            .order_by(StatusCallback.id)
+        )
+    )
+    attempts: dict[int, list[StatusCallbackAttempt]] = {c.id: [] for c in callbacks}
+    if callbacks:
+        for attempt in session.scalars(
+            select(StatusCallbackAttempt)
+            .where(StatusCallbackAttempt.callback_id.in_(attempts))
+            .order_by(StatusCallbackAttempt.id)
+        ):
+            attempts[attempt.callback_id].append(attempt)
+    return [(callback, attempts[callback.id]) for callback in callbacks]
 
 
 def events_of(session: Session, sid: str) -> list[DeliveryEvent]:

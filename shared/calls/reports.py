@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy.orm import Session
 
 from shared.calls import queries
 from shared.core.models import Account
+from shared.text.callback_urls import shown_url
 
 SID_SHAPE = re.compile(r"SM[0-9a-f]{32}")
 
@@ -22,6 +23,28 @@ class EventView:
     applied: bool
     providerStatus: str | None  # noqa: N815
     errorCode: str | None  # noqa: N815
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackAttemptView:
+    at: datetime
+    # The receiver's HTTP status; None when no answer came (see `error`).
+    responseStatus: int | None  # noqa: N815
+    error: str | None
+    durationMs: int  # noqa: N815
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackView:
+    """One status change as POSTed to the message's statusCallback."""
+
+    eventId: str  # noqa: N815
+    status: str
+    changedAt: datetime  # noqa: N815
+    # `pending`, `delivered`, `given_up` or `refused`.
+    state: str
+    nextAttemptAt: datetime | None  # noqa: N815 - while pending
+    attempts: list[CallbackAttemptView]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +68,10 @@ class MessageView:
     # When the reconciler last asked the provider about it (no receipt came in time).
     reconciledAt: datetime | None  # noqa: N815
     events: list[EventView]
+    # Where its status changes are POSTed (a password in the URL hidden), and each change
+    # with every delivery attempt; empty without a statusCallback.
+    statusCallback: str | None = None  # noqa: N815
+    callbacks: list[CallbackView] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +130,26 @@ def message_view(session: Session, account: Account, sid: str) -> MessageView | 
                 errorCode=e.error_code,
             )
             for e in events
+        ],
+        statusCallback=shown_url(message.status_callback) if message.status_callback else None,
+        callbacks=[
+            CallbackView(
+                eventId=str(callback.id),
+                status=callback.status,
+                changedAt=callback.changed_at,
+                state=callback.outcome or "pending",
+                nextAttemptAt=None if callback.done_at else callback.next_attempt_at,
+                attempts=[
+                    CallbackAttemptView(
+                        at=a.attempted_at,
+                        responseStatus=a.response_status,
+                        error=a.error,
+                        durationMs=a.duration_ms,
+                    )
+                    for a in attempts
+                ],
+            )
+            for callback, attempts in queries.status_callbacks_of(session, sid)
         ],
     )
 

@@ -71,10 +71,13 @@ def _celery(*args: str, quiet: bool = False) -> None:
 @click.option("--beat", is_flag=True, help="Also run the sweeper schedule (single-process setups).")
 @click.option(
     "--lane",
-    type=click.Choice(["all", "realtime", "bulk"]),
+    type=click.Choice(["all", "realtime", "bulk", "callbacks"]),
     default="all",
     show_default=True,
-    help="Which sends: single sends (realtime), bulk batches (bulk) or both; see the README.",
+    help=(
+        "Which work: single sends (realtime), bulk batches (bulk), status callbacks to "
+        "callers (callbacks) or all of them; see the README."
+    ),
 )
 @click.option("--quiet", is_flag=True, help="No start-up banner.")
 @click.option(
@@ -92,7 +95,7 @@ def worker(
     metrics_port: int | None,
     celery_args: tuple[str, ...],
 ) -> None:
-    """Run a Celery worker for sends (of one lane, or both) and sweeps."""
+    """Run a Celery worker for sends (of one lane, or every one) and sweeps."""
     if metrics_port is not None:
         # The worker reads its settings again in this process: make the option one of them.
         os.environ["SMSD_WORKER_METRICS_PORT"] = str(metrics_port)
@@ -339,13 +342,14 @@ def dev() -> None:
     children: list[subprocess.Popen[bytes]] = []
     try:
         if settings.redis_url:
-            # One worker per lane; their rate limits are shared in Redis.
+            # One worker per lane (the bulk one also delivers status callbacks); their rate
+            # limits are shared in Redis.
             workers = [
                 ["worker", "--lane", "realtime", "--beat", "-c", "8", "--quiet"],
                 ["worker", "--lane", "bulk", "-c", "4", "--quiet"],
             ]
         else:
-            # Embedded (no Redis): one worker for both lanes, so the sender limits and the bulk
+            # Embedded (no Redis): one worker for every lane, so the sender limits and the bulk
             # lane's rate, kept in its memory, hold for every send.
             workers = [["worker", "--beat", "-c", "8", "--quiet"]]
         for args in (["simulator"], *workers, ["api"]):

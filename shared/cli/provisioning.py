@@ -29,11 +29,13 @@ from shared.accounts.provisioning import (
     set_provider_rates,
     upsert_campaign,
 )
+from shared.accounts.webhook_secrets import current_secret, rotate_secret
 from shared.calls.tokens import issue_token
 from shared.core.db import Database
 from shared.core.errors import InvalidParameter, RequestRefused
 from shared.core.models import ProviderAccount, utcnow
 from shared.core.settings import get_settings
+from shared.text.callback_urls import parse_callback_url
 from shared.text.phone import to_e164
 from shared.text.quiet_hours import parse_quiet_hours
 
@@ -92,6 +94,29 @@ def account_rotate_key(tenant_id: str, revoke_old: bool) -> None:
     click.echo(f"Application-Key: {key}  (shown once; only its hash is stored)")
 
 
+@account.command("webhook-secret")
+@click.argument("tenant_id")
+@click.option(
+    "--rotate",
+    is_flag=True,
+    help="Issue a new secret; the old one keeps signing for SMSD_WEBHOOK_SECRET_OVERLAP.",
+)
+def account_webhook_secret(tenant_id: str, rotate: bool) -> None:
+    """Print the secret the account's status callbacks are signed with (made if none)."""
+    with _transaction() as session:
+        found = get_account(session, tenant_id)
+        now = utcnow()
+        secret = (
+            rotate_secret(session, found.id, now)
+            if rotate
+            else current_secret(session, found.id, now)
+        )
+    click.echo(f"Webhook-Secret: {secret}")
+    if rotate:
+        overlap = get_settings().webhook_secret_overlap
+        click.echo(f"(the previous secret also signs for {overlap} more)")
+
+
 @click.group()
 def environment() -> None:
     """Environments of an account."""
@@ -139,6 +164,11 @@ def campaign() -> None:
 @click.option("--valid-from", default=None, help="ISO 8601 with timezone.")
 @click.option("--valid-until", default=None, help="ISO 8601 with timezone.")
 @click.option(
+    "--status-callback",
+    default=None,
+    help="POST its messages' status changes here when a send names no statusCallback.",
+)
+@click.option(
     "--quiet-hours",
     default=None,
     help="HH:MM-HH:MM in the recipient's local time (e.g. 21:00-08:00): bulk texts wait it out.",
@@ -155,8 +185,11 @@ def campaign_set(
     valid_from: str | None,
     valid_until: str | None,
     quiet_hours: str | None,
+    status_callback: str | None,
 ) -> None:
     """Create or update a campaign."""
+    if status_callback is not None and parse_callback_url(status_callback) is None:
+        raise click.BadParameter("an absolute http or https URL", param_hint="--status-callback")
     if quiet_hours is not None:
         try:
             parse_quiet_hours(quiet_hours)
@@ -177,6 +210,7 @@ def campaign_set(
             valid_from=_when(valid_from),
             valid_until=_when(valid_until),
             quiet_hours=quiet_hours,
+            status_callback=status_callback,
         )
     click.echo(f"campaign {campaign_id} saved")
 

@@ -28,6 +28,9 @@ SWEEP_TASK = "sms.sweep"
 # tasks by its id), on a queue of its own that the realtime lane's workers never read, fed by
 # the bulk pump (shared/messages/lanes.py).
 BULK_SEND_TASK = "sms.send_bulk"
+# Status callbacks to callers (shared/messages/status_callbacks.py): beat puts one on its own
+# queue every SMSD_STATUS_CALLBACK_INTERVAL; it POSTs what is due.
+STATUS_CALLBACKS_TASK = "sms.status_callbacks"
 
 
 def bulk_queue(settings: Settings) -> str:
@@ -35,18 +38,30 @@ def bulk_queue(settings: Settings) -> str:
     return f"{settings.send_queue}.bulk"
 
 
+def callbacks_queue(settings: Settings) -> str:
+    """The status callbacks' queue: `<send_queue>.callbacks`."""
+    return f"{settings.send_queue}.callbacks"
+
+
 def sweep_queue(settings: Settings) -> str:
     """The sweeper's queue: `<send_queue>.sweep`."""
     return f"{settings.send_queue}.sweep"
 
 
+LANES = ("all", "realtime", "bulk", "callbacks")
+
+
 def lane_queues(settings: Settings, lane: str) -> list[str]:
     """The queues a worker of `lane` reads: `realtime` the single sends, `bulk` the bulk
-    lane, `all` both; each with the sweeper's queue, so any worker can sweep and pump."""
+    lane and the status callbacks to callers (background work both: a callback never takes a
+    thread the realtime lane needs), `callbacks` only the callbacks (a pool of their own, for
+    a deployment that wants one), `all` every one; each with the sweeper's queue, so any
+    worker can sweep and pump."""
     queues = {
         "realtime": [settings.send_queue],
-        "bulk": [bulk_queue(settings)],
-        "all": [settings.send_queue, bulk_queue(settings)],
+        "bulk": [bulk_queue(settings), callbacks_queue(settings)],
+        "callbacks": [callbacks_queue(settings)],
+        "all": [settings.send_queue, bulk_queue(settings), callbacks_queue(settings)],
     }[lane]
     return [*queues, sweep_queue(settings)]
 
@@ -94,6 +109,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             SEND_BATCH_TASK: {"queue": settings.send_queue},
             BULK_SEND_TASK: {"queue": bulk_queue(settings)},
             SWEEP_TASK: {"queue": sweep_queue(settings)},
+            STATUS_CALLBACKS_TASK: {"queue": callbacks_queue(settings)},
         },
         broker_connection_retry_on_startup=True,
         # A worker never gives up on a lost broker (Celery's default stops after 100 tries,
@@ -121,7 +137,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": SWEEP_TASK,
                 "schedule": settings.sweep_interval.total_seconds(),
                 "options": {"expires": settings.sweep_interval.total_seconds()},
-            }
+            },
+            "status-callbacks": {
+                "task": STATUS_CALLBACKS_TASK,
+                "schedule": settings.status_callback_interval.total_seconds(),
+                # One run may last longer than the interval; runs that wait are dropped, not
+                # stacked (a run takes whatever is due, however much accumulated).
+                "options": {"expires": settings.status_callback_interval.total_seconds()},
+            },
         },
     )
 

@@ -183,6 +183,9 @@ class Campaign(Base):
     # "HH:MM-HH:MM": the recipient's local times of day its bulk texts wait out (deferred, not
     # dropped; shared/text/quiet_hours.py). None: no quiet hours.
     quiet_hours: Mapped[str | None] = mapped_column(String(11))
+    # Where its messages' status changes are POSTed when neither the send nor its bulk batch
+    # names a statusCallback of its own (shared/messages/status_callbacks.py).
+    status_callback: Mapped[str | None] = mapped_column(String(2048))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -395,6 +398,10 @@ class Message(Base):
     # single send would pay the check's trigger for nothing, and the account's cascade
     # removes a batch's messages with the batch.
     batch_id: Mapped[str | None] = mapped_column(String(34))
+    # Where its status changes are POSTed (its own statusCallback, else its batch's, else its
+    # campaign's, as they were when it was accepted); a trigger queues each change for it
+    # (StatusCallback, migration 0012).
+    status_callback: Mapped[str | None] = mapped_column(String(2048))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -440,6 +447,8 @@ class BulkBatch(Base):
     # When the bulk pump last put a task of it on the queue: the tenant whose batches were
     # served longest ago gets the next turn, in every process alike.
     pumped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The batch's `?statusCallback=`, given to each of its messages.
+    status_callback: Mapped[str | None] = mapped_column(String(2048))
 
 
 class DeliveryEvent(Base):
@@ -483,3 +492,73 @@ class MessagePart(Base):
     status: Mapped[str] = mapped_column(String(16))
     error_code: Mapped[str | None] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookSecret(Base):
+    """An account's key for signing its status callbacks. The newest unretired one signs; one
+    retired less than SMSD_WEBHOOK_SECRET_OVERLAP ago signs too, so a receiver can switch to
+    the new secret after a rotation without refusing a single callback."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def __repr__(self) -> str:
+        return f"WebhookSecret(id={self.id!r}, account_id={self.account_id!r})"
+
+
+class StatusCallback(Base):
+    """One status change of a message, to be POSTed to its statusCallback URL. Written by a
+    trigger on `messages` in the changing transaction (migration 0012); delivered in order per
+    message (the next waits until this one is done), at least once, retried with backoff until
+    SMSD_STATUS_CALLBACK_RETRY_FOR after the change."""
+
+    __tablename__ = "status_callbacks"
+    __table_args__ = (
+        Index("ix_status_callbacks_message_sid_id", "message_sid", "id"),
+        # The deliverer's question every run: what is not done, and due.
+        _partial_index("ix_status_callbacks_pending", "next_attempt_at", "done_at IS NULL"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    message_sid: Mapped[str] = mapped_column(ForeignKey("messages.sid", ondelete="CASCADE"))
+    account_id: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(String(2048))
+    status: Mapped[str] = mapped_column(String(16))
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Taken by a deliverer until then; past it (the deliverer died) another takes it again.
+    leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # `delivered` (a 2xx), `given_up` (still failing SMSD_STATUS_CALLBACK_RETRY_FOR after the
+    # change) or `refused` (an address the operator does not allow); None while pending.
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class StatusCallbackAttempt(Base):
+    """One POST of a status callback, as it went: shown with the message."""
+
+    __tablename__ = "status_callback_attempts"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    callback_id: Mapped[int] = mapped_column(
+        ForeignKey("status_callbacks.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The receiver's HTTP status; None when no answer came (refused, timed out, unreachable).
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(200))
+    duration_ms: Mapped[int] = mapped_column(Integer)

@@ -71,6 +71,23 @@ class Settings(BaseSettings):
     # How far ahead a send may be scheduled (sendAt); later is a 400. Validity counts from then.
     schedule_horizon: Duration = timedelta(days=35)
 
+    # Status callbacks (statusCallback): how often the deliverer looks for due ones, how long
+    # one POST may take, how long a failing one is retried (backoff from the first retry's
+    # delay, doubling, at most the max), and how many one run takes at once.
+    status_callback_interval: Duration = timedelta(seconds=1)
+    status_callback_timeout: Duration = timedelta(seconds=5)
+    status_callback_retry_for: Duration = timedelta(hours=24)
+    status_callback_backoff_base: Duration = timedelta(seconds=10)
+    status_callback_backoff_max: Duration = timedelta(hours=1)
+    status_callback_batch: int = 200
+    # Networks a callback URL may reach although they are private, loopback or link-local
+    # ("10.0.0.0/8,127.0.0.1/32"): nothing of them by default, so a caller cannot make the
+    # service POST into the network it runs in (SSRF). Comma separated CIDRs.
+    status_callback_allowed_networks: str = ""
+    # After `account webhook-secret --rotate`, the old secret signs too this long, so
+    # receivers can switch without refusing a callback.
+    webhook_secret_overlap: Duration = timedelta(hours=24)
+
     # Prometheus metrics of each worker process at http://{host}:{port}/metrics; 0 = off.
     worker_metrics_port: int = 0
     worker_metrics_host: str = "127.0.0.1"

@@ -40,6 +40,7 @@ from shared.core.models import Account, Campaign, MessageStatus
 from shared.core.settings import Settings
 from shared.messages import queries
 from shared.messages.queries import EarlierMessage
+from shared.text.callback_urls import allowed_networks, refused_url
 from shared.text.phone import normalise_sender, to_e164
 from shared.text.rendering import build_link, parse_additional_params, render_text
 from shared.text.segments import measure
@@ -72,6 +73,8 @@ class SendSmsCommand:
     idempotency_key: str | None = None
     # When to send it (`sendAt`), if later than now; at most SMSD_SCHEDULE_HORIZON ahead.
     send_at: datetime | None = None
+    # Where to POST its status changes (`statusCallback`); else its campaign's, if any.
+    status_callback: str | None = None
 
     def fingerprint(self) -> str:
         """What makes two requests "the same" for an Idempotency-Key: everything but credentials."""
@@ -84,6 +87,8 @@ class SendSmsCommand:
             fields.pop("send_at")
         else:
             fields["send_at"] = self.send_at.isoformat()
+        if self.status_callback is None:
+            fields.pop("status_callback")  # likewise, from before statusCallback existed
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -303,6 +308,7 @@ def _message(
     )
     sender = chosen_sender(command.sender, provider_account.sender_ids, settings)
     scheduled = scheduled_for(command.send_at, settings, now)
+    callback = status_callback_for(command.status_callback, campaign, settings)
     link = (
         build_link(campaign.link_url, params, token.token if token else None)
         if campaign.link_url
@@ -327,6 +333,7 @@ def _message(
         # Validity counts from when it may be sent.
         expires_at=(scheduled or now) + settings.message_validity,
         next_attempt_at=scheduled,
+        status_callback=callback,
     )
 
     def render(shown: str | None) -> None:
@@ -363,6 +370,16 @@ def _message(
             render(message["short_url"])
     else:
         render(link)
+
+
+def status_callback_for(asked: str | None, campaign: Campaign, settings: Settings) -> str | None:
+    """Where a message's status changes go: the URL the request gave (refused, a 400, when it
+    is not one we may POST to), else its campaign's."""
+    if asked is None:
+        return campaign.status_callback
+    if refused_url(asked, allowed_networks(settings.status_callback_allowed_networks)):
+        raise InvalidParameter("statusCallback")
+    return asked
 
 
 def scheduled_for(send_at: datetime | None, settings: Settings, now: datetime) -> datetime | None:

@@ -50,6 +50,7 @@ from shared.messages.accept import (
     new_message_sid,
     params_made_it_long,
     scheduled_for,
+    status_callback_for,
     usable_campaign,
     usable_token,
 )
@@ -118,8 +119,11 @@ def accept_bulk(
     campaign = usable_campaign(session, account, header.environment_name, header.campaign_id, now)
     provider_account = resolve_provider_account(session, account, now)
     scheduled = scheduled_for(header.send_at, settings, now)
+    callback = status_callback_for(header.status_callback, campaign, settings)
     batch_id = new_batch_id()
-    if not _claim_batch(session, batch_id, account.id, campaign, key, fingerprint, now):
+    if not _claim_batch(
+        session, batch_id, account.id, campaign, key, fingerprint, now, header.status_callback
+    ):
         # A concurrent twin with this key committed first (the insert waited for it).
         twin = _batch_by_key(session, account.id, key or "")
         if twin is None:
@@ -128,6 +132,7 @@ def accept_bulk(
     recipients = _Recipients(
         session, account.id, campaign, provider_account, batch_id, scheduled, settings, now
     )
+    recipients.status_callback = callback
     accepted = 0
     rejected: list[dict[str, Any]] = []
     seen = 0
@@ -178,6 +183,8 @@ class _Recipients:
         self.now = now
         # Validity counts from when the batch may be sent (its sendAt, if later).
         self.expires_at = (scheduled or now) + settings.message_validity
+        # Where each message's status changes go (the batch's, else the campaign's).
+        self.status_callback: str | None = None
         # Many recipients get the same text (no link, or no parameters): measured once.
         self.measure = functools.lru_cache(maxsize=1024)(measure)
 
@@ -249,6 +256,7 @@ class _Recipients:
             # Due at once, or at the batch's sendAt: the bulk pump publishes it then, in its
             # tenant's turn.
             "next_attempt_at": self.scheduled,
+            "status_callback": self.status_callback,
         }
 
     def _short(self, link: str, token: TokenRef | None) -> str:
@@ -284,6 +292,7 @@ def _claim_batch(
     key: str | None,
     fingerprint: str,
     now: datetime,
+    status_callback: str | None,
 ) -> bool:
     """Insert the batch's record; False if a twin holds its Idempotency-Key. A twin still
     storing its batch holds the key until it commits: on PostgreSQL this insert waits for it
@@ -304,6 +313,7 @@ def _claim_batch(
             idempotency_key=key,
             request_fingerprint=fingerprint if key else None,
             created_at=now,
+            status_callback=status_callback,
         )
         .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
         .returning(BulkBatch.id)

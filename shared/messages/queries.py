@@ -119,6 +119,7 @@ ACCEPTED_COLUMNS = (
     "updated_at",
     "expires_at",
     "next_attempt_at",
+    "status_callback",
 )
 # A group's messages in one statement built once (PostgreSQL): each column arrives as one array
 # parameter and the arrays are unnested side by side into rows. An executemany costs a

@@ -23,6 +23,7 @@ def accept_message(
     *,
     with_token: bool = True,
     jp_token: str | None = None,
+    status_callback: str | None = None,
 ) -> str:
     """A message for the demo account's campaign1, accepted at `now`; returns its sid.
 
@@ -45,6 +46,7 @@ def accept_message(
                 caller_id=CALLER,
                 jp_token=jp_token,
                 require_token=with_token,
+                status_callback=status_callback,
             ),
             settings,
             now,

@@ -20,6 +20,7 @@ from shared.core.settings import Settings
 from shared.messages.outbox import Publisher
 from tests.support.api import V3, issue_token, queued_sends
 from tests.support.data import CALLER, Demo, headers
+from tests.support.messages import accept_message
 from tests.support.metrics import label_values, sample, scrape, send, value
 from tests.support.processes import Process, answers, wait_until
 from tests.support.services import free_port
@@ -157,3 +158,26 @@ def test_the_backlog_gauges_are_left_out_while_their_sources_are_down(
 
 def _flat(arg: str | list[str]) -> list[str]:
     return [arg] if isinstance(arg, str) else arg
+
+
+def test_status_callbacks_waiting_are_counted_with_the_oldest_ones_age(
+    demo: Demo, db: Database, migrated: Settings
+) -> None:
+    sid = accept_message(db, migrated, utcnow(), status_callback="https://hooks.example.com/x")
+    registry = CollectorRegistry()
+    registry.register(BacklogCollector(migrated))
+    assert registry.get_sample_value("smsd_status_callbacks_pending") == 0
+    assert registry.get_sample_value("smsd_oldest_status_callback_age_seconds") == 0
+
+    with db.transaction() as session:
+        session.execute(
+            update(Message)
+            .where(Message.sid == sid)
+            .values(status="sending", updated_at=utcnow() - timedelta(minutes=2))
+        )
+        session.execute(update(Message).where(Message.sid == sid).values(status="sent"))
+
+    assert registry.get_sample_value("smsd_status_callbacks_pending") == 2
+    age = registry.get_sample_value("smsd_oldest_status_callback_age_seconds")
+    assert age is not None
+    assert 120 <= age < 180

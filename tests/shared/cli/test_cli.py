@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 
 from click.testing import CliRunner
 from litestar import Litestar
 from litestar.testing import TestClient
 from sqlalchemy import select
 
+from shared.accounts.webhook_secrets import signing_secrets
 from shared.cli import main
 from shared.core.db import Database
-from shared.core.models import Campaign
+from shared.core.models import Account, Campaign, utcnow
 
 BASE = "/interact/version/3/account/555/resources"
 
@@ -152,3 +154,42 @@ def test_a_campaigns_quiet_hours_are_set_and_a_wrong_window_is_refused(db: Datab
 
     assert refused.exit_code == 2
     assert "quiet hours must be HH:MM-HH:MM" in refused.output
+
+
+def test_the_webhook_secret_is_shown_then_rotated_with_the_old_one_signing_for_the_overlap(
+    db: Database,
+) -> None:
+    provision()
+    shown = re.search(r"Webhook-Secret: (whsec_\S+)", run("account", "webhook-secret", "555"))
+    assert shown, "no secret printed"
+    again = run("account", "webhook-secret", "555")
+    assert shown.group(1) in again  # shown again, not a new one each time
+    rotated = run("account", "webhook-secret", "555", "--rotate")
+    new = re.search(r"Webhook-Secret: (whsec_\S+)", rotated)
+    assert new, rotated
+    assert new.group(1) != shown.group(1)
+    assert "previous secret also signs" in rotated
+    with db.transaction() as session:
+        account_id = session.scalar(select(Account.id).where(Account.tenant_id == "555"))
+        assert account_id is not None
+        signing = signing_secrets(session, {account_id}, utcnow(), timedelta(hours=24))
+        assert signing[account_id] == [new.group(1), shown.group(1)]  # the current one first
+        assert signing_secrets(session, {account_id}, utcnow(), timedelta(0))[account_id] == [
+            new.group(1)
+        ]
+
+
+def test_a_campaigns_status_callback_is_set_and_a_non_url_is_refused(db: Database) -> None:
+    provision()
+    spring = ["campaign", "set", "555", "spring", "--name", "Spring", "--text", "Go"]
+    run(*spring, "--status-callback", "https://acme.example/sms/status")
+    with db.transaction() as session:
+        stored = session.scalars(
+            select(Campaign.status_callback).where(Campaign.campaign_id == "spring")
+        )
+        assert stored.one() == "https://acme.example/sms/status"
+
+    refused = CliRunner().invoke(main, [*spring, "--status-callback", "acme.example/x"])
+
+    assert refused.exit_code == 2
+    assert "an absolute http or https URL" in refused.output
