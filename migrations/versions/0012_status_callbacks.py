@@ -23,6 +23,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _PENDING = "done_at IS NULL"
+_CURRENT = "retired_at IS NULL"
 _COLUMNS = (
     "message_sid, account_id, url, status, error_code, error_message, changed_at, next_attempt_at"
 )
@@ -53,6 +54,16 @@ def upgrade() -> None:
     )
     op.create_index(
         op.f("ix_webhook_secrets_account_id"), "webhook_secrets", ["account_id"], unique=False
+    )
+    # One current secret per account: two deliverers making an account's first at once must
+    # not each sign with a different one.
+    op.create_index(
+        "uq_webhook_secrets_current",
+        "webhook_secrets",
+        ["account_id"],
+        unique=True,
+        postgresql_where=sa.text(_CURRENT),
+        sqlite_where=sa.text(_CURRENT),
     )
     op.create_table(
         "status_callbacks",
@@ -147,6 +158,7 @@ def downgrade() -> None:
     op.drop_index("ix_status_callbacks_pending", table_name="status_callbacks")
     op.drop_index("ix_status_callbacks_message_sid_id", table_name="status_callbacks")
     op.drop_table("status_callbacks")
+    op.drop_index("uq_webhook_secrets_current", table_name="webhook_secrets")
     op.drop_index(op.f("ix_webhook_secrets_account_id"), table_name="webhook_secrets")
     op.drop_table("webhook_secrets")
     for table in ("bulk_batches", "campaigns", "messages"):

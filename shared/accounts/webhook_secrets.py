@@ -11,6 +11,7 @@ import secrets
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.core.models import WebhookSecret
@@ -24,19 +25,30 @@ def new_webhook_secret() -> str:
 
 
 def current_secret(session: Session, account_id: int, now: datetime) -> str:
-    """The account's signing secret, made now if it has none yet."""
-    found = session.scalars(
-        select(WebhookSecret.secret)
-        .where(WebhookSecret.account_id == account_id, WebhookSecret.retired_at.is_(None))
-        .order_by(WebhookSecret.created_at.desc(), WebhookSecret.id.desc())
-        .limit(1)
-    ).first()
+    """The account's signing secret, made now if it has none yet (a concurrent maker's wins:
+    one current secret per account, uq_webhook_secrets_current)."""
+    found = _current(session, account_id)
     if found is not None:
         return found
-    secret = new_webhook_secret()
-    session.add(WebhookSecret(account_id=account_id, secret=secret, created_at=now))
-    session.flush()
-    return secret
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(
+        dialect.insert(WebhookSecret)
+        .values(account_id=account_id, secret=new_webhook_secret(), created_at=now)
+        .on_conflict_do_nothing(
+            index_elements=["account_id"], index_where=WebhookSecret.retired_at.is_(None)
+        )
+    )
+    made = _current(session, account_id)
+    assert made is not None, "a current webhook secret was just made"
+    return made
+
+
+def _current(session: Session, account_id: int) -> str | None:
+    return session.scalars(
+        select(WebhookSecret.secret).where(
+            WebhookSecret.account_id == account_id, WebhookSecret.retired_at.is_(None)
+        )
+    ).first()
 
 
 def rotate_secret(session: Session, account_id: int, now: datetime) -> str:

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from shared.calls import queries
-from shared.core.models import Account
+from shared.core.models import Account, StatusCallback
 from shared.text.callback_urls import shown_url
 
 SID_SHAPE = re.compile(r"SM[0-9a-f]{32}")
@@ -41,7 +41,7 @@ class CallbackView:
     eventId: str  # noqa: N815
     status: str
     changedAt: datetime  # noqa: N815
-    # `pending`, `delivered`, `given_up` or `refused`.
+    # `pending`, `delivered` or `given_up`.
     state: str
     nextAttemptAt: datetime | None  # noqa: N815 - while pending
     attempts: list[CallbackAttemptView]
@@ -134,7 +134,7 @@ def message_view(session: Session, account: Account, sid: str) -> MessageView | 
         statusCallback=shown_url(message.status_callback) if message.status_callback else None,
         callbacks=[
             CallbackView(
-                eventId=str(callback.id),
+                eventId=StatusCallback.event_id(sid, ordinal),
                 status=callback.status,
                 changedAt=callback.changed_at,
                 state=callback.outcome or "pending",
@@ -149,7 +149,9 @@ def message_view(session: Session, account: Account, sid: str) -> MessageView | 
                     for a in attempts
                 ],
             )
-            for callback, attempts in queries.status_callbacks_of(session, sid)
+            for ordinal, (callback, attempts) in enumerate(
+                queries.status_callbacks_of(session, sid), start=1
+            )
         ],
     )
 

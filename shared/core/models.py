@@ -500,6 +500,16 @@ class WebhookSecret(Base):
     the new secret after a rotation without refusing a single callback."""
 
     __tablename__ = "webhook_secrets"
+    __table_args__ = (
+        # One current secret per account (two deliverers making its first at once).
+        Index(
+            "uq_webhook_secrets_current",
+            "account_id",
+            unique=True,
+            postgresql_where=text("retired_at IS NULL"),
+            sqlite_where=text("retired_at IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     account_id: Mapped[int] = mapped_column(
@@ -540,10 +550,17 @@ class StatusCallback(Base):
     # Taken by a deliverer until then; past it (the deliverer died) another takes it again.
     leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # `delivered` (a 2xx), `given_up` (still failing SMSD_STATUS_CALLBACK_RETRY_FOR after the
-    # change) or `refused` (an address the operator does not allow); None while pending.
+    # `delivered` (a 2xx) or `given_up` (still failing SMSD_STATUS_CALLBACK_RETRY_FOR after
+    # the change); None while pending.
     outcome: Mapped[str | None] = mapped_column(String(16))
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    @staticmethod
+    def event_id(sid: str, ordinal: int) -> str:
+        """A change's id as callers see it, the same on every attempt: its message's sid and
+        its place among that message's changes (`SM...-2`, the second). Not the row's id,
+        which would tell every caller how much the service sends."""
+        return f"{sid}-{ordinal}"
 
 
 class StatusCallbackAttempt(Base):

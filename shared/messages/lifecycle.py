@@ -248,6 +248,26 @@ def apply_status_batch(
                 error_message=with_error[-1].error_message if with_error else None,
             )
         )
+    # A message with a statusCallback that moves through several statuses in this one write
+    # reports each of them, not only where it ends (the trigger sees one change).
+    queries.queue_passed_status_callbacks(
+        session,
+        [
+            {
+                "message_sid": sid,
+                "account_id": targets[sid].account_id,
+                "url": targets[sid].status_callback,
+                "status": report.status.value,
+                "error_code": report.error_code,
+                "error_message": report.error_message,
+                "changed_at": now,
+                "next_attempt_at": now,
+            }
+            for sid, chain in chains.items()
+            if targets[sid].status_callback is not None
+            for report in chain[:-1]
+        ],
+    )
     for shape, each in by_shape.items():
         queries.run_status_moves(session, _chain_move(shape), each, now)
     queries.store_events_once(session, events)

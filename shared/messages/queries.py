@@ -57,6 +57,7 @@ from shared.core.models import (
     OptOut,
     OutboxState,
     ProviderAccount,
+    StatusCallback,
     table_of,
 )
 
@@ -408,6 +409,8 @@ _CALLBACK_TARGETS = (
         _messages.c.campaign_id,
         _messages.c.token_id,
         _messages.c.provider_account_id,
+        _messages.c.account_id,
+        _messages.c.status_callback,
         _accounts.c.tenant_id,
         _providers.c.provider.label("signer_provider"),
         _providers.c.public_id.label("signer_public_id"),
@@ -555,6 +558,14 @@ def run_status_moves(
                 "now": now,
             },
         )
+
+
+def queue_passed_status_callbacks(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Status callbacks for the statuses a message passed through within one write (a group
+    of provider callbacks moves it sending -> sent -> delivered in one UPDATE, whose trigger
+    sees only the last): written just before that UPDATE, so they come first."""
+    if rows:
+        session.execute(insert(table_of(StatusCallback)), list(rows))
 
 
 # The rows a set-based call update reads (`prepare_batch_call_update`): one per call, with

@@ -11,13 +11,16 @@ SMSD_STATUS_CALLBACK_INTERVAL, on a queue of its own) then:
    up, so a receiver sees a message's changes in the order they happened;
 2. POSTs them concurrently, each to an address it has just checked (`callback_urls`), without
    following redirects, within SMSD_STATUS_CALLBACK_TIMEOUT;
-3. records each attempt and settles each callback: a 2xx delivered; anything else tried again
-   after a doubling delay, given up once SMSD_STATUS_CALLBACK_RETRY_FOR has passed since the
-   change; an address the operator does not allow, refused at once.
+3. records each attempt and settles each callback: a 2xx delivered; anything else (an address
+   the operator does not allow included) tried again after a doubling delay, given up once
+   SMSD_STATUS_CALLBACK_RETRY_FOR has passed since the change.
 
 A deliverer that dies between a POST and its record loses its lease, and the callback is
-POSTed again: at least once, never lost. `Smsd-Event-Id` (and the body's `eventId`) is the
-same on every attempt, so a receiver can drop a repeat.
+POSTed again: at least once, never lost. A run's lease outlasts everything the run can do
+with what it took, so no second deliverer POSTs a change while the first still may (which
+could reorder a message's changes at the receiver). `Smsd-Event-Id` (and the body's
+`eventId`) is the same on every attempt, so a receiver can drop a repeat. One run at a time
+per process, so slow receivers hold one thread of a worker, never all of them.
 
 The signature: `Smsd-Signature: t=<unix seconds>,v1=<hex>`, where the hex is
 HMAC-SHA256(account's webhook secret, "<t>." + body); during a secret rotation's overlap one
@@ -32,8 +35,10 @@ import ipaddress
 import json
 import random
 import socket
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,6 +81,9 @@ DELIVERED = "delivered"
 RETRYING = "retrying"
 GIVEN_UP = "given_up"
 REFUSED = "refused"
+# What an attempt whose name has no address the service may reach says, refused or not
+# found alike (which of the two would tell the account what the operator's network holds).
+NO_ALLOWED_ADDRESS = "no address the service may reach"
 
 _callbacks = table_of(StatusCallback)
 _attempts = table_of(StatusCallbackAttempt)
@@ -112,16 +120,15 @@ class Attempt:
     due: Due
     at: datetime
     response_status: int | None
+    # What went wrong, as the message's account may see it (never an internal address).
     error: str | None
     duration_ms: int
+    # The address was one the operator does not allow (counted apart, for the operator).
+    refused: bool = False
 
     @property
     def delivered(self) -> bool:
         return self.response_status is not None and 200 <= self.response_status < 300
-
-    @property
-    def refused(self) -> bool:
-        return self.error is not None and self.error.startswith("refused")
 
 
 def _due_statement(now: datetime, lease: datetime, limit: int) -> Any:
@@ -163,10 +170,27 @@ def _due_statement(now: datetime, lease: datetime, limit: int) -> Any:
 
 def claim_due(session: Session, settings: Settings, now: datetime) -> list[Due]:
     """Lease up to SMSD_STATUS_CALLBACK_BATCH due callbacks (see the module) with their bodies."""
-    lease = now + settings.status_callback_timeout * 3 + timedelta(seconds=10)
+    # Longer than the longest a run can spend on them: every POST, its name's resolution
+    # included, ends within SMSD_STATUS_CALLBACK_TIMEOUT, CONCURRENCY at a time. So no other
+    # deliverer takes a callback again while the first may still be POSTing it (which could
+    # put a message's changes out of order at the receiver).
+    waves = -(-settings.status_callback_batch // CONCURRENCY)
+    lease = now + settings.status_callback_timeout * (waves + 1) + timedelta(seconds=30)
     taken = session.execute(_due_statement(now, lease, settings.status_callback_batch)).all()
     if not taken:
         return []
+    sids = {row.message_sid for row in taken}
+    ordinal = {
+        id_: n
+        for id_, n in session.execute(
+            select(
+                StatusCallback.id,
+                func.row_number().over(
+                    partition_by=StatusCallback.message_sid, order_by=StatusCallback.id
+                ),
+            ).where(StatusCallback.message_sid.in_(sids))
+        )
+    }
     about = {
         row.sid: row
         for row in session.execute(
@@ -179,7 +203,7 @@ def claim_due(session: Session, settings: Settings, now: datetime) -> list[Due]:
                 Account.tenant_id,
             )
             .join(Account, Account.id == Message.account_id)
-            .where(Message.sid.in_({row.message_sid for row in taken}))
+            .where(Message.sid.in_(sids))
         )
     }
     due = []
@@ -196,7 +220,7 @@ def claim_due(session: Session, settings: Settings, now: datetime) -> list[Due]:
                 changed_at=row.changed_at,
                 lease=lease,
                 payload={
-                    "eventId": str(row.id),
+                    "eventId": StatusCallback.event_id(row.message_sid, ordinal[row.id]),
                     "messageSid": row.message_sid,
                     "accountId": message.tenant_id,
                     "campaignId": message.campaign_id,
@@ -248,28 +272,56 @@ class Poster:
             return list(await asyncio.gather(*(one(callback) for callback in due)))
 
     async def _post(self, client: httpx.AsyncClient, due: Due, secrets: list[str]) -> Attempt:
+        """One POST, never raising: whatever happens is the attempt's outcome. The name's
+        resolution and the whole exchange end within SMSD_STATUS_CALLBACK_TIMEOUT (httpx's
+        own timeouts bound each read, so a receiver trickling its answer could last forever)."""
         at = utcnow()
         started = time.perf_counter()
 
-        def ended(status: int | None, error: str | None) -> Attempt:
+        def ended(status: int | None, error: str | None, *, refused: bool = False) -> Attempt:
             elapsed = round((time.perf_counter() - started) * 1000)
-            return Attempt(due, at, status, error and error[:200], elapsed)
+            return Attempt(due, at, status, error, elapsed, refused)
 
+        try:
+            async with asyncio.timeout(self.settings.status_callback_timeout.total_seconds()):
+                return await self._exchange(client, due, secrets, ended)
+        except TimeoutError:
+            return ended(None, "timeout")
+        except _Refused as refused:
+            # The account sees no more than that: the reason (and the address) would tell it
+            # what the operator's network holds, one name at a time.
+            log.warning(
+                "status_callback.address_refused",
+                eventId=due.payload["eventId"],
+                url=shown_url(due.url),
+                reason=str(refused),
+            )
+            return ended(None, NO_ALLOWED_ADDRESS, refused=True)
+        except OSError as exc:
+            log.info("status_callback.unresolved", url=shown_url(due.url), error=str(exc))
+            return ended(None, NO_ALLOWED_ADDRESS)
+        except httpx.ConnectError:
+            return ended(None, "connection failed")
+        except Exception as exc:  # anything else is this attempt's failure, never the run's
+            return ended(None, f"failed: {type(exc).__name__}")
+
+    async def _exchange(
+        self,
+        client: httpx.AsyncClient,
+        due: Due,
+        secrets: list[str],
+        ended: Callable[[int | None, str | None], Attempt],
+    ) -> Attempt:
         parts = parse_callback_url(due.url)
         if parts is None or parts.hostname is None:
-            return ended(None, "refused: not an absolute http or https URL")
+            raise _Refused("not an absolute http or https URL")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            address = await self._address(parts.hostname, port)
-        except _Refused as refused:
-            return ended(None, f"refused: {refused}")
-        except OSError as exc:
-            return ended(None, f"unresolved: {exc}")
+        address = await self._address(parts.hostname, port)
         body = json.dumps(due.payload, separators=(",", ":")).encode()
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
-            EVENT_ID_HEADER: str(due.id),
+            EVENT_ID_HEADER: due.payload["eventId"],
             SIGNATURE_HEADER: signature_header(secrets, timestamp, body),
             # The name the caller gave, although the connection goes to the checked address.
             "Host": parts.netloc.rpartition("@")[2],
@@ -277,16 +329,11 @@ class Poster:
         url = httpx.URL(due.url).copy_with(host=str(address), port=port)
         # TLS: the certificate is checked against the name, not the address.
         extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
-        try:
-            async with client.stream(
-                "POST", url, content=body, headers=headers, extensions=extensions
-            ) as response:
-                # The answer's body is not read: a receiver cannot make us download anything.
-                return ended(response.status_code, None)
-        except httpx.TimeoutException:
-            return ended(None, "timeout")
-        except httpx.HTTPError as exc:
-            return ended(None, f"{type(exc).__name__}: {exc}")
+        async with client.stream(
+            "POST", url, content=body, headers=headers, extensions=extensions
+        ) as response:
+            # The answer's body is not read: a receiver cannot make us download anything.
+            return ended(response.status_code, None)
 
     async def _address(self, host: str, port: int) -> IPAddress:
         """The address to POST to: every address the name has must be allowed."""
@@ -357,21 +404,19 @@ def record(
         due = attempt.due
         if attempt.delivered:
             outcome: str | None = DELIVERED
-        elif attempt.refused:
-            outcome = REFUSED
         else:
+            # A refused address is retried like any failure: giving up at once would tell the
+            # account which of its names point inside (the operator sees it in the log).
             next_at = now + _backoff(settings, due.attempt)
             outcome = (
                 GIVEN_UP if next_at > due.changed_at + settings.status_callback_retry_for else None
             )
-        outcomes[outcome or RETRYING] += 1
-        if outcome in (GIVEN_UP, REFUSED):
+        outcomes[outcome or (REFUSED if attempt.refused else RETRYING)] += 1
+        if outcome == GIVEN_UP:
             log.warning(
                 "status_callback.given_up",
-                eventId=due.id,
-                messageSid=due.payload["messageSid"],
+                eventId=due.payload["eventId"],
                 url=shown_url(due.url),
-                outcome=outcome,
                 attempts=due.attempt,
                 error=attempt.error,
                 responseStatus=attempt.response_status,
@@ -396,11 +441,20 @@ class StatusCallbackDeliverer:
         self.db = db
         self.settings = settings
         self.poster = Poster(settings)
+        self._running = threading.Lock()
 
     def run(self, budget: timedelta | None = None) -> Counter[str]:
         """Deliver due callbacks until none is left or `budget` (default: five intervals) is
-        spent; the outcomes."""
-        budget = budget or self.settings.status_callback_interval * 5
+        spent; the outcomes. Nothing when this process is already running it: beat comes
+        every interval however long a run takes, and the runs must not pile up on threads."""
+        if not self._running.acquire(blocking=False):
+            return Counter()
+        try:
+            return self._run(budget or self.settings.status_callback_interval * 5)
+        finally:
+            self._running.release()
+
+    def _run(self, budget: timedelta) -> Counter[str]:
         deadline = time.monotonic() + budget.total_seconds()
         outcomes: Counter[str] = Counter()
         while True:

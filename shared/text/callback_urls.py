@@ -11,10 +11,15 @@ POST then goes to the address that was judged, so a name that changes its answer
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from urllib.parse import SplitResult, urlsplit
 
 MAX_LENGTH = 2048
+# A host name as DNS spells it on the wire (an international name in its xn-- form): anything
+# else is refused when accepted rather than failing in the resolver or the Host header later.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,254}}$)(?:{_LABEL}\.)*{_LABEL}\.?")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -30,7 +35,10 @@ def parse_callback_url(url: str) -> SplitResult | None:
         port = parts.port  # raises ValueError when out of range or not a number
     except ValueError:
         return None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host or port == 0:
+        return None
+    if literal_address(host) is None and not _HOST_NAME.fullmatch(host):
         return None
     return parts
 
@@ -45,8 +53,14 @@ def allowed_networks(spec: str) -> tuple[IPNetwork, ...]:
 
 def refused_address(address: IPAddress, allowed: tuple[IPNetwork, ...]) -> str | None:
     """Why the service will not POST to `address` ("loopback", "private", ...), or None."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address carried inside an IPv6 one is judged as itself: ::ffff:127.0.0.1
+        # (mapped) and 2002:7f00:1::/48 (6to4) reach 127.0.0.1.
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            return refused_address(embedded, allowed)
+        if address.is_site_local:  # fec0::/10, deprecated but still routed inside some sites
+            return "site-local"
     if any(address in network for network in allowed if network.version == address.version):
         return None
     for reason, flagged in (

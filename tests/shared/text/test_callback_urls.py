@@ -102,3 +102,23 @@ def test_a_password_in_a_url_is_never_shown() -> None:
         "https://bob:***@hooks.example.com/x"
     )
     assert shown_url("https://hooks.example.com/x") == "https://hooks.example.com/x"
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [("2002:7f00:1::1", "loopback"), ("2002:a00:1::1", "private"), ("fec0::1", "site-local")],
+)
+def test_ipv6_forms_that_reach_inside_are_refused(address: str, reason: str) -> None:
+    assert refused_address(ipaddress.ip_address(address), NOTHING_ALLOWED) == reason
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://bücher.example/x", "http://☃.example.com/", "http://exa%6dple.com/", "http://a..b/"],
+)
+def test_a_host_that_is_not_a_dns_name_on_the_wire_is_refused(url: str) -> None:
+    assert parse_callback_url(url) is None
+
+
+def test_an_international_name_in_its_xn_form_is_accepted() -> None:
+    assert parse_callback_url("https://xn--bcher-kva.example/x") is not None
