@@ -305,7 +305,12 @@ class Stack:
     def clean(self) -> None:
         """No messages and no tasks: each scenario starts from the same empty queue and table."""
         with self.db.transaction() as session:
-            session.execute(text("TRUNCATE messages, message_parts, delivery_events, bulk_batches"))
+            session.execute(
+                text(
+                    "TRUNCATE messages, message_parts, delivery_events, bulk_batches,"
+                    " status_callbacks, status_callback_attempts"
+                )
+            )
         with self.db.engine.connect() as connection:
             # The calls' rows stay (their tokens are the load's), but every send rewrites its
             # call's row: vacuumed here, not by autovacuum in the middle of the next scenario.

@@ -67,8 +67,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
+        server = _Server(("127.0.0.1", self.port), Handler)
         self._server = server
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
@@ -85,6 +84,12 @@ class Receiver:
 
     def statuses(self, sid: str) -> list[str]:
         return [body["status"] for body in self.bodies(sid)]
+
+
+class _Server(ThreadingHTTPServer):
+    # A listen backlog for a deliverer's 50 connections at once (http.server's is 5).
+    request_queue_size = 128
+    daemon_threads = True
 
 
 @contextmanager

@@ -379,3 +379,12 @@ def test_a_group_of_receipts_that_moves_a_message_twice_in_one_write_reports_bot
     assert applied == [True, True]
     _deliver_until(StatusCallbackDeliverer(db, migrated), lambda: len(receiver.received) == 3)
     assert receiver.statuses(sid) == ["sending", "sent", "delivered"]
+
+
+def test_one_run_delivers_a_burst_of_changes_one_after_the_other_not_one_per_interval(
+    db: Database, demo: Demo, migrated: Settings, receiver: Receiver
+) -> None:
+    sid = accept_message(db, migrated, utcnow(), status_callback=receiver.url())
+    _move(db, sid, "sending", "sent", "delivered")
+    assert StatusCallbackDeliverer(db, migrated).run() == {"delivered": 3}
+    assert receiver.statuses(sid) == ["sending", "sent", "delivered"]
