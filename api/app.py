@@ -46,6 +46,7 @@ from shared.core.settings import Settings, get_settings
 from shared.messages.callback_groups import CallbackGroups
 from shared.messages.group_commit import GroupAccept
 from shared.messages.outbox import Publisher, QueuePublisher
+from shared.text.phone import NumberPool
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -82,6 +83,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     guard = KeyGuessingGuard(settings)
     # Provider callbacks, applied in groups on the same engine (shared/messages/callback_groups.py).
     callbacks = CallbackGroups(async_db, settings)
+    # Bulk requests' numbers are validated in these processes (started on the first one).
+    numbers = NumberPool(settings.bulk_validation_processes)
 
     async def before_request(request: Request[Any, Any, Any]) -> None:
         # Async, though it awaits nothing: Litestar runs a plain function hook on a thread.
@@ -99,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # Publishes what is still waiting: a blocking join, so off the event loop.
             await anyio.to_thread.run_sync(publisher.close)
         db.dispose()
+        numbers.close()
 
     app = Litestar(
         route_handlers=[
@@ -122,7 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             metrics,
         ],
         # What handlers take as parameters (api/dependencies.py): services, never a locator.
-        dependencies=dependencies(settings, db, celery, groups, callbacks),
+        dependencies=dependencies(settings, db, celery, groups, callbacks, numbers),
         before_request=before_request,
         on_startup=[guard.start, _freeze_startup_objects],
         on_shutdown=[shutdown],

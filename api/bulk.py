@@ -34,7 +34,7 @@ from litestar.params import FromPath, QueryParameter
 from sqlalchemy.orm import Session
 
 from api.body import JsonBody, rfc3339
-from api.dependencies import CeleryDep, DatabaseDep, SettingsDep, TransactionsDep
+from api.dependencies import CeleryDep, DatabaseDep, NumbersDep, SettingsDep, TransactionsDep
 from api.headers import (
     MAX_IDEMPOTENCY_KEY,
     V3,
@@ -137,6 +137,7 @@ async def bulk_send(
     settings: SettingsDep,
     celery: CeleryDep,
     database: DatabaseDep,
+    numbers: NumbersDep,
     account_id: FromPath[str],
     campaign_id: FromPath[str],
     tenant_id: TenantId = None,
@@ -207,7 +208,7 @@ async def bulk_send(
         def store(session: Session) -> BulkAnswer:
             spool.seek(0)
             rows = csv_rows(spool) if as_csv else json_rows(spool)
-            return accept_bulk(session, header, fingerprint, rows, settings, utcnow())
+            return accept_bulk(session, header, fingerprint, rows, settings, utcnow(), numbers)
 
         async with _storing(settings.bulk_concurrency):
             answer = await transactions.run_unbounded(store)

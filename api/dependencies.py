@@ -23,6 +23,7 @@ from shared.core.db import AcceptDeadlineExceeded, Database
 from shared.core.settings import Settings
 from shared.messages.callback_groups import CallbackGroups
 from shared.messages.group_commit import GroupAccept
+from shared.text.phone import NumberPool
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +87,7 @@ TransactionsDep = NamedDependency[Transactions]
 AcceptDep = NamedDependency[GroupAccept]
 CallbacksDep = NamedDependency[CallbackGroups]
 CeleryDep = NamedDependency[Celery]
+NumbersDep = NamedDependency[NumberPool]
 
 
 def _value(value: Any) -> Provide:
@@ -101,6 +103,7 @@ def dependencies(
     celery: Celery,
     groups: GroupAccept,
     callbacks: CallbackGroups,
+    numbers: NumberPool,
 ) -> dict[str, Provide]:
     """The app-level dependencies: a handler names a parameter after one of these keys and
     receives it (never a query parameter, never in the OpenAPI document)."""
@@ -112,4 +115,5 @@ def dependencies(
         "accept": _value(groups),
         "callbacks": _value(callbacks),
         "celery": _value(celery),
+        "numbers": _value(numbers),
     }

@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     # Bulk send (POST .../bulk): recipients in one request (413 past it), and its body's size
     # (413 past it). The body is spooled to disk past bulk_spool_bytes: memory stays bounded.
     bulk_max_recipients: int = 100_000
+    # Processes (per API process) that validate a bulk request's numbers beside the thread
+    # that stores it; 0: that thread validates them itself.
+    bulk_validation_processes: int = 1
     bulk_max_body_bytes: int = 64 * 1024 * 1024
     bulk_spool_bytes: int = 1024 * 1024
     # Bulk requests one API process stores at once; more wait their turn (each holds a pooled

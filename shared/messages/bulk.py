@@ -17,8 +17,10 @@ however large the body."""
 from __future__ import annotations
 
 import functools
+import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
@@ -45,15 +47,14 @@ from shared.messages.accept import (
     SendSmsCommand,
     additional_params,
     authenticated_account,
-    caller_number,
     chosen_sender,
-    new_message_sid,
     params_made_it_long,
     scheduled_for,
     status_callback_for,
     usable_campaign,
     usable_token,
 )
+from shared.text.phone import NumberPool
 from shared.text.rendering import build_link, render_text
 from shared.text.segments import measure
 
@@ -108,8 +109,11 @@ def accept_bulk(
     rows: Iterable[BulkRow],
     settings: Settings,
     now: datetime,
+    numbers: NumberPool | None = None,
 ) -> BulkAnswer:
-    """Check and store one bulk request in the session's transaction (see the module)."""
+    """Check and store one bulk request in the session's transaction (see the module).
+    `numbers` validates the recipients' numbers in other processes, a chunk ahead of the one
+    being stored; without it they are checked here."""
     account = authenticated_account(session, header)
     key = header.idempotency_key
     if key:
@@ -137,13 +141,41 @@ def accept_bulk(
     rejected: list[dict[str, Any]] = []
     seen = 0
     remaining = iter(rows)
-    while chunk := list(islice(remaining, CHUNK)):
+    pool = numbers or NumberPool(0)
+    region = settings.default_region
+
+    def read() -> tuple[list[BulkRow], list[str | None], Future[list[str | None]]]:
+        nonlocal seen
+        chunk = list(islice(remaining, CHUNK))
         seen += len(chunk)
         if seen > settings.bulk_max_recipients:
             raise TooManyRecipients(settings.bulk_max_recipients)
-        messages = recipients.check(chunk, rejected)
-        queries.insert_bulk_messages(session, messages)
-        accepted += len(messages)
+        raws = [None if row.invalid else row.caller_id for row in chunk]
+        return chunk, raws, pool.submit(raws, region)
+
+    # Three things at once, on PostgreSQL: the next chunk's numbers are validated (in the
+    # pool's process) and the previous chunk is COPYed (on a thread, mostly waiting for
+    # PostgreSQL) while this one is checked and rendered.
+    write = queries.bulk_writer(session)
+    with ThreadPoolExecutor(1, thread_name_prefix="bulk-copy") as copier:
+        copying: Future[None] | None = None
+        chunk, raws, checked = read()
+        while chunk:
+            ahead = read()
+            e164 = pool.result(checked, raws, region)
+            if copying is not None and recipients.uses_session(chunk):
+                copying.result()  # the session's connection is the COPY's until it ends
+            messages = recipients.check(chunk, rejected, e164)
+            if copying is not None:
+                copying.result()  # one COPY at a time, in order
+            if write.concurrent:
+                copying = copier.submit(write, messages)
+            else:
+                write(messages)
+            accepted += len(messages)
+            chunk, raws, checked = ahead
+        if copying is not None:
+            copying.result()
     session.execute(
         update(BulkBatch)
         .where(BulkBatch.id == batch_id)
@@ -185,12 +217,25 @@ class _Recipients:
         self.expires_at = (scheduled or now) + settings.message_validity
         # Where each message's status changes go (the batch's, else the campaign's).
         self.status_callback: str | None = None
+        self.sids: Iterator[str] = iter(())
         # Many recipients get the same text (no link, or no parameters): measured once.
         self.measure = functools.lru_cache(maxsize=1024)(measure)
 
+    def uses_session(self, chunk: Sequence[BulkRow]) -> bool:
+        """Whether checking `chunk` reads or writes the database (its rows' jpTokens, the
+        campaign's short links)."""
+        return bool(self.campaign.link_url and self.campaign.shorten_links) or any(
+            row.jp_token for row in chunk
+        )
+
     def check(
-        self, chunk: Sequence[BulkRow], rejected: list[dict[str, Any]]
+        self,
+        chunk: Sequence[BulkRow],
+        rejected: list[dict[str, Any]],
+        numbers: Sequence[str | None],
     ) -> list[dict[str, Any]]:
+        """The chunk's rows as messages to store, its refusals added to `rejected`; `numbers`
+        are its callerIds in E.164 (None: not a valid number), in its order."""
         campaign = self.campaign
         wanted = [
             (campaign.account_id, campaign.environment_id, row.jp_token)
@@ -199,9 +244,13 @@ class _Recipients:
         ]
         tokens = find_tokens(self.session, wanted)
         messages: list[dict[str, Any]] = []
-        for row in chunk:
+        # The chunk's messageSids from one read of the OS's randomness, not one each (a
+        # uuid4 is a system call: a tenth of the thread's time per recipient).
+        random = os.urandom(16 * len(chunk)).hex()
+        self.sids = iter(["SM" + random[i : i + 32] for i in range(0, len(random), 32)])
+        for row, number in zip(chunk, numbers, strict=True):
             try:
-                messages.append(self._message(row, tokens))
+                messages.append(self._message(row, number, tokens))
             except RequestRefused as refused:
                 # Only a jpToken past its time is refused without naming a parameter.
                 parameter = getattr(refused, "parameter", "jpToken")
@@ -209,12 +258,13 @@ class _Recipients:
         return messages
 
     def _message(
-        self, row: BulkRow, tokens: dict[tuple[int, int, str], TokenRef]
+        self, row: BulkRow, to_number: str | None, tokens: dict[tuple[int, int, str], TokenRef]
     ) -> dict[str, Any]:
         if row.invalid:
             raise InvalidParameter(row.invalid)
+        if to_number is None:
+            raise InvalidParameter("callerId")  # as `caller_number` would have
         campaign, settings, now = self.campaign, self.settings, self.now
-        to_number = caller_number(row.caller_id, settings)
         token = usable_token(campaign, row.jp_token, tokens, now, required=False)
         params = additional_params(row.additional_params)
         sender = chosen_sender(row.sender, self.provider_account.sender_ids, settings)
@@ -232,7 +282,7 @@ class _Recipients:
             body = self._render(row, token, params, link)
         size = self.measure(body)
         return {
-            "sid": new_message_sid(),
+            "sid": next(self.sids),
             "account_id": self.account_id,
             "environment_id": campaign.environment_id,
             "campaign_pk": campaign.id,

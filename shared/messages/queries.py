@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -188,21 +188,47 @@ _COPY_BULK_SQL = f"COPY messages ({', '.join(BULK_COLUMNS)}) FROM STDIN"
 
 
 def insert_bulk_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """A chunk of a bulk batch's messages. On PostgreSQL through COPY on the session's own
-    connection (in its transaction): a fraction of an INSERT's cost per row, which is most of
-    what storing a large batch costs."""
-    if not rows:
-        return
+    """A chunk of a bulk batch's messages (see `bulk_writer`)."""
+    bulk_writer(session)(rows)
+
+
+def bulk_writer(session: Session) -> BulkWriter:
+    """What stores chunks of a bulk batch's messages in the session's transaction. On
+    PostgreSQL through COPY on the session's own connection: a fraction of an INSERT's cost per
+    row, which is most of what storing a large batch costs. Resolved here, on the session's
+    thread: the PostgreSQL writer may then run on another thread while this one prepares the
+    next chunk, provided this one does not use the session meanwhile."""
     connection = session.connection()
     if connection.dialect.name != "postgresql":
-        connection.execute(insert(_messages), [dict(row) for row in rows])
-        return
+
+        def insert_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+            if rows:
+                connection.execute(insert(_messages), [dict(row) for row in rows])
+
+        return BulkWriter(insert_rows, concurrent=False)
     driver = connection.connection.driver_connection
     assert driver is not None
     values = operator.itemgetter(*BULK_COLUMNS)
-    with driver.cursor() as cursor, cursor.copy(_COPY_BULK_SQL) as copy:
-        for row in rows:
-            copy.write_row(values(row))
+
+    def copy_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        with driver.cursor() as cursor, cursor.copy(_COPY_BULK_SQL) as copy:
+            for row in rows:
+                copy.write_row(values(row))
+
+    return BulkWriter(copy_rows, concurrent=True)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkWriter:
+    """`write(rows)`; `concurrent` when it may run on another thread than the session's."""
+
+    write: Callable[[Sequence[Mapping[str, Any]]], None]
+    concurrent: bool
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.write(rows)
 
 
 _TIMEOUTS_SQL = text("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")

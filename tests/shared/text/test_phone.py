@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.text.phone import normalise_sender, to_e164
+from shared.text.phone import NumberPool, normalise_sender, to_e164, to_e164_many
 
 
 def test_international_number_with_spaces_becomes_e164() -> None:
@@ -73,3 +73,50 @@ def test_short_code_sender_is_kept_as_digits() -> None:
     # A short code is not a phone number in any country: "+1" in front of it is a different,
     # non-existent sender that a provider would refuse.
     assert normalise_sender("12345", "US") == "12345"
+
+
+NUMBERS: list[str | None] = [
+    "+972 54 4696388",
+    "(202) 555-0143",
+    "not a number",
+    None,
+    "+1 202 555 0143",
+    "+44 20 7946 0958",
+]
+
+
+def test_the_number_pool_answers_as_the_calling_thread_would() -> None:
+    pool = NumberPool(1)
+    try:
+        pooled = pool.result(pool.submit(NUMBERS, "US"), NUMBERS, "US")
+    finally:
+        pool.close()
+    assert pooled == to_e164_many(NUMBERS, "US")
+    assert pooled == ["+972544696388", "+12025550143", None, None, "+12025550143", "+442079460958"]
+
+
+def test_a_pool_whose_process_dies_is_replaced_and_the_chunk_still_checked() -> None:
+    pool = NumberPool(1)
+    try:
+        pool.result(pool.submit(["+12025550143"], "US"), ["+12025550143"], "US")
+        executor = pool._executor()
+        for process in list(executor._processes.values()):  # the pool's own, for the test
+            process.kill()
+            process.join()
+        # The next chunk is checked although the pool broke under it...
+        broken = pool.submit(NUMBERS, "US")
+        assert pool.result(broken, NUMBERS, "US") == to_e164_many(NUMBERS, "US")
+        # ...and the one after goes to a new pool.
+        again = pool.submit(NUMBERS, "US")
+        assert pool.result(again, NUMBERS, "US") == to_e164_many(NUMBERS, "US")
+        assert pool._executor() is not executor
+    finally:
+        pool.close()
+
+
+def test_no_processes_means_the_calling_thread_checks() -> None:
+    pool = NumberPool(0)
+    done = pool.submit(NUMBERS, "US")
+    assert done.done()
+    assert done.result() == to_e164_many(NUMBERS, "US")
+    assert pool._pool is None
