@@ -54,7 +54,7 @@ from shared.messages.accept import (
     usable_campaign,
     usable_token,
 )
-from shared.text.phone import NumberPool
+from shared.text.phone import Checking, NumberPool
 from shared.text.rendering import build_link, render_text
 from shared.text.segments import measure
 
@@ -144,7 +144,7 @@ def accept_bulk(
     pool = numbers or NumberPool(0)
     region = settings.default_region
 
-    def read() -> tuple[list[BulkRow], list[str | None], Future[list[str | None]]]:
+    def read() -> tuple[list[BulkRow], list[str | None], Checking]:
         nonlocal seen
         chunk = list(islice(remaining, CHUNK))
         seen += len(chunk)

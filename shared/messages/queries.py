@@ -187,11 +187,6 @@ BULK_COLUMNS = (*ACCEPTED_COLUMNS, "batch_id")
 _COPY_BULK_SQL = f"COPY messages ({', '.join(BULK_COLUMNS)}) FROM STDIN"
 
 
-def insert_bulk_messages(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """A chunk of a bulk batch's messages (see `bulk_writer`)."""
-    bulk_writer(session)(rows)
-
-
 def bulk_writer(session: Session) -> BulkWriter:
     """What stores chunks of a bulk batch's messages in the session's transaction. On
     PostgreSQL through COPY on the session's own connection: a fraction of an INSERT's cost per

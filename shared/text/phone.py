@@ -7,8 +7,12 @@ import multiprocessing
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 import phonenumbers
+import structlog
+
+log = structlog.get_logger(__name__)
 
 # Parsing and validating a number costs tens of microseconds, more than the rest of an accept's
 # checks together; the same callers and senders come back again and again.
@@ -52,40 +56,52 @@ def to_e164_many(raws: list[str | None], default_region: str) -> list[str | None
 
 
 class NumberPool:
-    """Validates bulk recipients' numbers in other processes, so that a bulk request's own
-    thread (which renders, measures and stores) and the number checks run on two cores.
+    """Validates bulk recipients' numbers in another process, a chunk ahead of the bulk
+    request's thread (which renders, measures and stores), so the two run at once.
 
     Validating a number is the largest single cost of storing a bulk recipient (phonenumbers
-    matches it against every number type of its region: half of the thread's time), and pure:
-    it parallelises without sharing anything. `processes` 0 checks in the calling thread. A
-    pool that breaks (its process killed) is replaced, and the chunk checked in the caller."""
+    matches it against every number type of its region), and pure: it moves to another
+    process without sharing anything. `processes` 0 checks in the calling thread. Whatever
+    goes wrong with the pool (its process killed, the pool shut down, a process that cannot be
+    started) costs that chunk a check in the calling thread, never the request: a broken pool
+    is replaced, one that cannot be started is not tried again."""
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
-    def submit(self, raws: list[str | None], default_region: str) -> Future[list[str | None]]:
-        if self.processes <= 0 or not raws:
-            return _done(to_e164_many(raws, default_region))
-        try:
-            return self._executor().submit(to_e164_many, raws, default_region)
-        except BrokenProcessPool:
-            self._replace()
-            return _done(to_e164_many(raws, default_region))
+    def submit(self, raws: list[str | None], default_region: str) -> Checking:
+        """Start checking `raws`; `result` gives the answer."""
+        pool = self._executor() if raws else None
+        if pool is not None:
+            try:
+                return Checking(pool.submit(to_e164_many, raws, default_region), pool)
+            except BrokenProcessPool:
+                self._drop(pool)
+            except Exception:
+                # Processes cannot be started here (a process limit, no /dev/shm): stop trying.
+                log.warning("bulk.number_pool_unavailable", exc_info=True)
+                self.processes = 0
+                self._drop(pool)
+        return Checking(_done(to_e164_many(raws, default_region)), None)
 
     def result(
-        self, future: Future[list[str | None]], raws: list[str | None], default_region: str
+        self, checking: Checking, raws: list[str | None], default_region: str
     ) -> list[str | None]:
-        """The future's numbers; computed here if its process died meanwhile."""
+        """The numbers `submit` started checking; checked here if the pool failed them."""
         try:
-            return future.result()
-        except BrokenProcessPool:
-            self._replace()
+            return checking.future.result()
+        except Exception as exc:  # broken, cancelled by a shutdown: this chunk is checked here
+            if isinstance(exc, BrokenProcessPool) and checking.pool is not None:
+                self._drop(checking.pool)
             return to_e164_many(raws, default_region)
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def _executor(self) -> ProcessPoolExecutor | None:
         with self._lock:
+            if self._closed or self.processes <= 0:
+                return None
             if self._pool is None:
                 # Spawned, never forked: the API process runs threads and an event loop that a
                 # fork would copy mid-flight.
@@ -94,14 +110,29 @@ class NumberPool:
                 )
             return self._pool
 
-    def _replace(self) -> None:
+    def _drop(self, pool: ProcessPoolExecutor) -> None:
+        """Forget `pool` (if it is still the current one: another request may have replaced
+        it already) and shut it down; what it was still running fails over to the callers."""
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False)
 
     def close(self) -> None:
-        self._replace()
+        """No pool from now on; requests still running check their chunks themselves."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Checking:
+    """A chunk's numbers being checked, and by which pool (None: already done here)."""
+
+    future: Future[list[str | None]]
+    pool: ProcessPoolExecutor | None
 
 
 def _done(value: list[str | None]) -> Future[list[str | None]]:

@@ -660,3 +660,54 @@ def test_a_bulk_request_waiting_for_its_turn_does_not_hold_up_the_api(
     assert answers["first"].status_code == answers["second"].status_code == 202
     with db.transaction() as session:
         assert session.scalar(select(func.count()).select_from(BulkBatch)) == 2
+
+
+def test_many_small_chunks_with_tokens_short_links_and_bad_rows_store_each_row_once_in_place(
+    client: TestClient[Litestar], db: Database, demo: Demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunks of three, so the numbers checked ahead, the COPY of the chunk before and the
+    # chunks that must wait for it (a jpToken, a short link) all take turns many times.
+    monkeypatch.setattr("shared.messages.bulk.CHUNK", 3)
+    with db.transaction() as session:
+        account = provisioning.get_account(session, demo.tenant)
+        prod = access.resolve_environment(session, account, None)
+        campaign = provisioning.upsert_campaign(
+            session,
+            prod,
+            "short",
+            name="x",
+            message_text="Go <link>",
+            link_url="https://flows.example.com/start",
+        )
+        campaign.shorten_links = True
+    numbers = [f"+1202{2_100_000 + i:07d}" for i in range(20)]
+    tokens = {i: issue_demo_token(client, numbers[i]) for i in (4, 11, 12)}
+    rows: list[dict[str, Any]] = [
+        {"callerId": n, **({"jpToken": tokens[i]} if i in tokens else {})}
+        for i, n in enumerate(numbers)
+    ]
+    rows[7] = {"callerId": "not a number"}
+    rows[15] = {"jpToken": "Nope123", "callerId": numbers[15]}
+
+    answer = bulk(client, rows, url=f"{V3}/campaign/sms/short/bulk").json()
+
+    assert answer["accepted"] == 18
+    assert [(r["row"], r["parameter"]) for r in answer["rejected"]] == [
+        (8, "callerId"),
+        (16, "jpToken"),
+    ]
+    messages = stored(db, answer["batchId"])
+    kept = [n for i, n in enumerate(numbers) if i not in (7, 15)]
+    assert sorted(m.to_number for m in messages) == sorted(kept)
+    assert len({m.sid for m in messages}) == 18
+    with db.transaction() as session:
+        by_number = {
+            number: token
+            for number, token in session.execute(
+                select(Message.to_number, InteractionToken.token).join(
+                    InteractionToken, InteractionToken.id == Message.token_id
+                )
+            )
+        }
+        assert session.scalar(select(func.count()).select_from(ShortLink)) == 18
+    assert by_number == {numbers[i]: tokens[i] for i in (4, 11, 12)}

@@ -99,7 +99,8 @@ def test_a_pool_whose_process_dies_is_replaced_and_the_chunk_still_checked() -> 
     pool = NumberPool(1)
     try:
         pool.result(pool.submit(["+12025550143"], "US"), ["+12025550143"], "US")
-        executor = pool._executor()
+        executor = pool._pool
+        assert executor is not None
         for process in list(executor._processes.values()):  # the pool's own, for the test
             process.kill()
             process.join()
@@ -109,14 +110,42 @@ def test_a_pool_whose_process_dies_is_replaced_and_the_chunk_still_checked() -> 
         # ...and the one after goes to a new pool.
         again = pool.submit(NUMBERS, "US")
         assert pool.result(again, NUMBERS, "US") == to_e164_many(NUMBERS, "US")
-        assert pool._executor() is not executor
+        assert again.pool is not executor
     finally:
         pool.close()
 
 
 def test_no_processes_means_the_calling_thread_checks() -> None:
     pool = NumberPool(0)
-    done = pool.submit(NUMBERS, "US")
-    assert done.done()
-    assert done.result() == to_e164_many(NUMBERS, "US")
+    checking = pool.submit(NUMBERS, "US")
+    assert checking.pool is None
+    assert checking.future.done()
+    assert checking.future.result() == to_e164_many(NUMBERS, "US")
     assert pool._pool is None
+
+
+def test_a_pool_shut_down_under_a_running_request_fails_its_chunks_over_to_the_request() -> None:
+    pool = NumberPool(1)
+    first = pool.submit(NUMBERS, "US")
+    pool.close()  # the app stops while a bulk request is still storing
+    assert pool.result(first, NUMBERS, "US") == to_e164_many(NUMBERS, "US")
+    after = pool.submit(NUMBERS, "US")
+    assert after.pool is None  # no new pool once closed
+    assert pool.result(after, NUMBERS, "US") == to_e164_many(NUMBERS, "US")
+
+
+def test_a_broken_pool_is_replaced_only_by_the_request_that_found_it_broken() -> None:
+    pool = NumberPool(1)
+    try:
+        old = pool.submit(NUMBERS, "US")
+        pool.result(old, NUMBERS, "US")
+        assert old.pool is not None
+        pool._drop(old.pool)  # another request found it broken and replaced it
+        new = pool.submit(NUMBERS, "US")
+        assert new.pool is not None
+        assert new.pool is not old.pool
+        pool._drop(old.pool)  # a late finding about the old pool leaves the new one alone
+        assert pool.result(new, NUMBERS, "US") == to_e164_many(NUMBERS, "US")
+        assert pool._pool is new.pool
+    finally:
+        pool.close()
