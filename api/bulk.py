@@ -65,6 +65,7 @@ from shared.messages.bulk import (
     batch_of,
     batch_progress,
     cancel_batch,
+    refresh_statistics,
 )
 from shared.messages.lanes import BulkPump
 from shared.text.callback_urls import shown_url
@@ -224,7 +225,7 @@ async def bulk_send(
         status_code=202,
         media_type=MediaType.JSON,
         headers=headers,
-        background=BackgroundTask(_pump, celery, database, settings)
+        background=BackgroundTask(_pump, celery, database, settings, answer.accepted)
         if answer.accepted and not answer.replayed
         else None,
     )
@@ -264,9 +265,21 @@ async def _spool(request: Request[Any, Any, Any], spool: IO[bytes], limit: int) 
     return digest.hexdigest()
 
 
-async def _pump(celery: Celery, db: Database, settings: Settings) -> None:
-    """After the 202: start the bulk lane on the new batch at once rather than at the next
-    sweep. A failure loses nothing: the batch is committed, and the workers' pump finds it."""
+async def _pump(celery: Celery, db: Database, settings: Settings, accepted: int) -> None:
+    """After the 202: PostgreSQL's statistics brought up to date if the batch changed the
+    table's size much (`refresh_statistics`), then the bulk lane started on
+    the new batch at once rather than at the next sweep. A failure of either loses nothing:
+    the batch is committed, autovacuum analyzes later, and the workers' pump finds it."""
+
+    def analyze() -> None:
+        with db.transaction() as session:
+            if refresh_statistics(session, accepted):
+                log.info("bulk.analyzed", accepted=accepted)
+
+    try:
+        await anyio.to_thread.run_sync(analyze)
+    except Exception:
+        log.exception("bulk.analyze_failed")
     pump = _pumps.get(db)
     if pump is None:
         # One per process (per database: the tests run several apps), so its limiter is too.

@@ -302,6 +302,11 @@ class Stack:
         with self.db.engine.connect() as connection:
             return connection.execute(text(query), params).one()
 
+    def analyze(self) -> None:
+        """PostgreSQL's statistics of every table brought up to date, as autovacuum would."""
+        with self.db.engine.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+
     def clean(self) -> None:
         """No messages and no tasks: each scenario starts from the same empty queue and table."""
         with self.db.transaction() as session:

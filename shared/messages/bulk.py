@@ -457,3 +457,9 @@ def cancel_batch(session: Session, batch: BulkBatch, now: datetime) -> int:
         batch.cancelled_at = now
     log.info("bulk.cancelled", batchId=batch.id, cancelled=cancelled)
     return cancelled
+
+
+def refresh_statistics(session: Session, accepted: int) -> bool:
+    """After a batch committed: PostgreSQL's statistics of `messages` refreshed if the batch
+    changed its size much (`queries.refresh_statistics_after_bulk`); whether they were."""
+    return queries.refresh_statistics_after_bulk(session, accepted)

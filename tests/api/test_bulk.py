@@ -26,6 +26,7 @@ from shared.core.db import Database
 from shared.core.errors import InvalidParameter
 from shared.core.models import BulkBatch, InteractionToken, Message, ShortLink, utcnow
 from shared.core.settings import Settings
+from shared.messages.bulk import refresh_statistics
 from tests.support.api import (
     OTHER_V3,
     UNAUTHORIZED_BODY,
@@ -38,6 +39,7 @@ from tests.support.data import CALLER_E164, OTHER_KEY, OTHER_TENANT, SENDER, Dem
 from tests.support.processes import wait_until
 
 BULK = f"{V3}/campaign/sms/campaign1/bulk"
+ESTIMATE = "SELECT reltuples FROM pg_class WHERE oid = 'messages'::regclass"
 BULK_QUEUE = "sms.send.bulk"
 NUMBERS = ["+972544696388", "+972544696389", "+972544696390", "+972544696391"]
 
@@ -711,3 +713,23 @@ def test_many_small_chunks_with_tokens_short_links_and_bad_rows_store_each_row_o
         }
         assert session.scalar(select(func.count()).select_from(ShortLink)) == 18
     assert by_number == {numbers[i]: tokens[i] for i in (4, 11, 12)}
+
+
+def test_a_batch_that_grows_the_table_much_brings_postgresql_s_statistics_up_to_date(
+    client: TestClient[Litestar], db: Database, demo: Demo
+) -> None:
+    def estimate() -> float:
+        with db.engine.connect() as connection:
+            return float(connection.execute(text(ESTIMATE)).scalar_one())
+
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as admin:
+        admin.execute(text("ANALYZE messages"))  # of the empty table
+    rows = [{"callerId": f"+1202{2_200_000 + i:07d}"} for i in range(40)]
+
+    assert bulk(client, rows).status_code == 202
+
+    # The API analyzed after its 202 (40 rows is more than a tenth of 0)...
+    assert estimate() == 40
+    # ...and would not for a batch that changes the table's size little.
+    with db.transaction() as session:
+        assert not refresh_statistics(session, 3)

@@ -482,3 +482,23 @@ def test_callbacks_arriving_one_by_one_share_a_transaction_within_the_window(
         assert transactions == 1
     else:
         assert transactions > 1
+
+
+def test_a_group_holding_its_messages_does_not_hold_up_inserts_that_refer_to_them(
+    db: Database, demo: Demo, migrated: Settings
+) -> None:
+    """The group locks its messages FOR NO KEY UPDATE: another transaction's delivery event
+    for one of them (whose foreign key check takes KEY SHARE) goes in at once, not after the
+    group commits."""
+    sid = accept_message(db, migrated, utcnow())
+    with db.transaction() as holding:
+        assert sid in callback_targets(holding, [sid])
+        with db.transaction() as other:
+            other.execute(text("SET LOCAL lock_timeout = '500ms'"))
+            other.execute(
+                text(
+                    "INSERT INTO delivery_events (message_sid, source, applied, created_at)"
+                    " VALUES (:sid, 'test', true, now())"
+                ),
+                {"sid": sid},
+            )
