@@ -225,7 +225,7 @@ async def bulk_send(
         status_code=202,
         media_type=MediaType.JSON,
         headers=headers,
-        background=BackgroundTask(_pump, celery, database, settings, answer.accepted)
+        background=BackgroundTask(_after_202, celery, database, settings, answer.accepted)
         if answer.accepted and not answer.replayed
         else None,
     )
@@ -265,7 +265,7 @@ async def _spool(request: Request[Any, Any, Any], spool: IO[bytes], limit: int) 
     return digest.hexdigest()
 
 
-async def _pump(celery: Celery, db: Database, settings: Settings, accepted: int) -> None:
+async def _after_202(celery: Celery, db: Database, settings: Settings, accepted: int) -> None:
     """After the 202: PostgreSQL's statistics brought up to date if the batch changed the
     table's size much (`refresh_statistics`), then the bulk lane started on
     the new batch at once rather than at the next sweep. A failure of either loses nothing:

@@ -134,9 +134,16 @@ def accept_bulk(
             raise RuntimeError("a bulk Idempotency-Key insert lost to a twin that cannot be found")
         return _replay(twin, fingerprint)
     recipients = _Recipients(
-        session, account.id, campaign, provider_account, batch_id, scheduled, settings, now
+        session,
+        account.id,
+        campaign,
+        provider_account,
+        batch_id,
+        scheduled,
+        callback,
+        settings,
+        now,
     )
-    recipients.status_callback = callback
     accepted = 0
     rejected: list[dict[str, Any]] = []
     seen = 0
@@ -202,6 +209,7 @@ class _Recipients:
         provider_account: Any,
         batch_id: str,
         scheduled: datetime | None,
+        status_callback: str | None,
         settings: Settings,
         now: datetime,
     ) -> None:
@@ -216,7 +224,7 @@ class _Recipients:
         # Validity counts from when the batch may be sent (its sendAt, if later).
         self.expires_at = (scheduled or now) + settings.message_validity
         # Where each message's status changes go (the batch's, else the campaign's).
-        self.status_callback: str | None = None
+        self.status_callback = status_callback
         self.sids: Iterator[str] = iter(())
         # Many recipients get the same text (no link, or no parameters): measured once.
         self.measure = functools.lru_cache(maxsize=1024)(measure)

@@ -63,6 +63,23 @@ def batch_url(batch_id: str, base: str = V3, campaign: str = "campaign1") -> str
     return f"{base}/campaign/sms/{campaign}/bulk/{batch_id}"
 
 
+def short_links_campaign(db: Database, demo: Demo, text: str, max_segments: int = 3) -> None:
+    """Campaign `short` of the demo account: `text` with a link sent as a short link."""
+    with db.transaction() as session:
+        account = provisioning.get_account(session, demo.tenant)
+        prod = access.resolve_environment(session, account, None)
+        campaign = provisioning.upsert_campaign(
+            session,
+            prod,
+            "short",
+            name="x",
+            message_text=text,
+            link_url="https://flows.example.com/start",
+        )
+        campaign.shorten_links = True
+        campaign.max_segments = max_segments
+
+
 def stored(db: Database, batch_id: str | None = None) -> list[Message]:
     with db.transaction() as session:
         query = select(Message).order_by(Message.to_number)
@@ -559,19 +576,7 @@ def test_the_api_starts_the_bulk_lane_on_a_batch_right_after_its_202(
 def test_a_shorten_links_campaign_makes_a_link_only_for_a_row_it_stores(
     client: TestClient[Litestar], db: Database, demo: Demo, text: str, links: int
 ) -> None:
-    with db.transaction() as session:
-        account = provisioning.get_account(session, demo.tenant)
-        prod = access.resolve_environment(session, account, None)
-        campaign = provisioning.upsert_campaign(
-            session,
-            prod,
-            "short",
-            name="x",
-            message_text=text,
-            link_url="https://flows.example.com/start",
-        )
-        campaign.shorten_links = True
-        campaign.max_segments = 1
+    short_links_campaign(db, demo, text, max_segments=1)
 
     answer = bulk(
         client, [{"callerId": n} for n in NUMBERS[:2]], url=f"{V3}/campaign/sms/short/bulk"
@@ -670,18 +675,7 @@ def test_many_small_chunks_with_tokens_short_links_and_bad_rows_store_each_row_o
     # Chunks of three, so the numbers checked ahead, the COPY of the chunk before and the
     # chunks that must wait for it (a jpToken, a short link) all take turns many times.
     monkeypatch.setattr("shared.messages.bulk.CHUNK", 3)
-    with db.transaction() as session:
-        account = provisioning.get_account(session, demo.tenant)
-        prod = access.resolve_environment(session, account, None)
-        campaign = provisioning.upsert_campaign(
-            session,
-            prod,
-            "short",
-            name="x",
-            message_text="Go <link>",
-            link_url="https://flows.example.com/start",
-        )
-        campaign.shorten_links = True
+    short_links_campaign(db, demo, "Go <link>")
     numbers = [f"+1202{2_100_000 + i:07d}" for i in range(20)]
     tokens = {i: issue_demo_token(client, numbers[i]) for i in (4, 11, 12)}
     rows: list[dict[str, Any]] = [
